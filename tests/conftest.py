@@ -1,0 +1,32 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+PKL_DIR = SHARED / "models" / "tiny-training"
+MODELS = ("mbv2-w0.35", "proxyless-w0.3", "mcunet-5fps")
+
+
+@pytest.fixture(scope="session")
+def sample_images(tmp_path_factory) -> dict[str, str]:
+    """scikit-image's chelsea() and coffee() saved as PNG files."""
+    import skimage.data
+
+    d = tmp_path_factory.mktemp("samples")
+    out = {}
+    for name in ("chelsea", "coffee"):
+        p = d / f"{name}.png"
+        Image.fromarray(np.asarray(getattr(skimage.data, name)())).save(p)
+        out[name] = str(p)
+    return out
+
+
+def need_shared() -> Path:
+    if not PKL_DIR.is_dir():
+        pytest.skip("../shared/models/tiny-training is not beside the repository")
+    return PKL_DIR
