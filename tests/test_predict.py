@@ -6,8 +6,9 @@ import json
 
 import pytest
 
-from conftest import MODELS
 from microtrain.cli import main
+
+from conftest import MODELS
 
 CAT, COFFEE = {281, 282, 285}, {967, 968}
 

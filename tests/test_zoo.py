@@ -5,10 +5,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from conftest import MODELS, need_shared
 from microtrain.frontends.pkl import read_pkl
 from microtrain.frontends.zoo import class_names, load_model
 from microtrain.ir.graph import Graph
+
+from conftest import MODELS, need_shared
 
 
 def _pkl_convs(d):

@@ -135,7 +135,8 @@ class Graph:
             outs = ", ".join(f"%{n}" for n in o.outputs)
             ins = ", ".join(f"%{n}" for n in o.inputs)
             typ = ", ".join(self.tensors[n].describe() for n in o.outputs)
-            lines.append(f"  {outs} = {o.kind}({ins}) {attrs}  # {o.name}: {typ}".rstrip())
+            lhs = f"{outs} = " if outs else ""
+            lines.append(f"  {lhs}{o.kind}({ins}) {attrs}  # {o.name}: {typ}".rstrip())
         lines.append("  return " + ", ".join(f"%{n}" for n in self.outputs))
         return "\n".join(lines)
 

@@ -43,6 +43,29 @@ def _conv_macs(g: Graph, op: Op) -> int:
     return o * ci * kh * kw * ho * wo
 
 
+def _declared(g: Graph, op: Op) -> list[tuple[int, ...]]:
+    """Training ops are built with explicit output tensors; their shapes are whatever the builder declared."""
+    return [g.tensors[n].shape for n in op.outputs]
+
+
+def _none(g: Graph, op: Op) -> int:
+    return 0
+
+
+def _grad_input_macs(g: Graph, op: Op) -> int:
+    o, h, w = g.tensors[op.inputs[0]].shape
+    ws = [g.tensors[n].shape for n in op.inputs[1:]]
+    k = ws[0][2] * ws[0][3]
+    return h * w * k * sum(s[0] * s[1] for s in ws)
+
+
+def _weight_grad_macs(g: Graph, op: Op) -> int:
+    o, h, w = g.tensors[op.inputs[0]].shape
+    ch = g.tensors[op.inputs[1]].shape[0]
+    k = op.attrs["kernel"]
+    return h * w * k * k * ch * (1 if op.attrs["depthwise"] else o)
+
+
 OPS: dict[str, OpDef] = {
     "conv2d": OpDef(
         ("x", "w", "b"), _conv_shape, _conv_macs,
@@ -62,4 +85,44 @@ OPS: dict[str, OpDef] = {
         lambda g, op: _shape(g, op, 1)[0] * _shape(g, op, 1)[1],
         "classification head. int8 weights: the 1x1 conv rule on a [C] vector (int8 logits). float32 weights: "
         "logits = w @ (x - x.zero) * x.scale + b in float32 (the paper's fp32 head)."),
+    # ---- training ops (built by autodiff/; float32 gradients in integer units: g_t = dL/dt_q) ----------------
+    "slice_channels": OpDef(
+        ("x",), _declared, _none,
+        "y = x[:ch] (a contiguous copy of the first ch channels, saved for a weight gradient so x can die)."),
+    "softmax_ce": OpDef(
+        ("logits", "label"), _declared, _none,
+        "loss = mean_n(logsumexp(z_n) - z_n[label_n]); g = (softmax(z) - onehot(label)) / N."),
+    "linear_grad_input": OpDef(
+        ("g", "w"), _declared, lambda g, op: g.tensors[op.inputs[1]].numel,
+        "fp32 head: g_x[c] = x.scale * sum_k w[k,c] * g[k]."),
+    "avgpool_grad": OpDef(
+        ("g",), _declared, _none, "g_x[c,h,w] = g[c] / float(H*W)."),
+    "add_grad": OpDef(
+        ("g", "mask"), _declared, _none,
+        "g_a = g * mask * ra, g_b = g * mask * rb (mask: the add's pre-clamp value was inside [-128, 127])."),
+    "grad_add": OpDef(("a", "b"), _declared, _none, "g = a + b (two consumers' gradient contributions)."),
+    "conv2d_grad_acc": OpDef(
+        ("g", "mask"), _declared, _none,
+        "g_acc[o] = g[o] * mask[o] * m[o]: the gradient w.r.t. the int32 accumulator (STE through rint)."),
+    "conv2d_grad_input": OpDef(
+        ("g_acc", "w", "..."), _declared, _grad_input_macs,
+        "g_x = conv_transpose(g_acc, W) with W = the conv's full weight (trainable slice + frozen rest), read "
+        "before the update of this step."),
+    "conv2d_weight_grad": OpDef(
+        ("g_acc", "x_saved"), _declared, _weight_grad_macs,
+        "G_w[o,c,i,j] = sum_{y,x} g_acc[o,y,x] * (x_saved[c, y*s+i-p, x*s+j-p] - x.zero) over the trainable channels; "
+        "G_b[o] = sum g_acc[o]."),
+    "conv2d_update": OpDef(
+        ("g_acc", "x_saved", "w_train", "b"), _declared, _weight_grad_macs,
+        "fused conv2d_weight_grad + apply_update (operator reordering: no gradient tensor outlives this op)."),
+    "linear_weight_grad": OpDef(
+        ("g", "x"), _declared, lambda g, op: g.tensors[op.outputs[0]].numel,
+        "fp32 head: G_w = outer(g, (x - x.zero) * x.scale), G_b = g (summed over the batch)."),
+    "linear_update": OpDef(
+        ("g", "x", "w", "b"), _declared, lambda g, op: g.tensors[op.inputs[2]].numel,
+        "fp32 head: w -= lr * outer(g, (x - x.zero) * x.scale), b -= lr * g (summed over the batch)."),
+    "apply_update": OpDef(
+        ("param", "grad"), _declared, _none,
+        "param -= lr * optimizer(G / qas) where qas = w.scale[o]^2 (weights) or (w.scale[o] * x.scale)^2 "
+        "(biases); int8 weights add the step with stochastic rounding (counter hash), int32 biases round to nearest."),
 }

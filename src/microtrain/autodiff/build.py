@@ -1,0 +1,242 @@
+"""Compile-time autodiff: forward int8 graph + sparse scheme -> one training-step graph.
+
+The result is ordinary IR: the forward ops (now also saving 1-bit clamp masks and channel slices where a backward
+op will need them), a new fp32 head, the softmax cross-entropy loss, and the backward ops. Backward pruning is
+structural: a gradient is only ever created for a tensor from which some trainable parameter can be reached
+upstream, and a saved tensor (mask, slice) only for an op whose backward exists. With `reorder=True` every
+parameter is updated by a fused op right where its gradient appears (the paper's operator reordering); with
+`reorder=False` the weight gradients are materialised and applied after the whole backward pass.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import numpy as np
+
+from microtrain.errors import MicrotrainError
+from microtrain.ir.graph import Graph, Op, Tensor
+
+OPTIMIZERS = ("sgd", "sgd-m", "adam")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Choices baked into the training graph (they change its tensors, hence its memory)."""
+
+    optimizer: str = "sgd"  # sgd (no momentum, the paper's choice) | sgd-m | adam
+    momentum: float = 0.9
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    qas: bool = True
+    reorder: bool = True
+    update_storage: str = "int8"  # int8 (stochastic rounding) | fp32 (float shadow of the trainable slices)
+    seed: int = 0
+
+
+def _state_slots(cfg: TrainConfig) -> tuple[str, ...]:
+    return {"sgd": (), "sgd-m": ("m",), "adam": ("m", "v")}[cfg.optimizer]
+
+
+def build_training_graph(fwd: Graph, scheme, num_classes: int, cfg: TrainConfig | None = None) -> Graph:
+    """Derive the training graph of `fwd` for `scheme` with a fresh fp32 head of `num_classes` outputs."""
+    cfg = cfg or TrainConfig()
+    if cfg.optimizer not in OPTIMIZERS:
+        raise MicrotrainError(f"unknown optimizer {cfg.optimizer!r} (choose from {', '.join(OPTIMIZERS)})")
+    if cfg.update_storage not in ("int8", "fp32"):
+        raise MicrotrainError(f"unknown update storage {cfg.update_storage!r} (int8 or fp32)")
+    g = Graph(name=f"{fwd.name}:train", inputs=list(fwd.inputs), meta=copy.deepcopy(fwd.meta))
+    for n in fwd.inputs:
+        g.add_tensor(copy.copy(fwd.tensors[n]))
+    convs = {o.attrs["conv_index"]: o for o in fwd.convs()}
+    bias_set = set(scheme.bias_convs(fwd))
+    channels = {i: scheme.updated_channels(fwd, i) for i in convs}
+    trainable_ops = {convs[i].name for i in convs if i in bias_set or channels[i] > 0}
+
+    # ---- which tensors need a gradient (reachable from a trainable parameter, forward direction) ----------
+    needs: set[str] = set()
+    for op in fwd.ops:
+        if op.name in trainable_ops or any(n in needs for n in op.inputs):
+            needs.update(op.outputs)
+    backbone_grad = fwd.ops[-1].inputs[0] in needs  # does any gradient reach the pooled features?
+
+    # ---- forward part ------------------------------------------------------------------------------------
+    saved: dict[str, str] = {}  # op name -> saved input slice tensor
+    masks: dict[str, str] = {}
+    state: list[str] = []
+    for op in fwd.ops[:-1]:  # all but the ImageNet head
+        new = Op(op.name, op.kind, list(op.inputs), list(op.outputs), {**op.attrs, "phase": "forward"})
+        for n in op.outputs:
+            g.add_tensor(copy.copy(fwd.tensors[n]))
+        for n in op.inputs:
+            if n not in g.tensors:
+                g.add_tensor(copy.copy(fwd.tensors[n]))
+        y = fwd.tensors[op.outputs[0]]
+        if op.outputs[0] in needs and backbone_grad and op.kind in ("conv2d", "add"):
+            masks[op.name] = f"{op.name}.mask"
+            g.add_tensor(Tensor(masks[op.name], y.shape, "bit", "mask"))
+            new.outputs.append(masks[op.name])
+        if op.kind == "conv2d" and backbone_grad:
+            i = op.attrs["conv_index"]
+            _split_trainable(g, new, fwd, channels[i], i in bias_set, state)
+        g.add_op(new)
+        if op.kind == "conv2d" and backbone_grad and channels[op.attrs["conv_index"]] > 0:
+            x = fwd.tensors[op.inputs[0]]
+            ch = channels[op.attrs["conv_index"]]
+            if ch == x.shape[0]:
+                saved[op.name] = x.name
+            else:
+                saved[op.name] = f"{op.name}.x_saved"
+                g.add_tensor(Tensor(saved[op.name], (ch, *x.shape[1:]), "int8", "act", x.scale, x.zero))
+                g.add_op(Op(f"{op.name}.save", "slice_channels", [x.name], [saved[op.name]],
+                            {"channels": ch, "phase": "forward"}))
+
+    # ---- new fp32 head and loss ---------------------------------------------------------------------------
+    pooled = fwd.ops[-1].inputs[0]
+    c_feat = fwd.tensors[pooled].shape[0]
+    head_role = "state" if scheme.head else "weight"
+    g.add_tensor(Tensor("head.w", (num_classes, c_feat), "float32", head_role,
+                        data=np.zeros((num_classes, c_feat), np.float32)))
+    g.add_tensor(Tensor("head.b", (num_classes,), "float32", head_role, data=np.zeros(num_classes, np.float32)))
+    if scheme.head:
+        state += ["head.w", "head.b"]
+    g.add_tensor(Tensor("logits", (num_classes,), "float32", "act"))
+    g.add_op(Op("head", "linear", [pooled, "head.w", "head.b"], ["logits"], {"phase": "forward"}))
+    g.add_tensor(Tensor("label", (), "int32", "label"))
+    g.inputs.append("label")
+    g.add_tensor(Tensor("lr", (), "float32", "input"))
+    g.inputs.append("lr")
+    g.add_tensor(Tensor("loss", (), "float32", "loss"))
+    g.add_tensor(Tensor("grad:logits", (num_classes,), "float32", "grad"))
+    g.add_op(Op("loss", "softmax_ce", ["logits", "label"], ["loss", "grad:logits"], {"phase": "loss"}))
+    g.outputs = ["loss", "logits"]
+
+    # ---- backward ------------------------------------------------------------------------------------------
+    deferred: list[Op] = []  # reorder=False: updates applied after the whole backward pass
+    grad: dict[str, str] = {}  # tensor -> name of its (so far accumulated) gradient
+
+    def emit(op: Op) -> None:
+        op.attrs["phase"] = "backward"
+        g.add_op(op)
+
+    def contribute(tensor: str, gname: str) -> None:
+        if tensor not in grad:
+            grad[tensor] = gname
+            return
+        acc = f"grad:{tensor}#{len([k for k in g.tensors if k.startswith('grad:' + tensor)])}"
+        g.add_tensor(Tensor(acc, g.tensors[tensor].shape, "float32", "grad"))
+        emit(Op(f"{acc}.add", "grad_add", [grad[tensor], gname], [acc]))
+        grad[tensor] = acc
+
+    def new_grad(tensor: str, suffix: str = "") -> str:
+        name = f"grad:{tensor}{suffix}"
+        g.add_tensor(Tensor(name, g.tensors[tensor].shape, "float32", "grad"))
+        return name
+
+    def update(opname: str, params: list[str], inputs: list[str], kind: str, attrs: dict) -> None:
+        slots = [f"{p}.{s}" for p in params for s in _state_slots(cfg)]
+        for p in params:
+            for s in _state_slots(cfg):
+                g.add_tensor(Tensor(f"{p}.{s}", g.tensors[p].shape, "float32", "state",
+                                    data=np.zeros(g.tensors[p].shape, np.float32)))
+                state.append(f"{p}.{s}")
+        if cfg.reorder:
+            emit(Op(opname, kind, [*inputs, *params, "lr", *slots], [], {**attrs, "params": params}))
+            return
+        grads = []
+        for p in params:
+            gp = f"grad:{p}"
+            g.add_tensor(Tensor(gp, g.tensors[p].shape, "float32", "grad"))
+            grads.append(gp)
+        gkind = "conv2d_weight_grad" if kind == "conv2d_update" else "linear_weight_grad"
+        emit(Op(f"{opname}.grad", gkind, inputs, grads, {**attrs, "params": params}))
+        for p, gp in zip(params, grads, strict=True):
+            deferred.append(Op(f"{p}.update", "apply_update", [p, gp, "lr", *[f"{p}.{s}" for s in _state_slots(cfg)]],
+                               [], {"phase": "backward", "param": p, "of": opname}))
+
+    if backbone_grad:  # before the head's update: the gradient uses this step's weights
+        gp = new_grad(pooled)
+        emit(Op("head.grad_input", "linear_grad_input", ["grad:logits", "head.w"], [gp]))
+        grad[pooled] = gp
+    if scheme.head:
+        update("head.update", ["head.w", "head.b"], ["grad:logits", pooled], "linear_update", {})
+    for op in reversed(fwd.ops[:-1]):
+        y = op.outputs[0]
+        if y not in grad:
+            continue
+        gy = grad.pop(y)
+        x = op.inputs[0]
+        if op.kind == "avgpool":
+            gx = new_grad(x, "@pool")
+            emit(Op("pool.grad", "avgpool_grad", [gy], [gx]))
+            contribute(x, gx)
+        elif op.kind == "add":
+            a, b = op.inputs
+            outs = [new_grad(t, f"@{op.name}") if t in needs else None for t in (a, b)]
+            emit(Op(f"{op.name}.grad", "add_grad", [gy, masks[op.name]], [o for o in outs if o],
+                    {"which": [t in needs for t in (a, b)]}))
+            for t, o in zip((a, b), outs, strict=True):
+                if o:
+                    contribute(t, o)
+        elif op.kind == "conv2d":
+            gacc = f"{op.name}.gacc"
+            g.add_tensor(Tensor(gacc, g.tensors[y].shape, "float32", "grad"))
+            emit(Op(f"{op.name}.grad_acc", "conv2d_grad_acc", [gy, masks[op.name]], [gacc], {"conv": op.name}))
+            if x in needs:
+                gx = new_grad(x, f"@{op.name}")
+                emit(Op(f"{op.name}.grad_input", "conv2d_grad_input", [gacc, *_weight_parts(g, op.name)], [gx],
+                        {"conv": op.name, "stride": op.attrs["stride"], "padding": op.attrs["padding"],
+                         "groups": op.attrs["groups"]}))
+            i = op.attrs["conv_index"]
+            params = ([f"{op.name}.w_train"] if channels[i] else []) + ([f"{op.name}.b"] if i in bias_set else [])
+            if params:
+                k = g.tensors[op.inputs[1]].shape[2] if channels[i] == 0 else g.tensors[params[0]].shape[2]
+                ins = [gacc] + ([saved[op.name]] if channels[i] else [])
+                update(f"{op.name}.update", params, ins, "conv2d_update",
+                       {"conv": op.name, "stride": op.attrs["stride"], "padding": op.attrs["padding"],
+                        "depthwise": op.attrs["groups"] > 1, "kernel": k, "channels": channels[i]})
+            if x in needs:
+                contribute(x, gx)
+    for op in deferred:
+        g.add_op(op)
+    g.meta.update({"train": {"scheme": scheme.to_dict(), "num_classes": num_classes, "state": state,
+                             "config": {k: (list(v) if isinstance(v, tuple) else v)
+                                        for k, v in cfg.__dict__.items()},
+                             "pooled": pooled}})
+    return g
+
+
+def _split_trainable(g: Graph, op: Op, fwd: Graph, ch: int, bias: bool, state: list[str]) -> None:
+    """Replace a conv's weight operand by [frozen rest (flash), trainable first-ch slice (SRAM)], and mark its bias
+    trainable. Depthwise weights [C,1,k,k] split along channels (axis 0), others along input channels (axis 1)."""
+    w = fwd.tensors[op.inputs[1]]
+    b = g.tensors[op.inputs[2]]
+    if bias:
+        b.role = "state"
+        state.append(b.name)
+    if ch == 0:
+        return
+    axis = 0 if op.attrs["groups"] > 1 else 1
+    full = w.shape[axis]
+    train = np.take(w.data, np.arange(ch), axis=axis)
+    wt = Tensor(f"{op.name}.w_train", train.shape, "int8", "state", w.scale, 0, train.copy())
+    g.add_tensor(wt)
+    state.append(wt.name)
+    parts = [wt.name]
+    if ch < full:
+        rest = np.take(w.data, np.arange(ch, full), axis=axis)
+        g.tensors.pop(w.name, None)
+        g.add_tensor(Tensor(f"{op.name}.w_frozen", rest.shape, "int8", "weight", w.scale, 0, rest.copy()))
+        parts.append(f"{op.name}.w_frozen")
+    else:
+        g.tensors.pop(w.name, None)
+    op.inputs = [op.inputs[0], *parts, op.inputs[2]]
+    op.attrs["train_channels"] = ch
+    op.attrs["split_axis"] = axis
+
+
+def _weight_parts(g: Graph, conv: str) -> list[str]:
+    """The weight operand(s) of a conv in the training graph: [w] or [w_train] or [w_train, w_frozen]."""
+    op = g.op(conv)
+    return op.inputs[1:-1]

@@ -1,0 +1,308 @@
+"""Batched execution of a training graph on torch CPU: the host trainer's step, with the device's semantics.
+
+`precision="int8"` runs the graph exactly as the device does (integer-exact forward, float32 backward, int8
+trainable weights updated with counter-hash stochastic rounding, int32 biases rounded to nearest).
+`precision="fp32"` runs the float relaxation of the same graph: no rounding anywhere and float32 parameters
+(in integer units, so QAS makes the update plain fp32 SGD on real weights) — the fp32 baseline.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.nn.grad import conv2d_input, conv2d_weight
+
+from microtrain.autodiff.build import TrainConfig, build_training_graph
+from microtrain.ir.graph import Graph, Op
+from microtrain.runtime import kernels as K
+from microtrain.runtime.executor import add_ratios
+
+M32 = 0xFFFFFFFF
+
+
+def _mul32(x: torch.Tensor, c: int) -> torch.Tensor:
+    """(x * c) mod 2**32 for x < 2**32 held in int64, without int64 overflow (as C's uint32_t multiply)."""
+    lo, hi = c & 0xFFFF, c >> 16
+    return (x * lo + (((x * hi) & 0xFFFF) << 16)) & M32
+
+
+def sr_uniform(seed: int, step: int, stream: int, n: int) -> torch.Tensor:
+    """n uniforms in [0, 1) from a counter hash of (seed, step, stream, element index); identical in the C runtime."""
+    x = torch.arange(n, dtype=torch.int64)
+    x = (_mul32(x, 0x9E3779B1) + ((step * 0x85EBCA77 + stream * 0xC2B2AE3D + seed * 0x27D4EB2F) & M32)) & M32
+    x = x ^ (x >> 16)
+    x = _mul32(x, 0x7FEB352D)
+    x = x ^ (x >> 15)
+    x = _mul32(x, 0x846CA68B)
+    x = x ^ (x >> 16)
+    return (x >> 8).to(torch.float32) * (1.0 / (1 << 24))
+
+
+def _bshape(t: torch.Tensor, dims: int) -> torch.Tensor:
+    """Per-channel vector broadcast over [N, C, ...] with `dims` total dims."""
+    return t.view((1, -1) + (1,) * (dims - 2))
+
+
+class GraphTrainStep:
+    """Implements the trainer's TrainStep protocol by interpreting a training graph."""
+
+    def __init__(self, graph: Graph, precision: str = "int8"):
+        if precision not in ("int8", "fp32"):
+            raise ValueError(precision)
+        self.g = graph
+        self.precision = precision
+        self.exact = precision == "int8"
+        self.cfg = TrainConfig(**{k: (tuple(v) if isinstance(v, list) else v)
+                                  for k, v in graph.meta["train"]["config"].items()})
+        self.step_count = 0
+        self.params: dict[str, torch.Tensor] = {}
+        self.load_state_dict({n: t.data for n, t in graph.tensors.items() if t.data is not None})
+        self.mult = {}
+        self.stream = {n: i for i, n in enumerate(sorted(graph.meta["train"]["state"]))}
+        for op in graph.ops:
+            if op.kind == "conv2d":
+                x, w, y = graph.tensors[op.inputs[0]], graph.tensors[op.inputs[1]], graph.tensors[op.outputs[0]]
+                self.mult[op.name] = K.requant_multiplier(x.scale, w.scale, y.scale)
+        self.forward_ops = [o for o in graph.ops if o.attrs.get("phase") == "forward"]
+
+    # ---- state ----------------------------------------------------------------------------------------------
+    def _storage_dtype(self, name: str) -> torch.dtype:
+        t = self.g.tensors[name]
+        if not self.exact or t.dtype == "float32" or (t.role == "state" and self.cfg.update_storage == "fp32"
+                                                       and t.dtype == "int8"):
+            return torch.float32
+        return {"int8": torch.int8, "int32": torch.int32}[t.dtype]
+
+    def load_state_dict(self, state: dict[str, np.ndarray]) -> None:
+        for n, a in state.items():
+            if n.startswith("__"):
+                continue
+            self.params[n] = torch.from_numpy(np.array(a)).to(self._storage_dtype(n))
+        self.step_count = int(state.get("__step__", np.array(self.step_count)))
+
+    def state_dict(self) -> dict[str, np.ndarray]:
+        """Trainable tensors (and optimizer slots) in their graph dtype, plus the update counter."""
+        out = {}
+        for n in self.g.meta["train"]["state"]:
+            t = self.g.tensors[n]
+            v = self.params[n]
+            if t.dtype in ("int8", "int32") and v.dtype == torch.float32:
+                v = torch.round(v).clamp(-128, 127) if t.dtype == "int8" else torch.round(v)
+            out[n] = v.numpy().astype(t.dtype if t.dtype != "float32" else np.float32)
+        out["__step__"] = np.array(self.step_count, np.int64)
+        return out
+
+    def _weight(self, name: str) -> torch.Tensor:
+        """A weight operand as the forward kernel wants it (int8 values; fp32 shadow read through rint)."""
+        v = self.params[name]
+        if self.exact and v.dtype == torch.float32 and self.g.tensors[name].dtype == "int8":
+            return torch.round(v).clamp(-128, 127).to(torch.int8)
+        return v
+
+    def _full_weight(self, op: Op) -> torch.Tensor:
+        parts = [self._weight(n) for n in op.inputs[1:-1]]
+        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=op.attrs["split_axis"])
+
+    # ---- kernels --------------------------------------------------------------------------------------------
+    def _conv2d(self, op: Op, env: dict, train: bool) -> list[torch.Tensor]:
+        g, a = self.g, op.attrs
+        xt, yt = g.tensors[op.inputs[0]], g.tensors[op.outputs[0]]
+        x, w, b = env[op.inputs[0]], self._full_weight(op), self.params[op.inputs[-1]]
+        m = self.mult[op.name]
+        if self.exact:
+            acc = K.conv_acc(x, xt.zero, w, a["stride"], a["padding"], a["groups"])
+            v = torch.round((acc + _bshape(b, 4)).to(torch.float32) * _bshape(m, 4)) + yt.zero
+        else:
+            acc = F.conv2d(x - xt.zero, w.to(torch.float32), None, a["stride"], a["padding"], 1, a["groups"])
+            v = (acc + _bshape(b.to(torch.float32), 4)) * _bshape(m, 4) + yt.zero
+        return self._clamp_out(v, op, train)
+
+    def _clamp_out(self, v: torch.Tensor, op: Op, train: bool) -> list[torch.Tensor]:
+        y = v.clamp(-128, 127)
+        y = y.to(torch.int8) if self.exact else y
+        if len(op.outputs) == 1:
+            return [y]
+        return [y, (v >= -128) & (v <= 127) if train else None]
+
+    def _add(self, op: Op, env: dict, train: bool) -> list[torch.Tensor]:
+        at, bt, yt = (self.g.tensors[n] for n in (*op.inputs, op.outputs[0]))
+        ra, rb = add_ratios(at.scale, bt.scale, yt.scale)
+        v = (env[op.inputs[0]].to(torch.float32) - at.zero) * ra + (env[op.inputs[1]].to(torch.float32) - bt.zero) * rb
+        v = (torch.round(v) if self.exact else v) + yt.zero
+        return self._clamp_out(v, op, train)
+
+    def _avgpool(self, op: Op, env: dict, train: bool) -> list[torch.Tensor]:
+        x = env[op.inputs[0]]
+        if self.exact:
+            return [K.avgpool_int8(x)]
+        return [x.mean(dim=(2, 3))]
+
+    def _features(self, name: str, env: dict) -> torch.Tensor:
+        t = self.g.tensors[name]
+        return (env[name].to(torch.float32) - t.zero) * float(t.scale)
+
+    def _linear(self, op: Op, env: dict, train: bool) -> list[torch.Tensor]:
+        return [self._features(op.inputs[0], env) @ self.params[op.inputs[1]].t() + self.params[op.inputs[2]]]
+
+    def _slice(self, op: Op, env: dict, train: bool) -> list[torch.Tensor]:
+        return [env[op.inputs[0]][:, : op.attrs["channels"]].clone()]
+
+    def _softmax_ce(self, op: Op, env: dict, train: bool) -> list[torch.Tensor]:
+        z, y = env[op.inputs[0]], env[op.inputs[1]].long()
+        loss = F.cross_entropy(z, y)
+        grad = (torch.softmax(z, dim=1) - F.one_hot(y, z.shape[1]).to(torch.float32)) / z.shape[0]
+        return [loss, grad]
+
+    def _linear_grad_input(self, op: Op, env: dict, train: bool) -> list[torch.Tensor]:
+        pooled = self.g.tensors[self.g.meta["train"]["pooled"]]
+        return [(env[op.inputs[0]] @ self.params[op.inputs[1]]) * float(pooled.scale)]
+
+    def _avgpool_grad(self, op: Op, env: dict, train: bool) -> list[torch.Tensor]:
+        _, h, w = self.g.tensors[op.outputs[0]].shape
+        gy = env[op.inputs[0]]
+        return [(gy / float(h * w))[:, :, None, None].expand(-1, -1, h, w).contiguous()]
+
+    def _add_grad(self, op: Op, env: dict, train: bool) -> list[torch.Tensor]:
+        fwd = self.g.op(op.name.removesuffix(".grad"))
+        at, bt, yt = (self.g.tensors[n] for n in (*fwd.inputs, fwd.outputs[0]))
+        gm = env[op.inputs[0]] * env[op.inputs[1]]
+        return [gm * r for r, want in zip(add_ratios(at.scale, bt.scale, yt.scale), op.attrs["which"], strict=True)
+                if want]
+
+    def _grad_add(self, op: Op, env: dict, train: bool) -> list[torch.Tensor]:
+        return [env[op.inputs[0]] + env[op.inputs[1]]]
+
+    def _conv2d_grad_acc(self, op: Op, env: dict, train: bool) -> list[torch.Tensor]:
+        return [env[op.inputs[0]] * env[op.inputs[1]] * _bshape(self.mult[op.attrs["conv"]], 4)]
+
+    def _conv2d_grad_input(self, op: Op, env: dict, train: bool) -> list[torch.Tensor]:
+        conv = self.g.op(op.attrs["conv"])
+        gacc = env[op.inputs[0]]
+        shape = (gacc.shape[0], *self.g.tensors[conv.inputs[0]].shape)
+        w = self._full_weight(conv).to(torch.float32)
+        a = op.attrs
+        return [conv2d_input(shape, w, gacc, a["stride"], a["padding"], 1, a["groups"])]
+
+    def _conv_grads(self, op: Op, env: dict) -> dict[str, torch.Tensor]:
+        """Gradients (integer units) of a conv's trainable weight slice and/or bias, summed over the batch."""
+        a, params = op.attrs, op.attrs["params"]
+        gacc = env[op.inputs[0]]
+        out = {}
+        for p in params:
+            if p.endswith(".b"):
+                out[p] = gacc.sum(dim=(0, 2, 3))
+            else:
+                xs = self.g.tensors[op.inputs[1]]
+                x = env[op.inputs[1]].to(torch.float32) - xs.zero
+                ch = a["channels"]
+                wshape = self.g.tensors[p].shape
+                if a["depthwise"]:
+                    out[p] = conv2d_weight(x, wshape, gacc[:, :ch].contiguous(), a["stride"], a["padding"], 1, ch)
+                else:
+                    out[p] = conv2d_weight(x, wshape, gacc, a["stride"], a["padding"])
+        return out
+
+    def _conv2d_update(self, op: Op, env: dict, train: bool) -> list[torch.Tensor]:
+        for p, grad in self._conv_grads(op, env).items():
+            self._apply(p, grad, op.attrs["conv"], env)
+        return []
+
+    def _conv2d_weight_grad(self, op: Op, env: dict, train: bool) -> list[torch.Tensor]:
+        grads = self._conv_grads(op, env)
+        return [grads[p] for p in op.attrs["params"]]
+
+    def _linear_grads(self, op: Op, env: dict) -> list[torch.Tensor]:
+        gz, feats = env[op.inputs[0]], self._features(op.inputs[1], env)
+        return [gz.t() @ feats, gz.sum(dim=0)]
+
+    def _linear_update(self, op: Op, env: dict, train: bool) -> list[torch.Tensor]:
+        for p, grad in zip(op.attrs["params"], self._linear_grads(op, env), strict=True):
+            self._apply(p, grad, None, env)
+        return []
+
+    def _linear_weight_grad(self, op: Op, env: dict, train: bool) -> list[torch.Tensor]:
+        return self._linear_grads(op, env)
+
+    def _apply_update(self, op: Op, env: dict, train: bool) -> list[torch.Tensor]:
+        p = op.attrs["param"]
+        conv = op.attrs["of"].removesuffix(".update")
+        self._apply(p, env[op.inputs[1]], None if conv == "head" else conv, env)
+        return []
+
+    # ---- the update: QAS, optimizer, storage ----------------------------------------------------------------
+    def _apply(self, name: str, grad: torch.Tensor, conv: str | None, env: dict) -> None:
+        cfg = self.cfg
+        lr = float(env["lr"])
+        if conv is not None and cfg.qas:  # QAS: divide by the squared per-channel scale of the parameter
+            cop = self.g.op(conv)
+            s = torch.from_numpy(np.asarray(self.g.tensors[cop.inputs[1]].scale, np.float32))[: grad.shape[0]]
+            if name.endswith(".b"):
+                s = s * float(self.g.tensors[cop.inputs[0]].scale)
+            grad = grad / (s * s).view((-1,) + (1,) * (grad.dim() - 1))
+        step = self.step_count + 1
+        if cfg.optimizer == "sgd":
+            delta = lr * grad
+        elif cfg.optimizer == "sgd-m":
+            m = self.params[name + ".m"]
+            m.mul_(cfg.momentum).add_(grad)
+            delta = lr * m
+        else:
+            m, v = self.params[name + ".m"], self.params[name + ".v"]
+            b1, b2 = cfg.betas
+            m.mul_(b1).add_(grad, alpha=1 - b1)
+            v.mul_(b2).addcmul_(grad, grad, value=1 - b2)
+            delta = lr * (m / (1 - b1**step)) / (torch.sqrt(v / (1 - b2**step)) + cfg.eps)
+        p = self.params[name]
+        if p.dtype == torch.float32:
+            p.sub_(delta.to(torch.float32))
+        elif p.dtype == torch.int8:  # stochastic rounding, counter hash shared with the C runtime
+            u = sr_uniform(cfg.seed, step, self.stream[name], p.numel()).view(p.shape)
+            new = torch.floor(p.to(torch.float32) - delta.to(torch.float32) + u)
+            self.params[name] = new.clamp_(-128, 127).to(torch.int8)
+        else:  # int32 bias: round to nearest
+            self.params[name] = p - torch.round(delta.to(torch.float32)).to(torch.int32)
+
+    KERNELS: dict[str, Callable] = {
+        "conv2d": _conv2d, "add": _add, "avgpool": _avgpool, "linear": _linear, "slice_channels": _slice,
+        "softmax_ce": _softmax_ce, "linear_grad_input": _linear_grad_input, "avgpool_grad": _avgpool_grad,
+        "add_grad": _add_grad, "grad_add": _grad_add, "conv2d_grad_acc": _conv2d_grad_acc,
+        "conv2d_grad_input": _conv2d_grad_input, "conv2d_update": _conv2d_update,
+        "conv2d_weight_grad": _conv2d_weight_grad, "linear_update": _linear_update,
+        "linear_weight_grad": _linear_weight_grad, "apply_update": _apply_update,
+    }
+
+    # ---- protocol -------------------------------------------------------------------------------------------
+    def _env(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        x = torch.as_tensor(x)
+        return {self.g.inputs[0]: x if self.exact else x.to(torch.float32)}
+
+    def run(self, ops: list[Op], env: dict, train: bool) -> dict[str, torch.Tensor]:
+        for op in ops:
+            outs = self.KERNELS[op.kind](self, op, env, train)
+            for n, v in zip(op.outputs, outs, strict=False):
+                env[n] = v
+        return env
+
+    @torch.no_grad()
+    def step(self, x: torch.Tensor, y: torch.Tensor, lr: float) -> float:
+        env = self._env(x)
+        env["label"] = torch.as_tensor(y)
+        env["lr"] = torch.tensor(lr, dtype=torch.float32)
+        self.run(self.g.ops, env, train=True)
+        self.step_count += 1
+        loss = float(env["loss"])
+        return loss if math.isfinite(loss) else float("nan")
+
+    @torch.no_grad()
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        return self.run(self.forward_ops, self._env(x), train=False)["logits"]
+
+
+def build_train_step(model: Graph, scheme, num_classes: int, *, precision: str = "int8",
+                     cfg: TrainConfig | None = None) -> GraphTrainStep:
+    """The host trainer's step for `model` under `scheme` (see autodiff.build.TrainConfig for the options)."""
+    return GraphTrainStep(build_training_graph(model, scheme, num_classes, cfg), precision)
