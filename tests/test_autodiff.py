@@ -176,3 +176,19 @@ def test_reorder_and_no_reorder_give_the_same_update():
     assert states[0].keys() == states[1].keys()
     for k in states[0]:
         np.testing.assert_array_equal(states[0][k], states[1][k], err_msg=k)
+
+
+def test_cached_prefix_step_equals_full_step():
+    g = load_model("mcunet-5fps")
+    x = torch.from_numpy(np.random.default_rng(6).integers(-128, 128, (2, 3, 128, 128)).astype(np.int8))
+    y = torch.tensor([3, 7])
+    scheme = resolve_scheme("paper-99kb", g)
+    a, b = (GraphTrainStep(build_training_graph(g, scheme, 10)) for _ in range(2))
+    assert a.boundary == ["b6.pw2.y", "b7.dw.y"]
+    for _ in range(2):
+        la = a.step(x, y, 0.1)
+        lb = b.step(b.prefix(x), y, 0.1)
+        assert la == lb
+    sa, sb = a.state_dict(), b.state_dict()
+    assert all(np.array_equal(sa[k], sb[k]) for k in sa)
+    assert torch.equal(a.logits(x), b.logits(b.prefix(x)))

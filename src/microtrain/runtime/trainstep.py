@@ -68,6 +68,27 @@ class GraphTrainStep:
                 x, w, y = graph.tensors[op.inputs[0]], graph.tensors[op.inputs[1]], graph.tensors[op.outputs[0]]
                 self.mult[op.name] = K.requant_multiplier(x.scale, w.scale, y.scale)
         self.forward_ops = [o for o in graph.ops if o.attrs.get("phase") == "forward"]
+        self.frozen_ops, self.boundary = self._frozen_prefix()
+
+    def _frozen_prefix(self) -> tuple[list[Op], list[str]]:
+        """Forward ops that depend on no trainable tensor (their outputs are a pure function of the input image),
+        and the tensors through which the rest of the step reads them. Caching the boundary per image is exact."""
+        state = set(self.g.meta["train"]["state"])
+        frozen, produced = [], set(self.g.inputs[:1])
+        for op in self.forward_ops:
+            if all(n in produced or self.g.tensors[n].data is not None for n in op.inputs) and \
+                    not state & set(op.inputs):
+                frozen.append(op)
+                produced.update(op.outputs)
+        rest = [o for o in self.g.ops if o not in frozen]
+        boundary = sorted({n for o in rest for n in o.inputs if n in produced})
+        return frozen, boundary
+
+    @torch.no_grad()
+    def prefix(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The boundary tensors of the frozen prefix for a batch of images (cacheable: no trainable input)."""
+        env = self.run(self.frozen_ops, self._env(x), train=True)
+        return {n: env[n] for n in self.boundary}
 
     # ---- state ----------------------------------------------------------------------------------------------
     def _storage_dtype(self, name: str) -> torch.dtype:
@@ -288,17 +309,23 @@ class GraphTrainStep:
         return env
 
     @torch.no_grad()
-    def step(self, x: torch.Tensor, y: torch.Tensor, lr: float) -> float:
-        env = self._env(x)
+    def step(self, x: torch.Tensor | dict[str, torch.Tensor], y: torch.Tensor, lr: float) -> float:
+        """One update on a batch. `x` is int8 images, or the dict `prefix(images)` returned (skips the prefix)."""
+        if isinstance(x, dict):
+            env, ops = dict(x), [o for o in self.g.ops if o not in self.frozen_ops]
+        else:
+            env, ops = self._env(x), self.g.ops
         env["label"] = torch.as_tensor(y)
         env["lr"] = torch.tensor(lr, dtype=torch.float32)
-        self.run(self.g.ops, env, train=True)
+        self.run(ops, env, train=True)
         self.step_count += 1
         loss = float(env["loss"])
         return loss if math.isfinite(loss) else float("nan")
 
     @torch.no_grad()
-    def logits(self, x: torch.Tensor) -> torch.Tensor:
+    def logits(self, x: torch.Tensor | dict[str, torch.Tensor]) -> torch.Tensor:
+        if isinstance(x, dict):
+            return self.run([o for o in self.forward_ops if o not in self.frozen_ops], dict(x), train=False)["logits"]
         return self.run(self.forward_ops, self._env(x), train=False)["logits"]
 
 
