@@ -73,7 +73,7 @@ def test_file_round_trip(tmp_path, mcunet, suffix):
     s = resolve_scheme("paper-124kb", mcunet)
     p = tmp_path / f"s{suffix}"
     s.save(p)
-    assert Scheme.load(p) == s
+    assert Scheme.load(p) == s and hash(Scheme.load(p)) == hash(s)
     assert resolve_scheme(str(p), mcunet) == s
     if suffix == ".json":
         assert json.loads(p.read_text())["weight_ratios"]["33"] == 0.5

@@ -75,6 +75,9 @@ class Scheme:
                 raise MicrotrainError(f"scheme {self.name}: ratio {r!r} of conv {i} not allowed "
                                       f"(one of {', '.join(map(str, RATIOS))})")
 
+    def __hash__(self) -> int:  # the generated one would hash the dict and fail
+        return hash((self.name, self.n_bias_update, tuple(sorted(self.weight_ratios.items())), self.head))
+
     # ---- queries on a graph -----------------------------------------------------------------------------------
     def validate(self, graph: Graph) -> Scheme:
         """Check every index against the graph, and that every weight-updated conv gets at least one channel."""
