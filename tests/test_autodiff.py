@@ -192,3 +192,21 @@ def test_cached_prefix_step_equals_full_step():
     sa, sb = a.state_dict(), b.state_dict()
     assert all(np.array_equal(sa[k], sb[k]) for k in sa)
     assert torch.equal(a.logits(x), b.logits(b.prefix(x)))
+
+
+def test_prefix_cache_changes_nothing():
+    from microtrain.runtime.prefix_cache import PrefixCache
+
+    g = tiny_model(seed=7)
+    scheme = Scheme("late", n_bias_update=3, weight_ratios={8: 1.0}, head=True)
+    rng = np.random.default_rng(8)
+    xs = [torch.from_numpy(rng.integers(-128, 128, (4, 3, 16, 16)).astype(np.int8)) for _ in range(2)]
+    y = torch.tensor([0, 1, 2, 3])
+    plain = GraphTrainStep(build_training_graph(g, scheme, CLASSES))
+    cached = PrefixCache(GraphTrainStep(build_training_graph(g, scheme, CLASSES)))
+    assert cached.useful
+    for _ in range(3):
+        for x in xs:
+            assert plain.step(x, y, 0.05) == cached.step(x, y, 0.05)
+    assert cached.hits == 16 and cached.misses == 8
+    assert torch.equal(plain.logits(xs[0]), cached.logits(xs[0]))
