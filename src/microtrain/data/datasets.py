@@ -51,6 +51,7 @@ class ImageDataset:
         if self.images.dtype != np.uint8 or self.images.ndim != 4 or self.images.shape[1] not in (1, 3):
             raise MicrotrainError(f"{self.name}: images must be uint8 [N, 1|3, h, w], got {self.images.dtype} "
                                   f"{self.images.shape}")
+        self.images = np.ascontiguousarray(self.images)  # NCHW in memory: the batch ops are fastest on it
         self.labels = np.asarray(self.labels, dtype=np.int64)
         if len(self.labels) != len(self.images):
             raise MicrotrainError(f"{self.name}: {len(self.images)} images but {len(self.labels)} labels")
@@ -125,7 +126,7 @@ def _decode(path: Path, size: int | None) -> np.ndarray:
             s = min(w, h)
             left, top = (w - s) // 2, (h - s) // 2
             im = im.crop((left, top, left + s, top + s)).resize((size, size), Image.BILINEAR)
-        return np.asarray(im, dtype=np.uint8).transpose(2, 0, 1)
+        return np.ascontiguousarray(np.asarray(im, dtype=np.uint8).transpose(2, 0, 1))
 
 
 class _NeedStoreSize(Exception):
@@ -464,36 +465,37 @@ def random_resized_crop_boxes(n: int, h: int, w: int, g: torch.Generator, scale:
 
 def crop_resize(x: torch.Tensor, boxes: torch.Tensor, size: int, flip: torch.Tensor | None = None) -> torch.Tensor:
     """Bilinear crop-and-resize of every image to its box (top, left, height, width), optionally mirrored: one
-    `grid_sample` for the whole batch. x float [N, C, H, W] -> [N, C, size, size]."""
+    `grid_sample` for the whole batch. x float [N, C, H, W] -> [N, C, size, size]. Output pixel centres map to the
+    box's pixel centres (align_corners=False), as crop + resize does; the axis-aligned grid is built separably."""
     n, _, h, w = x.shape
     top, left, bh, bw = boxes.unbind(1)
-    theta = torch.zeros(n, 2, 3)
-    sx = bw / w
-    theta[:, 0, 0] = sx if flip is None else torch.where(flip, -sx, sx)
-    theta[:, 0, 2] = (2 * left + bw) / w - 1
-    theta[:, 1, 1] = bh / h
-    theta[:, 1, 2] = (2 * top + bh) / h - 1
-    grid = F.affine_grid(theta, [n, x.shape[1], size, size], align_corners=False)
+    u = (torch.arange(size, dtype=torch.float32) * 2 + 1) / size - 1  # output centres in [-1, 1]
+    sx = bw / w if flip is None else torch.where(flip, -bw / w, bw / w)
+    gx = sx[:, None] * u + ((2 * left + bw) / w - 1)[:, None]
+    gy = (bh / h)[:, None] * u + ((2 * top + bh) / h - 1)[:, None]
+    grid = torch.stack((gx[:, None, :].expand(n, size, size), gy[:, :, None].expand(n, size, size)), dim=-1)
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
 
 
 def color_jitter(x: torch.Tensor, g: torch.Generator, strength: float = 0.4) -> torch.Tensor:
-    """torchvision ColorJitter(brightness, contrast, saturation = strength) on float RGB in [0, 255], per image in a
-    random order. Each op is `a*x + b*gray(x) + c*mean(gray(x))`, clamped, so one fused pass per stage serves all
-    three ops (a factor of 1 is the identity for each)."""
-    n = x.shape[0]
+    """torchvision ColorJitter(brightness, contrast, saturation = strength) on float RGB [N, 3, H, W] in [0, 255],
+    per image in a random order. Each op is `f*x + b*gray(x) + c*mean(gray(x))` (brightness: b = c = 0; contrast:
+    c = 1 - f; saturation: b = 1 - f), i.e. a per-image 3x3 colour matrix plus an offset, so every stage is one
+    `baddbmm` and a clamp whichever op each image draws."""
+    n, _, h, w = x.shape
     f = torch.empty(n, 3).uniform_(max(0.0, 1 - strength), 1 + strength, generator=g)
     order = torch.argsort(torch.rand(n, 3, generator=g), dim=1)  # per-image permutation of (bright, contrast, sat)
-    w = torch.tensor(GRAY).view(1, 3, 1, 1)
+    gray, eye, zero = torch.tensor(GRAY), torch.eye(3), torch.zeros(())
+    x = x.reshape(n, 3, h * w)
     for stage in range(3):
         op = order[:, stage]
         fac = f.gather(1, op[:, None])[:, 0]
-        a = fac.view(n, 1, 1, 1)
-        b = torch.where(op == 2, 1 - fac, torch.zeros(())).view(n, 1, 1, 1)
-        c = torch.where(op == 1, 1 - fac, torch.zeros(())).view(n, 1, 1, 1)
-        gray = (x * w).sum(dim=1, keepdim=True)
-        x = torch.addcmul(a * x, b, gray).add_(c * gray.mean(dim=(2, 3), keepdim=True)).clamp_(0, 255)
-    return x
+        b = torch.where(op == 2, 1 - fac, zero)
+        c = torch.where(op == 1, 1 - fac, zero)
+        matrix = fac.view(n, 1, 1) * eye + b.view(n, 1, 1) * gray.view(1, 1, 3)
+        offset = (c * (x.mean(dim=2) @ gray)).view(n, 1, 1)
+        x = torch.baddbmm(offset, matrix, x).clamp_(0, 255)
+    return x.view(n, 3, h, w)
 
 
 def _to_int8(x: torch.Tensor) -> torch.Tensor:
