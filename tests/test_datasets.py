@@ -72,6 +72,8 @@ def test_subset_is_balanced_deterministic_and_replaces_bad_files(folder):
     # asking for every candidate: undecodable files are skipped, the rest are all taken
     full = D.ImageFolderDataset(folder, "train", subset=16, progress=False)
     assert len(full) == 15 and len(full.skipped) == 2
+    with pytest.raises(MicrotrainError, match="subset"):
+        D.ImageFolderDataset(folder, "train", subset=0, progress=False)
 
 
 def test_balanced_indices_properties():

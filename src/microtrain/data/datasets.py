@@ -75,6 +75,8 @@ class ImageDataset:
 
     def subset(self, n: int, seed: int = 0) -> ImageDataset:
         """A class-balanced deterministic subset of n samples (see `balanced_indices`)."""
+        if n < 1:
+            raise MicrotrainError(f"subset must be >= 1, got {n}")
         return self.take(balanced_indices(self.labels, n, self.num_classes, seed))
 
     def save(self, path: str | Path) -> Path:
@@ -198,6 +200,8 @@ class ImageFolderDataset(ImageDataset):
                  size: int | None = None, test_fraction: float = 0.2, split_seed: int = 0,
                  cache_dir: str | Path | None = None, progress: bool = True, name: str | None = None):
         root = Path(root)
+        if subset is not None and subset < 1:
+            raise MicrotrainError(f"subset must be >= 1, got {subset}")
         if not root.is_dir():
             raise MicrotrainError(f"dataset directory {root} does not exist")
         name = name or root.name
