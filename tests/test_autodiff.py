@@ -210,3 +210,22 @@ def test_prefix_cache_changes_nothing():
             assert plain.step(x, y, 0.05) == cached.step(x, y, 0.05)
     assert cached.hits == 16 and cached.misses == 8
     assert torch.equal(plain.logits(xs[0]), cached.logits(xs[0]))
+
+
+@pytest.mark.parametrize("precision,storage", [("int8", "int8"), ("int8", "fp32"), ("fp32", "int8")])
+def test_state_dict_resumes_exactly(precision, storage):
+    g = tiny_model(seed=9)
+    cfg = TrainConfig(optimizer="sgd-m", update_storage=storage)
+    rng = np.random.default_rng(10)
+    x = torch.from_numpy(rng.integers(-128, 128, (4, 3, 16, 16)).astype(np.int8))
+    y = torch.tensor([0, 1, 2, 3])
+    a, b = (GraphTrainStep(build_training_graph(g, SCHEMES[0], CLASSES, cfg), precision) for _ in range(2))
+    for _ in range(2):
+        a.step(x, y, 0.05)
+    b.load_state_dict(a.state_dict())
+    for _ in range(2):
+        assert a.step(x, y, 0.05) == b.step(x, y, 0.05)
+    sa, sb = a.state_dict(), b.state_dict()
+    assert all(np.array_equal(sa[k], sb[k]) for k in sa)
+    if storage == "fp32":
+        assert a.g.tensors["b3.pw2.w_train"].dtype == "float32"

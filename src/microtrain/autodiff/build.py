@@ -79,7 +79,7 @@ def build_training_graph(fwd: Graph, scheme, num_classes: int, cfg: TrainConfig 
             new.outputs.append(masks[op.name])
         if op.kind == "conv2d" and backbone_grad:
             i = op.attrs["conv_index"]
-            _split_trainable(g, new, fwd, channels[i], i in bias_set, state)
+            _split_trainable(g, new, fwd, channels[i], i in bias_set, state, cfg.update_storage)
         g.add_op(new)
         if op.kind == "conv2d" and backbone_grad and channels[op.attrs["conv_index"]] > 0:
             x = fwd.tensors[op.inputs[0]]
@@ -207,7 +207,7 @@ def build_training_graph(fwd: Graph, scheme, num_classes: int, cfg: TrainConfig 
     return g
 
 
-def _split_trainable(g: Graph, op: Op, fwd: Graph, ch: int, bias: bool, state: list[str]) -> None:
+def _split_trainable(g: Graph, op: Op, fwd: Graph, ch: int, bias: bool, state: list[str], storage: str) -> None:
     """Replace a conv's weight operand by [frozen rest (flash), trainable first-ch slice (SRAM)], and mark its bias
     trainable. Depthwise weights [C,1,k,k] split along channels (axis 0), others along input channels (axis 1)."""
     w = fwd.tensors[op.inputs[1]]
@@ -220,7 +220,9 @@ def _split_trainable(g: Graph, op: Op, fwd: Graph, ch: int, bias: bool, state: l
     axis = 0 if op.attrs["groups"] > 1 else 1
     full = w.shape[axis]
     train = np.take(w.data, np.arange(ch), axis=axis)
-    wt = Tensor(f"{op.name}.w_train", train.shape, "int8", "state", w.scale, 0, train.copy())
+    if storage == "fp32":  # a float shadow of the slice (integer units): 4 bytes per element, no rounding loss
+        train = train.astype(np.float32)
+    wt = Tensor(f"{op.name}.w_train", train.shape, str(train.dtype), "state", w.scale, 0, train.copy())
     g.add_tensor(wt)
     state.append(wt.name)
     parts = [wt.name]

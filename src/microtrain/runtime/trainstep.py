@@ -92,11 +92,11 @@ class GraphTrainStep:
 
     # ---- state ----------------------------------------------------------------------------------------------
     def _storage_dtype(self, name: str) -> torch.dtype:
-        t = self.g.tensors[name]
-        if not self.exact or t.dtype == "float32" or (t.role == "state" and self.cfg.update_storage == "fp32"
-                                                       and t.dtype == "int8"):
+        """fp32 precision keeps every tensor as float32 (integer units); int8 precision keeps the graph dtypes."""
+        dtype = self.g.tensors[name].dtype
+        if not self.exact or dtype == "float32":
             return torch.float32
-        return {"int8": torch.int8, "int32": torch.int32}[t.dtype]
+        return {"int8": torch.int8, "int32": torch.int32}[dtype]
 
     def load_state_dict(self, state: dict[str, np.ndarray]) -> None:
         for n, a in state.items():
@@ -106,21 +106,16 @@ class GraphTrainStep:
         self.step_count = int(state.get("__step__", np.array(self.step_count)))
 
     def state_dict(self) -> dict[str, np.ndarray]:
-        """Trainable tensors (and optimizer slots) in their graph dtype, plus the update counter."""
-        out = {}
-        for n in self.g.meta["train"]["state"]:
-            t = self.g.tensors[n]
-            v = self.params[n]
-            if t.dtype in ("int8", "int32") and v.dtype == torch.float32:
-                v = torch.round(v).clamp(-128, 127) if t.dtype == "int8" else torch.round(v)
-            out[n] = v.numpy().astype(t.dtype if t.dtype != "float32" else np.float32)
+        """Trainable tensors and optimizer slots as stored (graph dtypes; all float32 in fp32 precision), plus the
+        update counter: a checkpoint resumes exactly."""
+        out = {n: self.params[n].numpy().copy() for n in self.g.meta["train"]["state"]}
         out["__step__"] = np.array(self.step_count, np.int64)
         return out
 
     def _weight(self, name: str) -> torch.Tensor:
-        """A weight operand as the forward kernel wants it (int8 values; fp32 shadow read through rint)."""
+        """A conv weight operand as the forward kernel wants it: int8 values (an fp32 shadow is read through rint)."""
         v = self.params[name]
-        if self.exact and v.dtype == torch.float32 and self.g.tensors[name].dtype == "int8":
+        if self.exact and v.dtype == torch.float32:
             return torch.round(v).clamp(-128, 127).to(torch.int8)
         return v
 
