@@ -19,11 +19,13 @@ from microtrain.runtime.trainstep import GraphTrainStep
 class PrefixCache:
     """Wraps a GraphTrainStep; same TrainStep protocol. `max_bytes` bounds the cache (LRU-free: stops adding)."""
 
-    def __init__(self, step: GraphTrainStep, max_bytes: int = 4 << 30):
+    def __init__(self, step: GraphTrainStep, max_bytes: int = 4 << 30,
+                 entries: dict[bytes, list[torch.Tensor]] | None = None):
+        """`entries` may be shared between steps of the same graph and precision (e.g. a learning-rate sweep)."""
         self.inner = step
         self.max_bytes = max_bytes
-        self.entries: dict[bytes, list[torch.Tensor]] = {}
-        self.nbytes = 0
+        self.entries = {} if entries is None else entries
+        self.nbytes = sum(t.numel() * t.element_size() for e in self.entries.values() for t in e)
         self.hits = self.misses = 0
         self.useful = step.boundary != step.g.inputs[:1]
 

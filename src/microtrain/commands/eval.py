@@ -1,0 +1,41 @@
+"""`microtrain eval`: accuracy of a trained run (its training graph and last checkpoint) on a dataset split."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from microtrain.commands.train import GRAPH
+from microtrain.data.datasets import open_dataset
+from microtrain.errors import MicrotrainError
+from microtrain.ir.graph import Graph
+from microtrain.runtime.trainer import evaluate, load_checkpoint
+from microtrain.runtime.trainstep import GraphTrainStep
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("eval", help="evaluate a trained run on a dataset split",
+                       description="Load RUN_DIR's training graph and last checkpoint, and measure top-1 accuracy "
+                                   "on --data (default: the dataset it was trained on).")
+    p.add_argument("run_dir", metavar="RUN_DIR")
+    p.add_argument("--data", help="dataset name or ImageFolder directory (default: the run's dataset)")
+    p.add_argument("--split", default="test")
+    p.add_argument("--subset", type=int)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    run_dir = Path(args.run_dir)
+    metrics_path = run_dir / "metrics.json"
+    if not (run_dir / f"{GRAPH}.json").exists() or not metrics_path.exists():
+        raise MicrotrainError(f"{run_dir}: not a training run (no {GRAPH}.json / metrics.json)")
+    metrics = json.loads(metrics_path.read_text())
+    step = GraphTrainStep(Graph.load(run_dir / GRAPH), metrics.get("precision", "int8"))
+    step.load_state_dict(load_checkpoint(run_dir / "checkpoint.npz"))
+    ds = open_dataset(args.data or metrics["dataset"], args.split, subset=args.subset, progress=not args.json)
+    acc = evaluate(step, ds, resolution=metrics["resolution"], eval_crop=metrics["eval_crop"])
+    result = {"run": str(run_dir), "dataset": ds.name, "split": args.split, "images": len(ds), "accuracy": acc}
+    print(json.dumps(result) if args.json else f"{ds.name}/{args.split}: {acc:.2%} top-1 on {len(ds)} images")
+    return 0

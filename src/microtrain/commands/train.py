@@ -1,0 +1,111 @@
+"""`microtrain train`: fine-tune a model on a dataset with a sparse update scheme, on the real int8 training graph."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+from microtrain.autodiff.build import OPTIMIZERS, TrainConfig, build_training_graph
+from microtrain.data.datasets import AUGMENTS, DATASETS, dataset_info, open_dataset
+from microtrain.errors import MicrotrainError
+from microtrain.frontends.zoo import ZOO_MODELS, load_model
+from microtrain.runtime.prefix_cache import PrefixCache
+from microtrain.runtime.trainer import fit, sweep
+from microtrain.runtime.trainstep import GraphTrainStep
+from microtrain.sparse.cost import analytic_extra_bytes
+from microtrain.sparse.scheme import resolve_scheme
+
+GRAPH = "train_graph"  # RUN_DIR/train_graph.json + .npz: the exact training graph (initial state included)
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "train", help="fine-tune a model with a sparse update scheme (host simulation of the device)",
+        description="Fine-tune an int8 model on an image dataset by executing its compiled training graph on the "
+                    "CPU, batched: integer-exact forward, fp32 backward, QAS-scaled updates stored exactly as the "
+                    "device stores them. Writes RUN_DIR/metrics.json, checkpoints (resumable) and the training "
+                    "graph. With --lr-sweep, runs one sub-run per learning rate and reports every one of them.")
+    p.add_argument("--model", required=True, help=f"zoo name ({', '.join(ZOO_MODELS)}) or model file")
+    p.add_argument("--data", required=True, help=f"dataset name ({', '.join(DATASETS)}) or ImageFolder directory")
+    p.add_argument("--scheme", default="bias-only", help="preset (paper-<label>, full, bias-only, bias:K, last:K, "
+                                                         "head-only) or a scheme .yaml/.json file")
+    p.add_argument("--epochs", type=int, help="default: the paper's protocol for the dataset (50; VWW 10)")
+    p.add_argument("--lr", type=float, default=0.05, help="peak learning rate (default 0.05)")
+    p.add_argument("--lr-sweep", help="comma-separated learning rates to try instead of --lr, e.g. 0.01,0.03,0.1")
+    p.add_argument("--optimizer", choices=OPTIMIZERS, default="sgd", help="sgd (no momentum, default), sgd-m, adam")
+    p.add_argument("--no-qas", action="store_true", help="disable Quantization-Aware Scaling (paper baseline)")
+    p.add_argument("--precision", choices=("int8", "fp32"), default="int8",
+                   help="int8: the device's arithmetic; fp32: the float relaxation of the same graph (baseline)")
+    p.add_argument("--update-storage", choices=("int8", "fp32"), default="int8",
+                   help="trainable weight slices as int8 with stochastic rounding (default) or an fp32 shadow")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--subset", type=int, help="class-balanced subset of N training images")
+    p.add_argument("--test-subset", type=int, help="class-balanced subset of N test images")
+    p.add_argument("--augment", choices=AUGMENTS, help="default: the paper's for the dataset")
+    p.add_argument("--warmup-epochs", type=float, help="default: the paper's for the dataset (5; VWW 1)")
+    p.add_argument("--no-prefix-cache", action="store_true",
+                   help="recompute the frozen prefix every step (it is cached per image when augmentation is "
+                        "flip/none; results are identical)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
+    p.add_argument("--out", required=True, metavar="RUN_DIR")
+    p.add_argument("--json", action="store_true", help="print metrics.json (or sweep.json) to stdout at the end")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(run=run)
+
+
+def parse_lrs(text: str) -> list[float]:
+    try:
+        lrs = [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise MicrotrainError(f"--lr-sweep: not a comma-separated list of numbers: {text!r}") from None
+    if not lrs or any(lr <= 0 for lr in lrs):
+        raise MicrotrainError(f"--lr-sweep: need positive learning rates, got {text!r}")
+    return lrs
+
+
+def run(args: argparse.Namespace) -> int:
+    model = load_model(args.model)
+    scheme = resolve_scheme(args.scheme, model)
+    info = dataset_info(args.data)
+    progress = not args.quiet
+    train_ds = open_dataset(args.data, "train", subset=args.subset, seed=args.seed, progress=progress)
+    test_ds = open_dataset(args.data, "test", subset=args.test_subset, seed=args.seed, progress=progress)
+    augment = args.augment or (info.augment if info else "paper")
+    epochs = args.epochs or (info.epochs if info else 50)
+    warmup = args.warmup_epochs if args.warmup_epochs is not None else (info.warmup_epochs if info else 5)
+    cfg = TrainConfig(optimizer=args.optimizer, qas=not args.no_qas, update_storage=args.update_storage,
+                      seed=args.seed)
+    graph = build_training_graph(model, scheme, train_ds.num_classes, cfg)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    graph.save(out / GRAPH)
+    cache = augment in ("flip", "none") and not args.no_prefix_cache
+    shared: dict = {}
+
+    def make_step() -> Any:
+        step = GraphTrainStep(graph, args.precision)
+        return PrefixCache(step, entries=shared) if cache else step
+
+    extra = {"model": model.name, "scheme": scheme.to_dict(), "precision": args.precision, "qas": cfg.qas,
+             "optimizer": cfg.optimizer, "update_storage": cfg.update_storage, "prefix_cache": cache,
+             "analytic_extra_bytes": analytic_extra_bytes(model, scheme), "classes": train_ds.classes}
+    common = dict(epochs=epochs, batch_size=args.batch_size, warmup_epochs=warmup, augment=augment,
+                  resolution=model.tensors[model.inputs[0]].shape[1], seed=args.seed, resume=args.resume,
+                  progress=progress, extra=extra)
+    if args.lr_sweep:
+        result = sweep(make_step, parse_lrs(args.lr_sweep), train_ds, test_ds, out_dir=out, **common)
+        summary = f"best lr {result['best_lr']:g}: test accuracy {result['best_test_accuracy']:.2%}"
+        if result["diverged_lrs"]:
+            summary += f" (diverged at lr {', '.join(f'{v:g}' for v in result['diverged_lrs'])})"
+    else:
+        result = fit(make_step(), train_ds, test_ds, lr=args.lr, out_dir=out, **common)
+        summary = (f"test accuracy {result['test_accuracy']:.2%} after {epochs} epochs "
+                   f"({result['images_per_second']:.0f} images/s)")
+    if args.json:
+        print(json.dumps(result, indent=1))
+    else:
+        print(f"{model.name} {scheme.name} on {train_ds.name}: {summary}; run in {out}")
+    return 0
