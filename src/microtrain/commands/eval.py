@@ -34,7 +34,8 @@ def run(args: argparse.Namespace) -> int:
     metrics = json.loads(metrics_path.read_text())
     step = GraphTrainStep(Graph.load(run_dir / GRAPH), metrics.get("precision", "int8"))
     step.load_state_dict(load_checkpoint(run_dir / "checkpoint.npz"))
-    ds = open_dataset(args.data or metrics["dataset"], args.split, subset=args.subset, progress=not args.json)
+    data = args.data or metrics.get("data", metrics["dataset"])
+    ds = open_dataset(data, args.split, subset=args.subset, progress=not args.json)
     acc = evaluate(step, ds, resolution=metrics["resolution"], eval_crop=metrics["eval_crop"])
     result = {"run": str(run_dir), "dataset": ds.name, "split": args.split, "images": len(ds), "accuracy": acc}
     print(json.dumps(result) if args.json else f"{ds.name}/{args.split}: {acc:.2%} top-1 on {len(ds)} images")

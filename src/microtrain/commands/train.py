@@ -89,7 +89,8 @@ def run(args: argparse.Namespace) -> int:
         step = GraphTrainStep(graph, args.precision)
         return PrefixCache(step, entries=shared) if cache else step
 
-    extra = {"model": model.name, "scheme": scheme.to_dict(), "precision": args.precision, "qas": cfg.qas,
+    data = str(Path(args.data).resolve()) if Path(args.data).is_dir() else args.data
+    extra = {"model": model.name, "data": data, "scheme": scheme.to_dict(), "precision": args.precision, "qas": cfg.qas,
              "optimizer": cfg.optimizer, "update_storage": cfg.update_storage, "prefix_cache": cache,
              "analytic_extra_bytes": analytic_extra_bytes(model, scheme), "classes": train_ds.classes}
     common = dict(epochs=epochs, batch_size=args.batch_size, warmup_epochs=warmup, augment=augment,
