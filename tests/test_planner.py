@@ -47,6 +47,49 @@ def random_graphs(draw) -> Graph:
     return g
 
 
+@st.composite
+def random_backward_graphs(draw) -> Graph:
+    """Backward-pass kinds in random order over float32 gradients: conv2d_grad_acc and add_grad (with 1-bit masks that
+    are graph inputs), grad_add, depthwise conv2d_grad_input of stride 1 or 2 (the output grows), pointwise
+    conv2d_grad_input (never in place), and output-less conv2d_update ops that read a gradient."""
+    g = Graph("random-backward")
+    c, h = draw(st.integers(1, 6)), draw(st.sampled_from([1, 2, 4]))
+    g.add_tensor(Tensor("g0", (c, h, h), draw(st.sampled_from(["float32", "int8"])), "grad"))
+    g.inputs = ["g0"]
+    grads = ["g0"]
+    for i in range(draw(st.integers(1, 14))):
+        src = draw(st.sampled_from(grads))
+        shape = g.tensors[src].shape
+        kind = draw(st.sampled_from(["acc", "acc", "add_grad", "grad_add", "dw", "dw", "pw", "update"]))
+        dtype = draw(st.sampled_from(["float32", "float32", "int8"]))
+        if kind in ("acc", "add_grad"):
+            g.add_tensor(Tensor(f"m{i}", shape, "bit", "mask"))
+            g.inputs.append(f"m{i}")
+            outs = [f"t{i}"] + ([f"u{i}"] if kind == "add_grad" and draw(st.booleans()) else [])
+            for o in outs:
+                g.add_tensor(Tensor(o, shape, dtype, "grad"))
+            g.add_op(Op(f"op{i}", "conv2d_grad_acc" if kind == "acc" else "add_grad", [src, f"m{i}"], outs))
+            grads += outs
+            continue
+        if kind == "grad_add":
+            other = draw(st.sampled_from([t for t in grads if g.tensors[t].shape == shape]))
+            g.add_tensor(Tensor(f"t{i}", shape, dtype, "grad"))
+            g.add_op(Op(f"op{i}", "grad_add", [src, other], [f"t{i}"]))
+        elif kind == "update":
+            g.add_op(Op(f"op{i}", "conv2d_update", [src], []))
+            continue
+        else:
+            s, k = draw(st.sampled_from([1, 2])) if kind == "dw" else 1, draw(st.sampled_from([1, 3]))
+            cout = shape[0] if kind == "dw" else draw(st.integers(1, 6))
+            g.add_tensor(Tensor(f"w{i}", (shape[0], 1 if kind == "dw" else cout, k, k), "int8", "weight"))
+            g.add_tensor(Tensor(f"t{i}", (cout, shape[1] * s, shape[2] * s), dtype, "grad"))
+            g.add_op(Op(f"op{i}", "conv2d_grad_input", [src, f"w{i}"], [f"t{i}"],
+                        {"stride": s, "padding": k // 2, "groups": shape[0] if kind == "dw" else 1}))
+        grads.append(f"t{i}")
+    g.outputs = sorted({grads[-1], *draw(st.lists(st.sampled_from(grads), max_size=2))})
+    return g
+
+
 def reference_lifetimes(g: Graph) -> dict[str, tuple[int, int, int]]:
     """Written independently of liveness.py: tensor -> (first step, last step, bytes)."""
     n = len(g.ops)
@@ -56,7 +99,7 @@ def reference_lifetimes(g: Graph) -> dict[str, tuple[int, int, int]]:
         for t in op.outputs:
             first.setdefault(t, i)
         for t in op.inputs:
-            if g.tensors[t].role in ("input", "act"):
+            if g.tensors[t].role in ("input", "act", "grad", "mask"):
                 last[t] = i
     for t in g.outputs:
         last[t] = n
@@ -76,7 +119,8 @@ def check_plan(g: Graph, p: Plan, align: int) -> None:
         (i, op), = [(i, op) for i, op in enumerate(g.ops) if out in op.outputs]
         assert op.kind in INPLACE_OPS
         assert (op.outputs.index(out), op.inputs.index(inp)) in INPLACE_OPS[op.kind].pairs(g, op)
-        assert ref[inp][1] == i and inp not in g.outputs and ref[inp][2] == ref[out][2]
+        assert ref[inp][1] == i and inp not in g.outputs
+        assert ref[inp][2] == ref[out][2] or INPLACE_OPS[op.kind].resize
         assert p.offsets[out] == p.offsets[inp]
     assert len(set(p.aliases.values())) == len(p.aliases)  # one buffer is reused by at most one output
 
@@ -84,8 +128,8 @@ def check_plan(g: Graph, p: Plan, align: int) -> None:
     span: dict[str, tuple[int, int, int]] = {}
     for t, (f, l, b) in ref.items():
         r = p.root(t)
-        f0, l0, _ = span.get(r, (f, l, b))
-        span[r] = (min(f0, f), max(l0, l), size[r])
+        f0, l0, b0 = span.get(r, (f, l, b))
+        span[r] = (min(f0, f), max(l0, l), max(b0, b))  # a chain's buffer holds its largest member
     for lt in p.lifetimes:
         if lt.tensor not in ref:
             span[lt.tensor] = (lt.first, lt.last, lt.nbytes)
@@ -135,7 +179,8 @@ def _scratch(p: Plan, name: str) -> int:
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(g=random_graphs(), inplace=st.booleans(), align=st.sampled_from([1, 4, 16]))
+@given(g=st.one_of(random_graphs(), random_backward_graphs()), inplace=st.booleans(),
+       align=st.sampled_from([1, 4, 16]))
 def test_random_graphs(g, inplace, align):
     p = plan_memory(g, inplace=inplace, align=align)
     check_plan(g, p, align)
@@ -144,6 +189,50 @@ def test_random_graphs(g, inplace, align):
         assert p.aliases == {} and p.live_curve == live_bytes(g)
     else:
         assert p.peak_live_bytes <= plan_memory(g, inplace=False).peak_live_bytes
+
+
+@settings(max_examples=200, deadline=None)
+@given(c=st.integers(1, 8), a=st.integers(1, 12), b=st.integers(1, 12), seed=st.integers(0, 2**16))
+def test_resizing_depthwise_kernel_contract(c, a, b, seed):
+    """The per-channel in-place kernel of `INPLACE_OPS`' resize rules, run on one shared buffer: input channel c at
+    [c*a, (c+1)*a), output channel c at [c*b, (c+1)*b), channel c computed into a one-channel scratch then copied;
+    ascending when b <= a, descending when b > a. It must equal the out-of-place result for any per-channel map."""
+    rng = np.random.default_rng(seed)
+    x = rng.integers(-100, 100, (c, a))
+    maps = rng.integers(-9, 10, (c, b, a))  # output channel c depends on input channel c only (depthwise)
+    want = np.einsum("cba,ca->cb", maps, x)
+    buf = np.full(max(c * a, c * b), -(10**9))
+    buf[: c * a] = x.ravel()
+    for ch in (range(c) if b <= a else reversed(range(c))):
+        scratch = maps[ch] @ buf[ch * a:(ch + 1) * a]
+        buf[ch * b:(ch + 1) * b] = scratch
+    np.testing.assert_array_equal(buf[: c * b].reshape(c, b), want)
+
+
+def test_backward_inplace_rules():
+    """grad_acc on its gradient, add_grad (one output takes g), depthwise grad_input of stride 2 (grows, same offset,
+    one-channel scratch), pointwise grad_input never in place."""
+    g = Graph("bw", inputs=["g", "m", "m2"])
+    g.add_tensor(Tensor("g", (4, 4, 4), "float32", "grad"))
+    g.add_tensor(Tensor("m", (4, 4, 4), "bit", "mask"))
+    g.add_tensor(Tensor("m2", (4, 8, 8), "bit", "mask"))
+    g.add_tensor(Tensor("w", (4, 1, 3, 3), "int8", "weight"))
+    g.add_tensor(Tensor("w2", (4, 2, 1, 1), "int8", "weight"))
+    for t, shape in [("acc", (4, 4, 4)), ("gx", (4, 8, 8)), ("ga", (4, 8, 8)), ("gb", (4, 8, 8)), ("gs", (4, 8, 8)),
+                     ("gp", (2, 8, 8))]:
+        g.add_tensor(Tensor(t, shape, "float32", "grad"))
+    g.add_op(Op("acc", "conv2d_grad_acc", ["g", "m"], ["acc"]))
+    g.add_op(Op("dwgi", "conv2d_grad_input", ["acc", "w"], ["gx"], {"stride": 2, "padding": 1, "groups": 4}))
+    g.add_op(Op("addg", "add_grad", ["gx", "m2"], ["ga", "gb"]))
+    g.add_op(Op("sum", "grad_add", ["ga", "gb"], ["gs"]))
+    g.add_op(Op("pwgi", "conv2d_grad_input", ["gs", "w2"], ["gp"], {"stride": 1, "padding": 0, "groups": 1}))
+    g.outputs = ["gp"]
+    p = plan_memory(g)
+    assert p.aliases == {"acc": "g", "gx": "acc", "ga": "gx", "gs": "ga"}
+    assert next(lt.nbytes for lt in p.lifetimes if lt.tensor == "dwgi.scratch") == 8 * 8 * 4
+    assert next(lt.nbytes for lt in p.lifetimes if lt.tensor == "g") == 4 * 8 * 8 * 4  # the chain's largest member
+    check_plan(g, p, 4)
+    simulate(g, p)
 
 
 def test_inplace_rules():

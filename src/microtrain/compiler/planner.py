@@ -4,8 +4,9 @@ The schedule is `graph.ops` in order; what it needs at run time is exactly `Plan
 the C generator allocates and the CLI reports. Two steps:
 
 1. In-place sharing. An op may write an output into the buffer of an input that dies at this op (no later reader,
-   not a graph output) when its kind allows it (`INPLACE_OPS`) and both have the same size. Chains merge into one
-   buffer whose lifetime is the union of its members'.
+   not a graph output) when its kind allows it (`INPLACE_OPS`) and both have the same size, or, for rules marked
+   `resize` (depthwise convs of any stride and their backward), different sizes at the same start offset. Chains
+   merge into one buffer whose lifetime is the union of its members' and whose size is its largest member's.
 2. Greedy placement, as TensorFlow Lite Micro's GreedyMemoryPlanner: buffers by size (largest first), each at the
    lowest aligned offset that overlaps no already-placed buffer whose lifetime overlaps its own.
 
@@ -15,7 +16,7 @@ so an output never shares bytes with an input unless the pair is an explicit in-
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -32,6 +33,7 @@ class InplaceRule:
 
     pairs: Callable[[Graph, Op], list[tuple[int, int]]]
     scratch: Callable[[Graph, Op], int] = field(default=lambda g, op: 0)
+    resize: bool = False  # the output may be larger or smaller than the input it overwrites (same start offset)
 
 
 def elementwise(*inputs: int, output: int = 0) -> InplaceRule:
@@ -40,10 +42,11 @@ def elementwise(*inputs: int, output: int = 0) -> InplaceRule:
 
 
 def _depthwise_pairs(g: Graph, op: Op) -> list[tuple[int, int]]:
-    x, w, y = g.tensors[op.inputs[0]], g.tensors[op.inputs[1]], g.tensors[op.outputs[0]]
+    x, y = g.tensors[op.inputs[0]], g.tensors[op.outputs[0]]
+    ws = [g.tensors[n].shape for n in op.inputs[1:-1]]  # [w], or a training graph's [w_train, w_frozen] (axis 0)
     c = x.shape[0]
-    dw = op.attrs.get("groups", 1) == c and w.shape[:2] == (c, 1)
-    return [(0, 0)] if dw and op.attrs.get("stride", 1) == 1 and y.shape == x.shape else []
+    dw = op.attrs.get("groups", 1) == c == y.shape[0] and sum(w[0] for w in ws) == c and all(w[1] == 1 for w in ws)
+    return [(0, 0)] if dw else []
 
 
 def _one_channel(g: Graph, op: Op) -> int:
@@ -51,13 +54,38 @@ def _one_channel(g: Graph, op: Op) -> int:
     return int(y.shape[1] * y.shape[2] * DTYPE_BYTES[y.dtype])
 
 
+def _depthwise_grad_pairs(g: Graph, op: Op) -> list[tuple[int, int]]:
+    """conv2d_grad_input of a depthwise conv: g_x[c] = conv_transpose(g_acc[c], W[c]) reads channel c only."""
+    gacc, gx = g.tensors[op.inputs[0]], g.tensors[op.outputs[0]]
+    c = gacc.shape[0]
+    dw = op.attrs.get("groups", 1) == c == gx.shape[0] and sum(g.tensors[n].shape[0] for n in op.inputs[1:]) == c
+    return [(0, 0)] if dw else []
+
+
+def _all_outputs_on_input(i: int) -> InplaceRule:
+    """Per-element kernels with several outputs (add_grad: g_a, g_b from g): each element of input i is read once
+    before any output element at that index is written, so any one output may take the input's buffer."""
+    return InplaceRule(lambda g, op: [(o, i) for o in range(len(op.outputs))])
+
+
 # A depthwise conv reads a k x k neighbourhood, so writing y over x element by element would clobber inputs still
 # needed. Output channel c depends on input channel c only, though, so the kernel computes channel c into a one-channel
-# scratch buffer and then copies it over input channel c (TinyEngine's in-place depthwise, MCUNet §3.2): legal for
-# stride 1 and same-shape outputs; the scratch is planned. Kernels that run an aliased op must follow this contract.
+# scratch buffer and then copies it to output channel c (TinyEngine's in-place depthwise, MCUNet §3.2); the scratch is
+# planned. With per-channel sizes a (input) and b (output) and both tensors starting at the same offset, output channel
+# c occupies [c*b, (c+1)*b) and input channel c' [c'*a, (c'+1)*a):
+#   b <= a (same shape, or stride 2 forward): channels in ascending order; writing channel c ends at (c+1)*b <=
+#          (c+1)*a, the start of every unread input channel c' > c.
+#   b >  a (the backward of a strided conv: g_x larger than g_acc): channels in descending order; writing channel c
+#          starts at c*b >= c*a, the end of every unread input channel c' < c.
+# Its backward (`conv2d_grad_input`, groups = C) has the same structure and the same rule. The other backward kinds are
+# per element. Kernels that run an aliased op must follow this contract (order included).
 INPLACE_OPS: dict[str, InplaceRule] = {
     "add": elementwise(0, 1),
-    "conv2d": InplaceRule(_depthwise_pairs, _one_channel),
+    "conv2d": InplaceRule(_depthwise_pairs, _one_channel, resize=True),
+    "conv2d_grad_acc": elementwise(0),  # g_acc = g * mask * m[o]
+    "grad_add": elementwise(0, 1),
+    "add_grad": _all_outputs_on_input(0),  # g_a = g * mask * ra, g_b = g * mask * rb
+    "conv2d_grad_input": InplaceRule(_depthwise_grad_pairs, _one_channel, resize=True),
 }
 
 
@@ -90,25 +118,79 @@ def _align(n: int, a: int) -> int:
     return -(-n // a) * a
 
 
-def _find_aliases(g: Graph, lts: dict[str, Lifetime]) -> tuple[dict[str, str], list[Lifetime]]:
+def _root(aliases: dict[str, str], t: str) -> str:
+    while t in aliases:
+        t = aliases[t]
+    return t
+
+
+def _buffers(lts: dict[str, Lifetime], aliases: dict[str, str]) -> list[Lifetime]:
+    """One buffer per alias chain: the union of its members' lifetimes, the size of its largest member."""
+    last: dict[str, int] = {}
+    size: dict[str, int] = {}
+    for t, lt in lts.items():
+        r = _root(aliases, t)
+        last[r] = max(last.get(r, lt.last), lt.last)
+        size[r] = max(size.get(r, 0), lt.nbytes)
+    return [Lifetime(r, lts[r].first, last[r], size[r]) for r in lts if r not in aliases]
+
+
+def _find_aliases(g: Graph, lts: dict[str, Lifetime], rules: Mapping[str, InplaceRule]
+                  ) -> tuple[dict[str, str], list[Lifetime]]:
+    """Pass 1 takes every legal same-size pair (it only ever removes bytes). Pass 2 takes a resizing pair only where
+    the merged buffer (largest member's size over the union of lifetimes) does not raise the live bytes of the steps
+    it spans: it saves the smaller tensor at the hand-off step but holds the larger size over the whole chain."""
     aliases: dict[str, str] = {}
-    scratch: list[Lifetime] = []
+    scratch: dict[int, Lifetime] = {}
+    taken: set[str] = set()
+
+    def legal(i: int, out: str, inp: str) -> bool:
+        return (out not in aliases and inp not in taken and out in lts and inp in lts
+                and lts[inp].last == i and lts[out].first == i)  # input dies here (not a graph output)
+
+    resizable: list[tuple[int, Op, str, str]] = []
     for i, op in enumerate(g.ops):
-        rule = INPLACE_OPS.get(op.kind)
-        if rule is None:
-            continue
-        taken: set[str] = set()
-        for oi, ii in rule.pairs(g, op):
+        rule = rules.get(op.kind)
+        for oi, ii in rule.pairs(g, op) if rule else []:
             out, inp = op.outputs[oi], op.inputs[ii]
-            if out in aliases or inp in taken or out not in lts or inp not in lts:
+            if not legal(i, out, inp):
                 continue
-            if lts[inp].last != i or lts[out].first != i or lts[inp].nbytes != lts[out].nbytes:
-                continue  # input still read later (or a graph output), or sizes differ
+            if lts[inp].nbytes != lts[out].nbytes:
+                if rule.resize:
+                    resizable.append((i, op, out, inp))
+                continue
             aliases[out] = inp
             taken.add(inp)
-        if taken and (s := rule.scratch(g, op)) > 0:
-            scratch.append(Lifetime(f"{op.name}.scratch", i, i, s))
-    return aliases, scratch
+            if (sb := rule.scratch(g, op)) > 0:
+                scratch[i] = Lifetime(f"{op.name}.scratch", i, i, sb)
+    if not resizable:
+        return aliases, list(scratch.values())
+
+    curve = live_bytes(g, _buffers(lts, aliases) + list(scratch.values()))
+    for i, op, out, inp in resizable:
+        if not legal(i, out, inp):
+            continue
+        bufs = {b.tensor: b for b in _buffers(lts, aliases)}
+        a, b = bufs[_root(aliases, inp)], bufs[out]  # out is still a root: nothing aliased it yet
+        big = max(a.nbytes, b.nbytes)
+        sb = 0 if i in scratch else rules[op.kind].scratch(g, op)
+        new = list(curve)
+        for s in range(max(a.first, 0), min(b.last, len(curve) - 1) + 1):
+            new[s] += big - (a.nbytes if s <= a.last else 0) - (b.nbytes if s >= b.first else 0) + (sb if s == i else 0)
+        span = slice(max(a.first, 0), min(b.last, len(curve) - 1) + 1)
+        if max(new[span], default=0) <= max(curve[span], default=0):
+            aliases[out] = inp
+            taken.add(inp)
+            curve = new
+            if sb > 0:
+                scratch[i] = Lifetime(f"{op.name}.scratch", i, i, sb)
+    return aliases, list(scratch.values())
+
+
+def _declared_scratch(g: Graph, have: set[str]) -> list[Lifetime]:
+    """Workspace an op declares itself (`attrs["scratch_bytes"]`, e.g. a patch stage's tile arena), live for that op."""
+    return [Lifetime(f"{op.name}.scratch", i, i, int(op.attrs["scratch_bytes"])) for i, op in enumerate(g.ops)
+            if op.attrs.get("scratch_bytes") and f"{op.name}.scratch" not in have]
 
 
 def _greedy(buffers: list[Lifetime], align: int) -> dict[str, int]:
@@ -129,23 +211,17 @@ def _greedy(buffers: list[Lifetime], align: int) -> dict[str, int]:
     return offsets
 
 
-def plan_memory(graph: Graph, roles: Iterable[str] = ARENA_ROLES, inplace: bool = True, align: int = 4) -> Plan:
-    """Plan every tensor of `roles` into one arena, following the schedule `graph.ops`."""
+def plan_memory(graph: Graph, roles: Iterable[str] = ARENA_ROLES, inplace: bool = True, align: int = 4,
+                rules: Mapping[str, InplaceRule] | None = None) -> Plan:
+    """Plan every tensor of `roles` into one arena, following the schedule `graph.ops`. `rules` replaces the
+    in-place table (`INPLACE_OPS`), e.g. to measure what a subset of the rules buys."""
     lts = {lt.tensor: lt for lt in lifetimes(graph, roles)}
-    aliases, scratch = _find_aliases(graph, lts) if inplace else ({}, [])
+    aliases, scratch = _find_aliases(graph, lts, INPLACE_OPS if rules is None else rules) if inplace else ({}, [])
+    scratch += _declared_scratch(graph, {lt.tensor for lt in scratch})
 
-    def root(t: str) -> str:
-        while t in aliases:
-            t = aliases[t]
-        return t
-
-    last: dict[str, int] = {}
-    for t, lt in lts.items():
-        r = root(t)
-        last[r] = max(last.get(r, lt.last), lt.last)
-    buffers = [Lifetime(r, lts[r].first, last[r], lts[r].nbytes) for r in lts if r not in aliases] + scratch
+    buffers = _buffers(lts, aliases) + scratch
     offsets = _greedy(buffers, align)
-    offsets.update({t: offsets[root(t)] for t in aliases})
+    offsets.update({t: offsets[_root(aliases, t)] for t in aliases})
     curve = live_bytes(graph, buffers)
     return Plan(offsets=offsets,
                 arena_bytes=max((offsets[b.tensor] + b.nbytes for b in buffers), default=0),

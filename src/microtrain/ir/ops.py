@@ -121,6 +121,11 @@ OPS: dict[str, OpDef] = {
     "linear_update": OpDef(
         ("g", "x", "w", "b"), _declared, lambda g, op: g.tensors[op.inputs[2]].numel,
         "fp32 head: w -= lr * outer(g, (x - x.zero) * x.scale), b -= lr * g (summed over the batch)."),
+    "patch_stage": OpDef(
+        ("x", "..."), _declared, lambda g, op: int(op.attrs.get("macs", 0)),
+        "the frozen early-stage ops `attrs.ops` (conv2d/add) run tile by tile over a grid x grid split of their output "
+        "(compiler/patch.py): bit-identical to running them whole. Only in planning views: the tile intermediates "
+        "live in the op's scratch buffer (`attrs.scratch_bytes`, laid out by the tile plan in the graph's meta)."),
     "apply_update": OpDef(
         ("param", "grad"), _declared, _none,
         "param -= lr * optimizer(G / qas) where qas = w.scale[o]^2 (weights) or (w.scale[o] * x.scale)^2 "
