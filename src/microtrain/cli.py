@@ -8,7 +8,7 @@ import sys
 
 from microtrain.errors import MicrotrainError
 
-COMMANDS = ["models", "predict", "train", "eval", "demo"]
+COMMANDS = ["models", "predict", "train", "eval", "plan", "demo"]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -234,9 +234,11 @@ ROLE_COLORS = {"input": "tab:gray", "act": "tab:blue", "grad": "tab:red", "mask"
                "loss": "tab:brown", "state": "tab:green", "scratch": "tab:orange"}
 
 
-def plot_plan(plan: Plan, graph: Graph, path: str | Path, title: str | None = None) -> None:
-    """Top: each buffer as a rectangle (op steps x arena address). Bottom: live bytes per step, stacked by role,
-    with the peak step marked and its largest buffers named."""
+def plot_plan(plan: Plan, graph: Graph, path: str | Path, title: str | None = None,
+              resident: Mapping[str, int] | None = None, budget: int | None = None) -> None:
+    """Top: each buffer as a rectangle (op steps x arena address). Bottom: live bytes per step, stacked by role on top
+    of the `resident` bytes that are not in the arena (e.g. trainable state), with the forward/backward phases
+    shaded, the `budget` line, the peak step marked and its largest buffers named."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
     from matplotlib.patches import Patch, Rectangle
@@ -244,17 +246,20 @@ def plot_plan(plan: Plan, graph: Graph, path: str | Path, title: str | None = No
     def role(name: str) -> str:
         return graph.tensors[name].role if name in graph.tensors else "scratch"
 
+    def color(r: str) -> str:
+        return ROLE_COLORS.get(r, "tab:cyan")
+
     n = max(len(plan.live_curve), 1)
     peak = plan.peak_step
-    fig = Figure(figsize=(12, 8), layout="constrained")
+    base = sum((resident or {}).values()) / 1024
+    fig = Figure(figsize=(13, 8.5), layout="constrained")
     FigureCanvasAgg(fig)
     ax, bx = fig.subplots(2, 1, sharex=True, height_ratios=(3, 2))
     for lt in plan.lifetimes:
         x0, x1 = max(lt.first, 0), min(lt.last, n - 1) + 1
         if x1 > x0 and lt.nbytes:
             ax.add_patch(Rectangle((x0, plan.offsets[lt.tensor] / 1024), x1 - x0, lt.nbytes / 1024,
-                                   facecolor=ROLE_COLORS.get(role(lt.tensor), "tab:cyan"), edgecolor="black",
-                                   linewidth=0.3, alpha=0.8))
+                                   facecolor=color(role(lt.tensor)), edgecolor="black", linewidth=0.3, alpha=0.8))
     ax.set_xlim(0, n)
     ax.set_ylim(0, max(plan.arena_bytes, 1) / 1024 * 1.05)
     ax.axhline(plan.arena_bytes / 1024, color="black", linestyle="--", linewidth=0.8)
@@ -262,8 +267,23 @@ def plot_plan(plan: Plan, graph: Graph, path: str | Path, title: str | None = No
     ax.set_title(title or f"{graph.name}: arena {plan.arena_bytes / 1024:.1f} KB, "
                           f"peak live {plan.peak_live_bytes / 1024:.1f} KB at op {peak}")
     roles = sorted({role(lt.tensor) for lt in plan.lifetimes})
-    ax.legend(handles=[Patch(color=ROLE_COLORS.get(r, "tab:cyan"), label=r) for r in roles], loc="upper right",
-              fontsize=8)
+    handles = [Patch(color=color(r), label=r) for r in roles]
+    if resident:
+        handles.insert(0, Patch(facecolor="tab:green", alpha=0.35, hatch="//", label="state (resident)"))
+    ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.005, 1.0), fontsize=8, title="role")
+
+    # phases: shade the forward part, label each run of ops of one phase
+    phases = [op.attrs.get("phase", "") for op in graph.ops]
+    start = 0
+    for i in range(1, len(phases) + 1):
+        if i == len(phases) or phases[i] != phases[start]:
+            if phases[start] == "forward":
+                for a in (ax, bx):
+                    a.axvspan(start, i, color="0.93", zorder=0)
+            if phases[start] and i - start >= 3:
+                bx.text((start + i) / 2, 0.99, phases[start], transform=bx.get_xaxis_transform(), ha="center",
+                        va="top", fontsize=8, color="0.35")
+            start = i
 
     steps = list(range(len(plan.live_curve)))
     stacks = {r: [0.0] * len(steps) for r in roles}
@@ -271,16 +291,30 @@ def plot_plan(plan: Plan, graph: Graph, path: str | Path, title: str | None = No
         for s in range(max(lt.first, 0), min(lt.last, len(steps) - 1) + 1):
             stacks[role(lt.tensor)][s] += lt.nbytes / 1024
     if steps:
-        bx.stackplot([s + 0.5 for s in steps], *stacks.values(), labels=list(stacks), step="mid",
-                     colors=[ROLE_COLORS.get(r, "tab:cyan") for r in stacks], alpha=0.8)
+        xs = [s + 0.5 for s in steps]
+        layers = ([[base] * len(steps)] if resident else []) + list(stacks.values())
+        colors = (["tab:green"] if resident else []) + [color(r) for r in stacks]
+        polys = bx.stackplot(xs, *layers, step="mid", colors=colors, alpha=0.8)
+        if resident:
+            polys[0].set_alpha(0.35)
+            polys[0].set_hatch("//")
         top = ", ".join(f"{lt.tensor} {lt.nbytes / 1024:.1f}" for lt in plan.live_at(peak)[:4])
         op_name = graph.ops[peak].name if peak < len(graph.ops) else ""
-        bx.annotate(f"peak {plan.peak_live_bytes / 1024:.1f} KB at op {peak} ({op_name})\n{top}",
-                    (peak + 0.5, plan.peak_live_bytes / 1024), xytext=(0.02, 0.95), textcoords="axes fraction",
-                    va="top", fontsize=8, arrowprops={"arrowstyle": "->", "linewidth": 0.6})
+        total = base + plan.peak_live_bytes / 1024
+        head = (f"peak {total:.1f} KB = state {base:.1f} + arena live {plan.peak_live_bytes / 1024:.1f}"
+                if resident else f"peak {plan.peak_live_bytes / 1024:.1f} KB")
+        bx.annotate(f"{head} at op {peak} ({op_name})\nlargest (KB): {top}", (peak + 0.5, total),
+                    xytext=(0.01, 0.90), textcoords="axes fraction", va="top", fontsize=8,
+                    bbox={"boxstyle": "round", "facecolor": "white", "alpha": 0.85},
+                    arrowprops={"arrowstyle": "->", "linewidth": 0.6})
     for a in (ax, bx):
         a.axvline(peak + 0.5, color="red", linewidth=0.8)
-    bx.set_ylim(0, max(plan.peak_live_bytes, 1) / 1024 * 1.25)
+    top_kb = base + max(plan.peak_live_bytes, 1) / 1024
+    if budget:
+        bx.axhline(budget / 1024, color="black", linestyle=":", linewidth=1)
+        bx.text(n, budget / 1024, f" budget {budget / 1024:.0f} KB", va="center", fontsize=8)
+        top_kb = max(top_kb, budget / 1024)
+    bx.set_ylim(0, top_kb * 1.3)
     bx.set_xlabel("op step (schedule order)")
     bx.set_ylabel("live bytes (KB)")
     fig.savefig(str(path), dpi=110)

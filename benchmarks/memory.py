@@ -1,0 +1,212 @@
+"""Planned peak SRAM of one training step per zoo model and paper scheme, lever by lever, against the paper.
+
+Writes benchmarks/results/memory.json (every number, what is live at each peak, the command line and date) and
+benchmarks/results/memory.md (the table). Run: `python benchmarks/memory.py`.
+
+The "what-if int8 gradients" rows are planning-only: the activation gradients (role `grad`, not the weight gradients of
+reorder-off) are counted at 1 byte per element, as a per-channel-quantized int8 gradient propagation would store them.
+The training graph and the executor keep float32 gradients; these rows only say how much SRAM that option would save.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+from microtrain.autodiff.build import TrainConfig, build_training_graph
+from microtrain.compiler.memory import MemoryReport, compile_memory, flash_bytes, plan_training_graph, state_bytes
+from microtrain.frontends.zoo import load_model
+from microtrain.ir.graph import Graph
+from microtrain.sparse.scheme import resolve_scheme
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+# The paper's measured figures (PAPER.md §4, STM32F746, KB): full update / sparse / sparse+reorder, and its scheme.
+PAPER = {"mbv2-w0.35": ("paper-99kb", 2939, 335, 141),
+         "proxyless-w0.3": ("paper-98kb", 2745, 326, 135),
+         "mcunet-5fps": ("paper-99kb", 3650, 560, 173)}
+
+# Cumulative levers, reorder on: (label, compile_memory keyword arguments).
+LEVERS: list[tuple[str, dict[str, Any]]] = [
+    ("naive (forward in-place only, builder order, no patch)", {"backward_inplace": False, "schedule": False,
+                                                                "patch": None}),
+    ("+ patch stage (recompute <= 1.5x)", {"backward_inplace": False, "schedule": False}),
+    ("+ backward in-place rules", {"schedule": False}),
+    ("+ schedule: hoist updates", {}),
+    ("+ --stream-input (option)", {"stream_input": True}),
+    ("+ recompute cap 3x", {"stream_input": True, "max_recompute": 3.0}),
+]
+
+
+def int8_activation_grads(tg: Graph) -> Graph:
+    """What-if copy of a training graph whose activation gradients are stored as int8 (planning only)."""
+    state = set(tg.meta["train"]["state"])
+    g = copy.copy(tg)
+    g.tensors = dict(tg.tensors)
+    for n, t in tg.tensors.items():
+        if t.role == "grad" and t.dtype == "float32" and n.removeprefix("grad:") not in state and len(t.shape) == 3:
+            g.tensors[n] = copy.copy(t)
+            g.tensors[n].dtype = "int8"
+    return g
+
+
+def what_if(model: str, scheme: str, cfg: TrainConfig, **kw: Any) -> dict[str, Any]:
+    fwd = load_model(model)
+    tg0 = build_training_graph(fwd, resolve_scheme(scheme, fwd), 10, cfg)
+    tg, best = plan_training_graph(int8_activation_grads(tg0), **kw)
+    st = sum(state_bytes(tg).values())
+    peak = best.plan.peak_step
+    return {"peak_sram_bytes": best.plan.arena_bytes + st, "arena_bytes": best.plan.arena_bytes, "state_bytes": st,
+            "flash_bytes": sum(flash_bytes(tg).values()),
+            "peak_op": best.view.ops[peak].name,
+            "patch": best.stage and {"output": best.stage.output, "grid": best.stage.grid,
+                                     "recompute": best.stage.macs / best.stage.whole_macs},
+            "live_at_peak": [[lt.tensor, lt.nbytes] for lt in best.plan.live_at(peak)[:8]]}
+
+
+def summary(r: MemoryReport) -> dict[str, Any]:
+    b = r.breakdown()
+    return {"peak_sram_bytes": r.peak_sram_bytes, "arena_bytes": r.arena_bytes, "state_bytes": r.state_bytes,
+            "flash_bytes": r.flash_bytes, "analytic_extra_bytes": r.analytic_extra_bytes,
+            "peak_op": b["peak_op"], "peak_phase": b["peak_phase"], "arena_by_role": b["arena_by_role"],
+            "arena_live_peak_by_phase": b["arena_live_peak_by_phase"],
+            "live_at_peak": [[e["tensor"], e["bytes"]] for e in b["live_at_peak"][:8]], "patch": r.patch()}
+
+
+def kb(n: float) -> str:
+    return f"{n / 1024:.1f}"
+
+
+def run_model(model: str) -> dict[str, Any]:
+    scheme, p_full, p_sparse, p_reorder = PAPER[model]
+    on, off = TrainConfig(), TrainConfig(reorder=False)
+    out: dict[str, Any] = {"scheme": scheme, "paper_kb": {"full": p_full, "sparse": p_sparse,
+                                                          "sparse_reorder": p_reorder}}
+    out["levers"] = [{"lever": name, **summary(compile_memory(model, scheme, cfg=on, **kw))} for name, kw in LEVERS]
+    out["grid"] = {f"reorder_{ro}_patch_{pa}": summary(compile_memory(model, scheme, cfg=cfg,
+                                                                      patch="auto" if pa == "on" else None))
+                   for ro, cfg in (("on", on), ("off", off)) for pa in ("on", "off")}
+    out["full"] = {"reorder_off": summary(compile_memory(model, "full", cfg=off)),
+                   "reorder_on": summary(compile_memory(model, "full", cfg=on))}
+    out["what_if_int8_grads"] = {
+        "sparse_reorder": what_if(model, scheme, on),
+        "sparse_reorder_stream_cap3": what_if(model, scheme, on, stream_input=True, max_recompute=3.0),
+        "sparse": what_if(model, scheme, off),
+        "sparse_stream_cap3": what_if(model, scheme, off, stream_input=True, max_recompute=3.0),
+        "full": what_if(model, "full", off)}
+    out["full_naive_planner"] = summary(compile_memory(model, "full", cfg=off, backward_inplace=False,
+                                                       schedule=False))
+    g = out["grid"]
+    sr, s, f = (g["reorder_on_patch_on"]["peak_sram_bytes"], g["reorder_off_patch_on"]["peak_sram_bytes"],
+                out["full"]["reorder_off"]["peak_sram_bytes"])
+    w = out["what_if_int8_grads"]
+    out["ratios"] = {"full_over_sparse_reorder": f / sr, "reorder_off_over_on": s / sr,
+                     "full_naive_planner_over_sparse_reorder": out["full_naive_planner"]["peak_sram_bytes"] / sr,
+                     "what_if_int8": {"full_over_sparse_reorder": w["full"]["peak_sram_bytes"]
+                                      / w["sparse_reorder"]["peak_sram_bytes"],
+                                      "reorder_off_over_on": w["sparse"]["peak_sram_bytes"]
+                                      / w["sparse_reorder"]["peak_sram_bytes"]},
+                     "what_if_int8_stream_cap3": {
+                         "full_over_sparse_reorder": w["full"]["peak_sram_bytes"]
+                         / w["sparse_reorder_stream_cap3"]["peak_sram_bytes"],
+                         "reorder_off_over_on": w["sparse_stream_cap3"]["peak_sram_bytes"]
+                         / w["sparse_reorder_stream_cap3"]["peak_sram_bytes"]},
+                     "paper": {"full_over_sparse_reorder": p_full / p_reorder,
+                               "reorder_off_over_on": p_sparse / p_reorder}}
+    return out
+
+
+def markdown(res: dict[str, Any]) -> str:
+    models = list(res["models"])
+    lines = ["# Planned peak SRAM of one training step (batch 1, 128x128, 10 classes, SGD)\n",
+             f"`{res['command']}` on {res['date']} (git {res['git']}). KB = bytes / 1024. Peak SRAM = planned arena "
+             "+ resident state (trainable int8 weight slices, int32 biases, fp32 head). Float32 activation "
+             "gradients unless marked what-if.\n",
+             "## Acceptance (issue 4)\n",
+             "| model | scheme | sparse+reorder | paper | full (reorder off) | full / sparse+reorder | "
+             "sparse (reorder off) | off / on |",
+             "|---|---|---|---|---|---|---|---|"]
+    for m in models:
+        r = res["models"][m]
+        g, ra = r["grid"], r["ratios"]
+        lines.append(f"| {m} | {r['scheme']} | {kb(g['reorder_on_patch_on']['peak_sram_bytes'])} | "
+                     f"{r['paper_kb']['sparse_reorder']} | {kb(r['full']['reorder_off']['peak_sram_bytes'])} | "
+                     f"{ra['full_over_sparse_reorder']:.1f}x (paper {ra['paper']['full_over_sparse_reorder']:.1f}x, "
+                     f"target >= 20x) | {kb(g['reorder_off_patch_on']['peak_sram_bytes'])} | "
+                     f"{ra['reorder_off_over_on']:.2f}x (paper {ra['paper']['reorder_off_over_on']:.2f}x, "
+                     f"target >= 2.4x) |")
+    lines += ["", "## Reorder x patch (default levers otherwise), and full update\n",
+              "| model | reorder on, patch on | reorder on, patch off | reorder off, patch on | "
+              "reorder off, patch off | full, reorder off | full, reorder on | paper full / sparse / sparse+reorder |",
+              "|---|---|---|---|---|---|---|---|"]
+    for m in models:
+        r = res["models"][m]
+        g = r["grid"]
+        cells = [kb(g[f"reorder_{a}_patch_{b}"]["peak_sram_bytes"]) for a in ("on", "off") for b in ("on", "off")]
+        p = r["paper_kb"]
+        lines.append(f"| {m} | " + " | ".join(cells) + f" | {kb(r['full']['reorder_off']['peak_sram_bytes'])} | "
+                     f"{kb(r['full']['reorder_on']['peak_sram_bytes'])} | {p['full']} / {p['sparse']} / "
+                     f"{p['sparse_reorder']} |")
+    lines += ["", "## Lever by lever (cumulative, reorder on): peak SRAM KB (arena + state), where the peak is\n",
+              "| lever | " + " | ".join(models) + " |", "|---|" + "---|" * len(models)]
+    for i, (name, _) in enumerate(LEVERS):
+        cells = []
+        for m in models:
+            e = res["models"][m]["levers"][i]
+            ph = e["arena_live_peak_by_phase"]
+            cells.append(f"**{kb(e['peak_sram_bytes'])}** = {kb(e['arena_bytes'])} + {kb(e['state_bytes'])}, at "
+                         f"{e['peak_op']} (live fwd {kb(ph.get('forward', 0))} / bwd {kb(ph.get('backward', 0))})")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    for key, label in (("sparse_reorder", "what-if int8 activation gradients (default levers)"),
+                       ("sparse_reorder_stream_cap3", "what-if int8 gradients + stream input + cap 3x")):
+        cells = [f"{kb(res['models'][m]['what_if_int8_grads'][key]['peak_sram_bytes'])} at "
+                 f"{res['models'][m]['what_if_int8_grads'][key]['peak_op']}" for m in models]
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    lines.append("| paper, sparse+reorder | " + " | ".join(str(res["models"][m]["paper_kb"]["sparse_reorder"])
+                                                        for m in models) + " |")
+    lines += ["", "Ratios with other planners / what-ifs (both sides of a ratio use the same levers):\n",
+              "| model | full (naive planner) / sparse+reorder | what-if int8: full / sparse+reorder, off / on | "
+              "what-if int8 + stream + cap 3x: full / sparse+reorder, off / on |", "|---|---|---|---|"]
+    for m in models:
+        ra = res["models"][m]["ratios"]
+        a, b = ra["what_if_int8"], ra["what_if_int8_stream_cap3"]
+        lines.append(f"| {m} | {ra['full_naive_planner_over_sparse_reorder']:.1f}x | "
+                     f"{a['full_over_sparse_reorder']:.1f}x, {a['reorder_off_over_on']:.2f}x | "
+                     f"{b['full_over_sparse_reorder']:.1f}x, {b['reorder_off_over_on']:.2f}x |")
+    lines += ["", "## Live at the peak (default levers, reorder on)\n"]
+    for m in models:
+        e = res["models"][m]["grid"]["reorder_on_patch_on"]
+        live = ", ".join(f"{t} {kb(b)}" for t, b in e["live_at_peak"][:6])
+        lines.append(f"- **{m}** at `{e['peak_op']}` ({e['peak_phase']}): {live}; by role "
+                     + ", ".join(f"{k} {kb(v)}" for k, v in e["arena_by_role"].items()))
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--models", nargs="*", default=list(PAPER), choices=list(PAPER))
+    ap.add_argument("--out", type=Path, default=RESULTS)
+    args = ap.parse_args(argv)
+    try:
+        git = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                             cwd=Path(__file__).parent, check=False).stdout.strip() or "unknown"
+    except OSError:
+        git = "unknown"
+    res = {"command": " ".join(["python", "benchmarks/memory.py", *(argv if argv is not None else sys.argv[1:])]),
+           "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"), "git": git,
+           "models": {m: run_model(m) for m in args.models}}
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "memory.json").write_text(json.dumps(res, indent=1) + "\n")
+    (args.out / "memory.md").write_text(markdown(res))
+    print(markdown(res))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,90 @@
+"""`microtrain plan`: the planned SRAM and flash of one on-device training step, against the device budget."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from microtrain.autodiff.build import OPTIMIZERS, TrainConfig
+from microtrain.compiler.memory import FLASH_BUDGET, SRAM_BUDGET, MemoryReport, compile_memory
+from microtrain.errors import MicrotrainError
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "plan", help="plan the memory of one training step (peak SRAM, flash, what is live at the peak)",
+        description="Build the training graph of MODEL under SCHEME, schedule it, run its frozen early stage patch by "
+                    "patch (chosen automatically), and plan every tensor into one arena. Peak SRAM = arena + resident "
+                    "state (trainable weight slices, biases, fp32 head, optimizer slots). These are the numbers the "
+                    "generated C allocates.")
+    p.add_argument("--model", required=True, help="zoo name, .pkl, or microtrain .json/.npz")
+    p.add_argument("--scheme", required=True, help="preset (paper-99kb, full, bias-only, last:K, ...) or a scheme file")
+    p.add_argument("--classes", type=int, default=10, help="classes of the new head (default 10)")
+    p.add_argument("--optimizer", choices=OPTIMIZERS, default="sgd", help="sgd (default), sgd-m or adam: slots in SRAM")
+    p.add_argument("--no-reorder", action="store_true",
+                   help="materialise all weight gradients and apply them after the backward (no operator reordering)")
+    p.add_argument("--no-patch", action="store_true", help="run the early stage whole (no patch-based stage)")
+    p.add_argument("--stream-input", action="store_true",
+                   help="the camera delivers each patch's input region: the whole image is never in SRAM (reported "
+                        "as an option, not the default)")
+    p.add_argument("--max-recompute", type=float, default=1.5,
+                   help="cap on the patch stage's MACs tiled / whole (halo recomputation; default 1.5)")
+    p.add_argument("--json", action="store_true", help="print the full report as JSON")
+    p.add_argument("--plot", metavar="FILE.png", help="draw the arena over the schedule, peak marked")
+    p.set_defaults(run=run)
+
+
+def _kb(n: int) -> str:
+    return f"{n / 1024:.1f} KB"
+
+
+def text_report(r: MemoryReport) -> str:
+    b = r.breakdown()
+    cfg = r.config
+    fit = "fits" if r.peak_sram_bytes <= SRAM_BUDGET else "DOES NOT FIT"
+    ffit = "fits" if r.flash_bytes <= FLASH_BUDGET else "DOES NOT FIT"
+    lines = [f"{r.model}  scheme {r.scheme.name}  {r.graph.meta['train']['num_classes']} classes  {cfg.optimizer}  "
+             f"reorder {'on' if cfg.reorder else 'off'}",
+             f"peak SRAM  {_kb(r.peak_sram_bytes):>10}  of {_kb(SRAM_BUDGET)}: {fit}",
+             f"  arena    {_kb(r.arena_bytes):>10}  (live max {_kb(b['arena_live_bytes'])}, at op {b['peak_step']} "
+             f"{b['peak_op']}, {b['peak_phase']})",
+             f"  state    {_kb(r.state_bytes):>10}  " + ", ".join(f"{k.replace('_', ' ')} {_kb(v)}"
+                                                                for k, v in r.state.items() if v),
+             f"flash      {_kb(r.flash_bytes):>10}  of {_kb(FLASH_BUDGET)}: {ffit}  "
+             + ", ".join(f"{k.replace('_', ' ')} {_kb(v)}" for k, v in r.flash.items() if v),
+             f"analytic extra memory of the scheme (paper's model): {_kb(r.analytic_extra_bytes)}"]
+    pt = r.patch()
+    if pt:
+        lines.append(f"patch stage: {len(pt['ops'])} ops up to {pt['output']}, {pt['grid']}x{pt['grid']} tiles, "
+                     f"tile arena {_kb(pt['scratch_bytes'])}, MACs x{pt['recompute']:.2f} in the stage "
+                     f"(+{100 * pt['step_overhead']:.1f}% of the step)"
+                     + (", input streamed tile by tile" if pt["stream_input"] else ""))
+    else:
+        lines.append("patch stage: none")
+    lines.append("live at the peak: " + ", ".join(f"{e['tensor']} {_kb(e['bytes'])}"
+                                                  for e in b["live_at_peak"][:6]))
+    return "\n".join(lines)
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.max_recompute < 1:
+        raise MicrotrainError(f"--max-recompute must be >= 1, got {args.max_recompute}")
+    if args.plot and Path(args.plot).suffix.lower() != ".png":
+        raise MicrotrainError(f"--plot writes a PNG: {args.plot} does not end in .png")
+    cfg = TrainConfig(optimizer=args.optimizer, reorder=not args.no_reorder)
+    r = compile_memory(args.model, args.scheme, num_classes=args.classes, cfg=cfg,
+                       patch=None if args.no_patch else "auto", stream_input=args.stream_input,
+                       max_recompute=args.max_recompute)
+    if args.plot:
+        try:
+            r.plot(args.plot)
+        except OSError as e:
+            raise MicrotrainError(f"{args.plot}: cannot write the plot ({e.strerror or e})") from None
+    if args.json:
+        print(json.dumps(r.to_json(), indent=1))
+    else:
+        print(text_report(r))
+        if args.plot:
+            print(f"plot: {args.plot}")
+    return 0
