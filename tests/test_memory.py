@@ -198,6 +198,16 @@ def test_plan_json(capsys, tmp_path):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 20_000
 
 
+def test_state_counts_optimizer_slots_and_fp32_shadows():
+    base = report("mcunet-5fps", "paper-99kb")
+    w, b, h = (base.state[k] for k in ("trainable_weights", "trainable_biases", "head"))
+    adam = compile_memory("mcunet-5fps", "paper-99kb", cfg=TrainConfig(optimizer="adam"))
+    assert adam.state["optimizer_slots"] == 2 * 4 * (w + b // 4 + h // 4)  # m and v, float32, per element
+    assert adam.flash_bytes == base.flash_bytes  # slots boot at zero
+    fp32 = compile_memory("mcunet-5fps", "paper-99kb", cfg=TrainConfig(update_storage="fp32"))
+    assert fp32.state["trainable_weights"] == 4 * w and fp32.state_bytes == base.state_bytes + 3 * w
+
+
 def test_plan_text_and_options(capsys):
     assert main(["plan", "--model", "proxyless-w0.3", "--scheme", "paper-98kb", "--no-reorder", "--no-patch",
                  "--optimizer", "sgd-m", "--classes", "4"]) == 0

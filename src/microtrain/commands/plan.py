@@ -22,6 +22,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--scheme", required=True, help="preset (paper-99kb, full, bias-only, last:K, ...) or a scheme file")
     p.add_argument("--classes", type=int, default=10, help="classes of the new head (default 10)")
     p.add_argument("--optimizer", choices=OPTIMIZERS, default="sgd", help="sgd (default), sgd-m or adam: slots in SRAM")
+    p.add_argument("--update-storage", choices=("int8", "fp32"), default="int8",
+                   help="trainable slices kept as int8 (default, stochastic rounding) or as float32 shadows")
     p.add_argument("--no-reorder", action="store_true",
                    help="materialise all weight gradients and apply them after the backward (no operator reordering)")
     p.add_argument("--no-patch", action="store_true", help="run the early stage whole (no patch-based stage)")
@@ -72,7 +74,7 @@ def run(args: argparse.Namespace) -> int:
         raise MicrotrainError(f"--max-recompute must be >= 1, got {args.max_recompute}")
     if args.plot and Path(args.plot).suffix.lower() != ".png":
         raise MicrotrainError(f"--plot writes a PNG: {args.plot} does not end in .png")
-    cfg = TrainConfig(optimizer=args.optimizer, reorder=not args.no_reorder)
+    cfg = TrainConfig(optimizer=args.optimizer, reorder=not args.no_reorder, update_storage=args.update_storage)
     r = compile_memory(args.model, args.scheme, num_classes=args.classes, cfg=cfg,
                        patch=None if args.no_patch else "auto", stream_input=args.stream_input,
                        max_recompute=args.max_recompute)

@@ -143,15 +143,17 @@ def inplace_rules(backward: bool) -> dict[str, InplaceRule]:
 
 
 def state_bytes(g: Graph) -> dict[str, int]:
-    """Resident SRAM state by kind. Every `state` tensor is counted once, whatever its kind."""
+    """Resident SRAM state by kind. Every `state` tensor is counted once, whatever its kind; with
+    `update_storage="fp32"` the trainable int8 slices are float32 shadows (4 bytes per element)."""
     names = g.meta["train"]["state"]
+    fp32 = g.meta["train"]["config"].get("update_storage") == "fp32"
     slots = {n for n in names if n.rsplit(".", 1)[0] in names and n.rsplit(".", 1)[-1] in ("m", "v")}
     out = {"trainable_weights": 0, "trainable_biases": 0, "head": 0, "optimizer_slots": 0}
     for n in names:
         t = g.tensors[n]
         kind = ("optimizer_slots" if n in slots else "head" if n.startswith("head.")
                 else "trainable_weights" if n.endswith(".w_train") else "trainable_biases")
-        out[kind] += t.nbytes
+        out[kind] += 4 * t.numel if fp32 and t.dtype == "int8" else t.nbytes
     return out
 
 
