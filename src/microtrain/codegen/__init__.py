@@ -1,1 +1,1 @@
-"""microtrain.codegen"""
+"""C code generation: the scheduled, planned training step as a C99 project for the host or a Cortex-M4."""

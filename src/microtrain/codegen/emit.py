@@ -1,0 +1,605 @@
+"""C code generation: one training step of a scheduled training graph as a self-contained C99 project.
+
+The generator reads the same objects the host executor and the planner read: the training graph (its op order is the
+schedule), the arena plan (`Plan.offsets`, `Plan.aliases`) and, when the planner chose one, the patch stage in
+`graph.meta["patch_stage"]` (ops, grid and the tile arena's own plan). Nothing is decided here: every activation and
+gradient lives at its planned offset in one static arena of exactly `plan.arena_bytes`, every in-place op runs in
+place exactly where the planner aliased it (with the planned one-channel scratch), and the ops run in graph order as
+a straight line of kernel calls (`codegen/runtime/*.c`, one kernel per file).
+
+Frozen int8 weights, int32 biases and the float32 multiplier / QAS tables are `const` (flash); the trainable state
+(int8 weight slices, int32 biases, the fp32 head, optimizer slots) is initialised SRAM. Every float constant is
+written as a C99 hexadecimal literal, so the C program computes with the host's exact float32 values.
+"""
+
+from __future__ import annotations
+
+import re
+import zlib
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from microtrain.autodiff.build import TrainConfig
+from microtrain.compiler.patch import Region, make_stage
+from microtrain.compiler.planner import Plan
+from microtrain.errors import MicrotrainError
+from microtrain.ir.graph import Graph, Op
+from microtrain.runtime import kernels as K
+from microtrain.runtime.executor import add_ratios
+
+TARGETS = ("host", "cortex-m4")
+KERNEL_FILES = ("mt_conv2d.c", "mt_depthwise_conv2d.c", "mt_add.c", "mt_avgpool.c", "mt_slice_channels.c",
+                "mt_linear.c", "mt_softmax_ce.c", "mt_linear_grad_input.c", "mt_avgpool_grad.c", "mt_add_grad.c",
+                "mt_grad_add.c", "mt_conv2d_grad_acc.c", "mt_conv2d_grad_input.c", "mt_depthwise_grad_input.c",
+                "mt_conv2d_update.c", "mt_linear_update.c", "mt_update.c", "mt_math.c")
+HARNESS_FILES = {"host": ("mt_main.c", "mt_io.h", "mt_io_host.c"),
+                 "cortex-m4": ("mt_main.c", "mt_io.h", "mt_io_semihost.c", "mt_startup_m4.c", "mt_m4.ld")}
+STATE_MAGIC = 0x3153544D  # "MTS1"
+C_DTYPE = {"int8": "int8_t", "int32": "int32_t", "float32": "float"}
+MT_DTYPE = {"int8": "MT_I8", "int32": "MT_I32", "float32": "MT_F32"}
+OPTIMIZER = {"sgd": "MT_SGD", "sgd-m": "MT_SGDM", "adam": "MT_ADAM"}
+
+
+def runtime_dir() -> Path:
+    return Path(str(resources.files("microtrain") / "codegen" / "runtime"))
+
+
+# ---- literals --------------------------------------------------------------------------------------------------------
+def c_float(v: float) -> str:
+    """An exact float32 literal."""
+    f = float(np.float32(v))
+    if np.isnan(f):
+        return "NAN"
+    if np.isinf(f):
+        return "INFINITY" if f > 0 else "-INFINITY"
+    if f == 0:
+        return "-0.0f" if np.signbit(f) else "0.0f"
+    m, e = f.hex().split("p")
+    return f"{m.rstrip('0').rstrip('.')}p{e}f"
+
+
+def c_double(v: float) -> str:
+    return float(v).hex()
+
+
+def c_array(a: np.ndarray, per_line: int = 24) -> str:
+    a = np.ascontiguousarray(a).reshape(-1)
+    items = [c_float(v) for v in a.tolist()] if a.dtype == np.float32 else [str(int(v)) for v in a.tolist()]
+    lines = [", ".join(items[i:i + per_line]) for i in range(0, len(items), per_line)]
+    return "{\n  " + ",\n  ".join(lines) + "\n}" if items else "{0}"
+
+
+class Names:
+    """C identifiers for graph tensors: sanitised, unique, stable."""
+
+    def __init__(self) -> None:
+        self.ids: dict[tuple[str, str], str] = {}
+        self.taken: set[str] = set()
+
+    def __call__(self, prefix: str, name: str) -> str:
+        key = (prefix, name)
+        if key not in self.ids:
+            base = f"{prefix}_{re.sub(r'[^0-9A-Za-z]+', '_', name).strip('_')}"
+            ident, i = base, 1
+            while ident in self.taken:
+                ident, i = f"{base}_{i}", i + 1
+            self.taken.add(ident)
+            self.ids[key] = ident
+        return self.ids[key]
+
+
+@dataclass
+class View:
+    """Where a (piece of a) CHW tensor lives: C expression of its element (c=0, r0, c0), strides, stored region."""
+
+    ptr: str
+    cs: int
+    rs: int
+    region: Region  # rows [r0, r1), cols [c0, c1) of the tensor that this view holds
+    base: str = ""  # the buffer's start (in-place contracts compare it with ptr)
+
+    def dims(self, c: int, region: Region | None = None) -> str:
+        r0, r1, c0, c1 = region or self.region
+        return f"(mt_dims){{{c}, {r1 - r0}, {c1 - c0}, {self.cs}, {self.rs}}}"
+
+    def at(self, region: Region, cast: str = "int8_t *") -> str:
+        """Pointer to element (0, region.r0, region.c0)."""
+        dr, dc = region[0] - self.region[0], region[2] - self.region[2]
+        off = dr * self.rs + dc
+        return self.ptr if off == 0 else f"({self.ptr} + {off})"
+
+
+@dataclass
+class Program:
+    """What the emitter produced (also written to OUT_DIR/program.json)."""
+
+    arena_bytes: int
+    state: list[dict[str, Any]] = field(default_factory=list)  # name, dtype, shape, nbytes, in save order
+    state_fingerprint: int = 0
+    forward_traces: list[str] = field(default_factory=list)  # int8 activations dumped by the trace hook, in order
+    image_shape: tuple[int, ...] = ()
+    num_classes: int = 0
+    patch: dict[str, Any] | None = None
+
+
+# ---- the emitter -----------------------------------------------------------------------------------------------------
+class Emitter:
+    def __init__(self, g: Graph, plan: Plan, state: dict[str, np.ndarray] | None = None):
+        self.g, self.plan = g, plan
+        tr = g.meta.get("train")
+        if not tr:
+            raise MicrotrainError(f"{g.name}: not a training graph (no meta['train'])")
+        self.cfg = TrainConfig(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in tr["config"].items()})
+        if self.cfg.update_storage != "int8":
+            raise MicrotrainError("the C generator supports int8 update storage only (--update-storage int8)")
+        self.state_names: list[str] = list(tr["state"])
+        self.stream = {n: i for i, n in enumerate(sorted(self.state_names))}
+        self.values = {n: t.data for n, t in g.tensors.items() if t.data is not None}
+        self.step0 = 0
+        if state is not None:
+            for n in self.state_names:
+                if n not in state:
+                    raise MicrotrainError(f"state has no tensor {n!r} of the training graph")
+                a = np.asarray(state[n])
+                t = g.tensors[n]
+                if tuple(a.shape) != tuple(t.shape) or str(a.dtype) != t.dtype:
+                    raise MicrotrainError(f"state tensor {n}: {a.dtype}{list(a.shape)} does not match the graph's "
+                                          f"{t.dtype}{list(t.shape)}")
+                self.values[n] = a
+            self.step0 = int(np.asarray(state.get("__step__", 0)))
+        self.names = Names()
+        self.defined: set[str] = set()
+        self.consts: list[str] = []  # flash definitions
+        self.sram: list[str] = []  # state definitions
+        self.params: dict[str, str] = {}  # state tensor -> mt_param identifier
+        self.traces: list[str] = []
+        self.stage = g.meta.get("patch_stage")
+        if self.stage and self.stage.get("stream_input"):
+            raise MicrotrainError("the C generator does not stream the input tile by tile yet (--stream-input)")
+        phases = [op.attrs.get("phase") for op in g.ops]
+        nf = phases.count("forward")
+        if phases[:nf] != ["forward"] * nf:
+            raise MicrotrainError("schedule error: forward ops must come first")
+        self.forward_ops, self.rest_ops = g.ops[:nf], g.ops[nf:]
+
+    # ---- buffers -----------------------------------------------------------------------------------------------
+    def off(self, name: str) -> int:
+        if name not in self.plan.offsets:
+            raise MicrotrainError(f"tensor {name!r} has no arena offset in the plan")
+        return self.plan.offsets[name]
+
+    def act(self, name: str) -> str:
+        t = self.g.tensors[name]
+        return f"{'F' if t.dtype == 'float32' else 'B' if t.dtype == 'bit' else 'A'}({self.off(name)})"
+
+    def whole(self, name: str) -> View:
+        c, h, w = self.g.tensors[name].shape
+        return View(self.act(name), h * w, w, (0, h, 0, w), self.act(name))
+
+    def tensor(self, name: str) -> str:
+        """A constant or state tensor's C array (defined on first use)."""
+        t = self.g.tensors[name]
+        if t.role == "state":
+            ident = self.names("S", name)
+            if ident not in self.defined:
+                self.defined.add(ident)
+                a = self.values[name]
+                nonzero = a is not None and np.any(a)
+                init = f" = {c_array(np.asarray(a, dtype=t.dtype))}" if nonzero else ""
+                self.sram.append(f"static {C_DTYPE[t.dtype]} {ident}[{t.numel}]{init};  /* {name} */")
+            return ident
+        if t.data is None:
+            raise MicrotrainError(f"tensor {name!r} ({t.role}) has no data")
+        ident = self.names("W" if t.role == "weight" else "K", name)
+        if ident not in self.defined:
+            self.defined.add(ident)
+            self.consts.append(f"static const {C_DTYPE[t.dtype]} {ident}[{t.numel}] = "
+                               f"{c_array(np.asarray(t.data, dtype=t.dtype))};  /* {name} */")
+        return ident
+
+    def table(self, prefix: str, name: str, values: np.ndarray) -> str:
+        ident = self.names(prefix, name)
+        if ident not in self.defined:
+            self.defined.add(ident)
+            self.consts.append(f"static const float {ident}[{values.size}] = "
+                               f"{c_array(values.astype(np.float32))};  /* {name} */")
+        return ident
+
+    def mult(self, conv: Op) -> str:
+        x, w, y = (self.g.tensors[n] for n in (conv.inputs[0], conv.inputs[1], conv.outputs[0]))
+        return self.table("M", conv.name, K.requant_multiplier(x.scale, w.scale, y.scale).numpy())
+
+    def weights(self, conv: Op) -> str:
+        parts = conv.inputs[1:-1]
+        w0 = self.g.tensors[parts[0]]
+        k = w0.shape[2]
+        if len(parts) == 2:
+            return f"{{{self.tensor(parts[0])}, {self.tensor(parts[1])}, {w0.shape[conv.attrs['split_axis']]}, {k}}}"
+        if w0.role == "state":
+            n = w0.shape[0] if conv.attrs["groups"] > 1 else w0.shape[1]
+            return f"{{{self.tensor(parts[0])}, 0, {n}, {k}}}"
+        return f"{{0, {self.tensor(parts[0])}, 0, {k}}}"
+
+    def param(self, name: str, conv: Op | None) -> str:
+        """The mt_param descriptor of a trainable tensor (QAS table, slots, SR stream)."""
+        if name in self.params:
+            return self.params[name]
+        t = self.g.tensors[name]
+        slots = {"sgd": (), "sgd-m": ("m",), "adam": ("m", "v")}[self.cfg.optimizer]
+        ptrs = [self.tensor(f"{name}.{s}") for s in slots] + ["0"] * (2 - len(slots))
+        qas, row = "0", 1
+        if conv is not None and self.cfg.qas:  # exactly the host's expression (runtime/trainstep.py, _apply)
+            s = torch.from_numpy(np.asarray(self.g.tensors[conv.inputs[1]].scale, np.float32))[: t.shape[0]]
+            if name.endswith(".b"):
+                s = s * float(self.g.tensors[conv.inputs[0]].scale)
+            qas = self.table("Q", name, (s * s).numpy())
+            row = t.numel // t.shape[0]
+        ident = self.names("P", name)
+        self.consts.append(f"static const mt_param {ident} = {{{self.tensor(name)}, {MT_DTYPE[t.dtype]}, {t.numel}, "
+                           f"{ptrs[0]}, {ptrs[1]}, {qas}, {row}, {self.stream[name]}u}};")
+        self.params[name] = ident
+        return ident
+
+    # ---- forward kernels ---------------------------------------------------------------------------------------
+    def conv_call(self, op: Op, xv: View, yv: View, want: Region, mask: str, scratch: str) -> str:
+        g, a = self.g, op.attrs
+        x, y = g.tensors[op.inputs[0]], g.tensors[op.outputs[0]]
+        s, p = a["stride"], a["padding"]
+        pad_top, pad_left = p + xv.region[0] - want[0] * s, p + xv.region[2] - want[2] * s
+        groups = a["groups"]
+        dw = groups > 1
+        if dw and not (groups == x.shape[0] == y.shape[0]):
+            raise MicrotrainError(f"{op.name}: grouped conv with groups={groups} is not supported by the C generator")
+        bias = self.tensor(op.inputs[-1])
+        conv = (f"&(mt_conv){{{self.weights(op)}, {bias}, {self.mult(op)}, {s}, {pad_top}, {pad_left}, {x.zero}, "
+                f"{y.zero}}}")
+        args = f"{xv.ptr}, {xv.dims(x.shape[0])}, {conv}, {yv.at(want)}, {yv.dims(y.shape[0], want)}, {mask}"
+        if dw:
+            return f"mt_depthwise_conv2d({args}, {scratch});"
+        return f"mt_conv2d({args});"
+
+    def add_call(self, op: Op, av: View, bv: View, yv: View, want: Region, mask: str) -> str:
+        at, bt, yt = (self.g.tensors[n] for n in (*op.inputs, op.outputs[0]))
+        ra, rb = add_ratios(at.scale, bt.scale, yt.scale)
+        c = yt.shape[0]
+        return (f"mt_add({av.at(want)}, {av.dims(c, want)}, {at.zero}, {c_float(ra)}, {bv.at(want)}, "
+                f"{bv.dims(c, want)}, {bt.zero}, {c_float(rb)}, {yv.at(want)}, {yv.dims(c, want)}, {yt.zero}, {mask});")
+
+    def forward_op(self, op: Op) -> list[str]:
+        g = self.g
+        mask = self.act(op.outputs[1]) if len(op.outputs) > 1 else "0"
+        y = op.outputs[0]
+        if op.kind == "conv2d":
+            scratch = "0"
+            if self.plan.aliases.get(y) == op.inputs[0]:
+                scratch = f"A({self.off(op.name + '.scratch')})"
+            h, w = g.tensors[y].shape[1:]
+            code = [self.conv_call(op, self.whole(op.inputs[0]), self.whole(y), (0, h, 0, w), mask, scratch)]
+        elif op.kind == "add":
+            h, w = g.tensors[y].shape[1:]
+            code = [self.add_call(op, self.whole(op.inputs[0]), self.whole(op.inputs[1]), self.whole(y), (0, h, 0, w),
+                                  mask)]
+        elif op.kind == "avgpool":
+            c, h, w = g.tensors[op.inputs[0]].shape
+            code = [f"mt_avgpool({self.act(op.inputs[0])}, {c}, {h * w}, {self.act(y)});"]
+        elif op.kind == "slice_channels":
+            code = [f"mt_slice_channels({self.act(op.inputs[0])}, {g.tensors[y].nbytes}, {self.act(y)});"]
+        elif op.kind == "linear":
+            x, w, b = (g.tensors[n] for n in op.inputs)
+            if w.dtype != "float32":
+                raise MicrotrainError("the C generator expects the training graph's fp32 head")
+            code = [f"mt_linear({self.act(x.name)}, {x.shape[0]}, {x.zero}, {c_float(x.scale)}, {self.tensor(w.name)}, "
+                    f"{self.tensor(b.name)}, {w.shape[0]}, {self.act(y)});"]
+        else:
+            raise MicrotrainError(f"op kind {op.kind!r} in the forward pass is not supported by the C generator")
+        if g.tensors[y].dtype == "int8":
+            self.traces.append(y)
+            code.append(f"TRACE({y!r}, {self.act(y)}, {g.tensors[y].nbytes});".replace("'", '"'))
+        return code
+
+    # ---- the patch stage: its ops tile by tile, intermediates in the tile arena -----------------------------------
+    def patch_stage(self) -> list[str]:
+        g, st = self.g, self.stage
+        ops = [g.op(n) for n in st["ops"]]
+        tiles = make_stage(g, ops, st["output"], st["grid"]).tiles
+        tp = st["tile_plan"]
+        base = self.off("patch_stage.scratch")
+        outer = {g.inputs[0], st["output"]}
+        code = [f"/* patch stage: {len(ops)} ops up to {st['output']}, {st['grid']}x{st['grid']} tiles, tile arena "
+                f"{tp['arena_bytes']} B at {base} */"]
+        for ti, regions in enumerate(tiles):
+            code.append(f"/* tile {ti}: {st['output']} rows {regions[st['output']][:2]} cols "
+                        f"{regions[st['output']][2:]} */")
+            views: dict[str, View] = {n: self.whole(n) for n in outer}
+            for op in ops:
+                y = op.outputs[0]
+                want = regions.get(y)
+                if want is None:
+                    continue
+                if len(op.outputs) > 1:
+                    raise MicrotrainError(f"patch stage op {op.name} saves a mask: it is not frozen")
+                c = g.tensors[y].shape[0]
+                src = tp["aliases"].get(y)
+                if y in outer:
+                    yv = views[y]
+                elif op.kind == "add" and src in op.inputs:  # in place: y takes over the input's buffer and layout
+                    yv = views[src]
+                else:  # a compact buffer for the want region (in-place depthwise: the same start as its input)
+                    ptr = f"A({base + tp['offsets'][y]})"
+                    yv = View(ptr, (want[1] - want[0]) * (want[3] - want[2]), want[3] - want[2], want, ptr)
+                views[y] = yv
+                if op.kind == "conv2d":
+                    scratch = "0"
+                    xv = views[op.inputs[0]]
+                    if src == op.inputs[0]:
+                        if xv.ptr != xv.base or xv.cs != (xv.region[1] - xv.region[0]) * xv.rs or yv.ptr != xv.base:
+                            raise MicrotrainError(f"{op.name}: in-place tile over a strided view is not supported")
+                        scratch = f"A({base + tp['offsets'][op.name + '.scratch']})"
+                    code.append(self.conv_call(op, xv, yv, want, "0", scratch))
+                elif op.kind == "add":
+                    code.append(self.add_call(op, views[op.inputs[0]], views[op.inputs[1]], yv, want, "0"))
+                else:
+                    raise MicrotrainError(f"op kind {op.kind!r} inside a patch stage")
+                total = c * (want[1] - want[0]) * (want[3] - want[2])
+                if y not in outer and total > int(np.prod(tp["shapes"][y])):
+                    raise MicrotrainError(f"tile {ti}: {y} needs {total} B, its tile buffer has "
+                                          f"{int(np.prod(tp['shapes'][y]))}")
+        y = st["output"]
+        self.traces.append(y)
+        code.append(f'TRACE("{y}", {self.act(y)}, {g.tensors[y].nbytes});')
+        return code
+
+    # ---- loss, backward, updates -------------------------------------------------------------------------------
+    def conv_of(self, name: str) -> Op | None:
+        return None if name == "head" else self.g.op(name)
+
+    def backward_op(self, op: Op) -> list[str]:
+        g, a = self.g, op.attrs
+        t = g.tensors
+        if op.kind == "softmax_ce":
+            z, _ = op.inputs
+            return [f"*F({self.off(op.outputs[0])}) = mt_softmax_ce({self.act(z)}, {t[z].shape[0]}, "
+                    f"*(const int32_t *)A({self.off('label')}), {self.act(op.outputs[1])});"]
+        if op.kind == "linear_grad_input":
+            gz, w = op.inputs
+            pooled = t[g.meta["train"]["pooled"]]
+            return [f"mt_linear_grad_input({self.act(gz)}, {self.tensor(w)}, {t[w].shape[0]}, {t[w].shape[1]}, "
+                    f"{c_float(pooled.scale)}, {self.act(op.outputs[0])});"]
+        if op.kind in ("linear_update", "linear_weight_grad"):
+            gz, x = op.inputs[:2]
+            xt = t[x]
+            k = t[gz].shape[0]
+            head = f"{self.act(gz)}, {self.act(x)}, {xt.shape[0]}, {xt.zero}, {c_float(xt.scale)}, {k}"
+            if op.kind == "linear_weight_grad":
+                return [f"mt_linear_weight_grad({head}, {self.act(op.outputs[0])}, {self.act(op.outputs[1])});"]
+            pw, pb = (self.param(p, None) for p in a["params"])
+            return [f"mt_linear_update(&st, {head}, &{pw}, &{pb});"]
+        if op.kind == "avgpool_grad":
+            c, h, w = t[op.outputs[0]].shape
+            return [f"mt_avgpool_grad({self.act(op.inputs[0])}, {c}, {h * w}, {self.act(op.outputs[0])});"]
+        if op.kind == "add_grad":
+            fwd = g.op(op.name.removesuffix(".grad"))
+            at, bt, yt = (t[n] for n in (*fwd.inputs, fwd.outputs[0]))
+            ra, rb = add_ratios(at.scale, bt.scale, yt.scale)
+            outs = iter(op.outputs)
+            ga, gb = (self.act(next(outs)) if want else "0" for want in a["which"])
+            return [f"mt_add_grad({self.act(op.inputs[0])}, {self.act(op.inputs[1])}, {t[op.inputs[0]].numel}, "
+                    f"{c_float(ra)}, {c_float(rb)}, {ga}, {gb});"]
+        if op.kind == "grad_add":
+            return [f"mt_grad_add({self.act(op.inputs[0])}, {self.act(op.inputs[1])}, {t[op.inputs[0]].numel}, "
+                    f"{self.act(op.outputs[0])});"]
+        if op.kind == "conv2d_grad_acc":
+            c, h, w = t[op.inputs[0]].shape
+            return [f"mt_conv2d_grad_acc({self.act(op.inputs[0])}, {self.act(op.inputs[1])}, {c}, {h * w}, "
+                    f"{self.mult(g.op(a['conv']))}, {self.act(op.outputs[0])});"]
+        if op.kind == "conv2d_grad_input":
+            conv = g.op(a["conv"])
+            gacc, gx = op.inputs[0], op.outputs[0]
+            gd = "mt_chw({}, {}, {})".format(*t[gacc].shape)
+            xd = "mt_chw({}, {}, {})".format(*t[gx].shape)
+            head = f"{self.act(gacc)}, {gd}, &(mt_weights){self.weights(conv)}, {a['stride']}, {a['padding']}"
+            if conv.attrs["groups"] > 1:
+                scratch = f"(float *)A({self.off(op.name + '.scratch')})" if self.plan.aliases.get(gx) == gacc else "0"
+                return [f"mt_depthwise_grad_input({head}, {self.act(gx)}, {xd}, {scratch});"]
+            return [f"mt_conv2d_grad_input({head}, {self.act(gx)}, {xd});"]
+        if op.kind in ("conv2d_update", "conv2d_weight_grad"):
+            conv = g.op(a["conv"])
+            gacc = op.inputs[0]
+            gd = "mt_chw({}, {}, {})".format(*t[gacc].shape)
+            if a["channels"]:
+                xs = op.inputs[1]
+                xt = t[xs]
+                xsv, xd, xz = self.act(xs), "mt_chw({}, {}, {})".format(*xt.shape), xt.zero
+            else:
+                xsv, xd, xz = "0", "mt_chw(0, 0, 0)", 0
+            geo = f"{a['kernel']}, {a['stride']}, {a['padding']}, {int(a['depthwise'])}"
+            if op.kind == "conv2d_weight_grad":
+                outs = dict(zip(a["params"], op.outputs, strict=True))
+                gw = next((self.act(o) for p, o in outs.items() if p.endswith(".w_train")), "0")
+                gb = next((self.act(o) for p, o in outs.items() if p.endswith(".b")), "0")
+                return [f"mt_conv2d_weight_grad({self.act(gacc)}, {gd}, {xsv}, {xd}, {xz}, {geo}, {a['channels']}, "
+                        f"{gw}, {gb});"]
+            w = next((f"&{self.param(p, conv)}" for p in a["params"] if p.endswith(".w_train")), "0")
+            b = next((f"&{self.param(p, conv)}" for p in a["params"] if p.endswith(".b")), "0")
+            return [f"mt_conv2d_update(&st, {self.act(gacc)}, {gd}, {xsv}, {xd}, {xz}, {geo}, {w}, {b});"]
+        if op.kind == "apply_update":
+            p = a["param"]
+            conv = self.conv_of(a["of"].removesuffix(".update"))
+            return [f"mt_apply_update(&st, &{self.param(p, conv)}, {self.act(op.inputs[1])});"]
+        raise MicrotrainError(f"op kind {op.kind!r} is not supported by the C generator")
+
+    # ---- whole program -----------------------------------------------------------------------------------------
+    def emit(self) -> tuple[str, str, Program]:
+        g = self.g
+        image = g.inputs[0]
+        img = g.tensors[image]
+        classes = g.meta["train"]["num_classes"]
+        fwd: list[str] = []
+        stage_ops = set(self.stage["ops"]) if self.stage else set()
+        if self.stage:
+            if [o.name for o in self.forward_ops[:len(stage_ops)]] != self.stage["ops"]:
+                raise MicrotrainError("the patch stage is not a prefix of the schedule")
+            fwd += self.patch_stage()
+        for op in self.forward_ops:
+            if op.name not in stage_ops:
+                fwd += [f"/* {op.name}: {op.kind} */", *self.forward_op(op)]
+        bwd: list[str] = []
+        for op in self.rest_ops:
+            bwd += [f"/* {op.name}: {op.kind} */", *self.backward_op(op)]
+        for n in self.state_names:  # state that no op touched (e.g. a frozen head) still belongs to the state
+            self.tensor(n)
+        layout = [{"name": n, "dtype": g.tensors[n].dtype, "shape": list(g.tensors[n].shape),
+                   "nbytes": g.tensors[n].nbytes} for n in self.state_names]
+        fp = zlib.crc32(";".join(f"{s['name']}:{s['dtype']}:{s['shape']}" for s in layout).encode())
+        o = self.cfg
+        opt = (f"static const mt_optimizer OPT = {{{OPTIMIZER[o.optimizer]}, {c_float(o.momentum)}, "
+               f"{c_float(o.betas[0])}, {c_float(o.betas[1])}, {c_float(1 - o.betas[0])}, {c_float(1 - o.betas[1])}, "
+               f"{c_float(o.eps)}, {c_double(o.betas[0])}, {c_double(o.betas[1])}, {int(o.seed) & 0xFFFFFFFF}u}};")
+        state_table = ",\n".join(f'  {{"{n}", {self.tensor(n)}, {g.tensors[n].nbytes}u}}' for n in self.state_names)
+        header = HEADER.format(c=img.shape[0], h=img.shape[1], w=img.shape[2], image_bytes=img.nbytes,
+                               classes=classes, arena=self.plan.arena_bytes, name=g.name,
+                               state_bytes=sum(s["nbytes"] for s in layout))
+        source = SOURCE.format(
+            name=g.name, consts="\n".join(self.consts), sram="\n".join(self.sram), arena=self.plan.arena_bytes,
+            optimizer=opt, forward="\n  ".join(fwd), backward="\n  ".join(bwd), image=self.off(image),
+            loss=self.off("loss"), image_bytes=img.nbytes, label=self.off("label"), lr=self.off("lr"),
+            logits=self.off("logits"), classes=classes, step0=self.step0, state_table=state_table or '  {"", 0, 0u}',
+            state_count=len(self.state_names), magic=STATE_MAGIC, fingerprint=fp)
+        prog = Program(self.plan.arena_bytes, layout, fp, list(self.traces), tuple(img.shape), classes,
+                       {k: v for k, v in self.stage.items() if k != "tile_plan"} if self.stage else None)
+        return header, source, prog
+
+
+HEADER = """\
+/* Generated by microtrain from {name}: one on-device training step. Do not edit. */
+#ifndef MT_MODEL_H
+#define MT_MODEL_H
+
+#include <stdint.h>
+
+#define MT_IMAGE_C {c}
+#define MT_IMAGE_H {h}
+#define MT_IMAGE_W {w}
+#define MT_IMAGE_BYTES {image_bytes}
+#define MT_NUM_CLASSES {classes}
+#define MT_ARENA_BYTES {arena}
+#define MT_STATE_BYTES {state_bytes}
+
+/* The image slot inside the arena: write an image here and pass this pointer to skip a copy. */
+int8_t *input_buffer(void);
+/* One SGD step on one image (int8 CHW, pixel - 128); returns the loss before the update. */
+float train_step(const int8_t *image, int label, float lr);
+/* The predicted class; the fp32 logits too if `logits` is not NULL. */
+int predict(const int8_t *image, float *logits);
+/* Updates applied so far (the stochastic-rounding counter; saved with the state). */
+uint32_t trained_steps(void);
+
+/* The trainable state, streamed through a callback (flash, a file, a UART): returns 0 on success. */
+typedef int (*mt_io_fn)(void *ctx, void *data, uint32_t nbytes);
+int save_state(mt_io_fn write, void *ctx);
+int load_state(mt_io_fn read, void *ctx);
+
+/* Debug hook: called with every int8 activation of the whole-tensor forward pass when not NULL. */
+extern void (*mt_trace)(const char *name, const void *data, uint32_t nbytes);
+
+#endif
+"""
+
+SOURCE = """\
+/* Generated by microtrain from {name}: the scheduled training step as a straight line of kernel calls over one
+ * static arena planned by compiler/planner.py. Do not edit. */
+#include <math.h>
+#include <string.h>
+
+#include "model.h"
+#include "mt_runtime.h"
+
+/* ---- trainable state (SRAM) ----------------------------------------------------------------------------------- */
+{sram}
+static uint32_t steps = {step0}u;
+
+/* ---- frozen constants (flash) and the update descriptors of the state ------------------------------------------ */
+{consts}
+
+/* ---- the arena: every activation, mask and gradient at its planned offset ------------------------------------- */
+static uint8_t arena[{arena}] __attribute__((aligned(8)));
+#define A(off) ((int8_t *)(arena + (off)))
+#define F(off) ((float *)(arena + (off)))
+#define B(off) ((uint8_t *)(arena + (off)))
+
+{optimizer}
+
+void (*mt_trace)(const char *name, const void *data, uint32_t nbytes) = 0;
+#define TRACE(name, ptr, n) do {{ if (mt_trace) mt_trace(name, ptr, n); }} while (0)
+
+static void forward(void) {{
+  {forward}
+}}
+
+static void backward(float lr) {{
+  const uint32_t step = steps + 1;
+  const mt_step st = {{&OPT, lr, step, (float)(1.0 - pow(OPT.beta1_d, (double)step)),
+                      (float)(1.0 - pow(OPT.beta2_d, (double)step))}};
+  (void)st;
+  {backward}
+}}
+
+int8_t *input_buffer(void) {{ return A({image}); }}
+
+uint32_t trained_steps(void) {{ return steps; }}
+
+static void set_input(const int8_t *image) {{
+  if (image != A({image})) memcpy(A({image}), image, {image_bytes});
+}}
+
+float train_step(const int8_t *image, int label, float lr) {{
+  set_input(image);
+  *(int32_t *)A({label}) = label;
+  *F({lr}) = lr;
+  forward();
+  backward(lr);
+  steps++;
+  return *F({loss});
+}}
+
+int predict(const int8_t *image, float *logits) {{
+  set_input(image);
+  forward();
+  const float *z = F({logits});
+  int best = 0;
+  for (int k = 0; k < {classes}; k++) {{
+    if (z[k] > z[best]) best = k;
+    if (logits) logits[k] = z[k];
+  }}
+  return best;
+}}
+
+/* ---- state: header (magic, fingerprint, step, bytes) then every state tensor, in the graph's order ------------ */
+typedef struct {{ const char *name; void *data; uint32_t nbytes; }} state_entry;
+static const state_entry state_table[] = {{
+{state_table}
+}};
+
+int save_state(mt_io_fn write, void *ctx) {{
+  uint32_t head[4] = {{{magic}u, {fingerprint}u, steps, MT_STATE_BYTES}};
+  if (write(ctx, head, sizeof head)) return -1;
+  for (int i = 0; i < {state_count}; i++)
+    if (write(ctx, state_table[i].data, state_table[i].nbytes)) return -1;
+  return 0;
+}}
+
+int load_state(mt_io_fn read, void *ctx) {{
+  uint32_t head[4];
+  if (read(ctx, head, sizeof head)) return -1;
+  if (head[0] != {magic}u || head[1] != {fingerprint}u || head[3] != MT_STATE_BYTES) return -2;
+  for (int i = 0; i < {state_count}; i++)
+    if (read(ctx, state_table[i].data, state_table[i].nbytes)) return -1;
+  steps = head[2];
+  return 0;
+}}
+"""

@@ -1,0 +1,49 @@
+/* conv2d (groups = 1) backward w.r.t. its input: gx[c, y, x] = sum_{o, i, j} gacc[o, oy, ox] * w[o, c, i, j] over
+ * the taps with y = oy * s - p + i, x = ox * s - p + j, w the full weight (trainable slice + frozen rest) as read
+ * before this step's update. Each sum is a chain of fused multiply-adds over (i, j, o), o innermost. */
+#include "mt_runtime.h"
+
+static inline float weight(const mt_weights *w, int32_t cin, int32_t o, int32_t c, int32_t t) {
+  const int32_t kk = w->k * w->k;
+  return c < w->ch ? (float)w->w_train[(o * w->ch + c) * kk + t] : (float)w->w_frozen[(o * (cin - w->ch) + c - w->ch) * kk + t];
+}
+
+#define PW_BLOCK 16
+void mt_conv2d_grad_input(const float *gacc, mt_dims gd, const mt_weights *w, int32_t stride, int32_t pad,
+                          float *gx, mt_dims xd) {
+  const int32_t k = w->k, cin = xd.c;
+  if (k == 1 && stride == 1 && pad == 0) {  /* pointwise: gx[c, p] = sum_o gacc[o, p] * w[o, c] */
+    const int32_t hw = xd.h * xd.w;
+    for (int32_t c = 0; c < cin; c++) {
+      for (int32_t p0 = 0; p0 < hw; p0 += PW_BLOCK) {
+        const int32_t n = hw - p0 < PW_BLOCK ? hw - p0 : PW_BLOCK;
+        float acc[PW_BLOCK] = {0};
+        for (int32_t o = 0; o < gd.c; o++) {
+          const float wv = weight(w, cin, o, c, 0);
+          const float *gp = gacc + o * hw + p0;
+          for (int32_t q = 0; q < n; q++) acc[q] = mt_fma(gp[q], wv, acc[q]);
+        }
+        for (int32_t q = 0; q < n; q++) gx[c * hw + p0 + q] = acc[q];
+      }
+    }
+    return;
+  }
+  for (int32_t c = 0; c < cin; c++) {
+    for (int32_t y = 0; y < xd.h; y++) {
+      for (int32_t x = 0; x < xd.w; x++) {
+        float acc = 0.0f;
+        for (int32_t i = 0; i < k; i++) {
+          const int32_t ty = y + pad - i;
+          if (ty < 0 || ty % stride || ty / stride >= gd.h) continue;
+          for (int32_t j = 0; j < k; j++) {
+            const int32_t tx = x + pad - j;
+            if (tx < 0 || tx % stride || tx / stride >= gd.w) continue;
+            for (int32_t o = 0; o < gd.c; o++)
+              acc = mt_fma(gacc[o * gd.cs + (ty / stride) * gd.w + tx / stride], weight(w, cin, o, c, i * k + j), acc);
+          }
+        }
+        gx[c * xd.cs + y * xd.w + x] = acc;
+      }
+    }
+  }
+}

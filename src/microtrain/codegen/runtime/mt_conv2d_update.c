@@ -1,0 +1,59 @@
+/* The weight and bias gradients of a conv (integer units) and, fused, their update (operator reordering):
+ *   G_w[o, c, i, j] = sum_{oy, ox} gacc[o, oy, ox] * (x_saved[c, oy * s - p + i, ox * s - p + j] - x.zero)
+ *   G_b[o] = sum_{oy, ox} gacc[o, oy, ox]
+ * over the trainable channels c < ch (depthwise: channel c of gacc with channel c of x_saved). Each G_w element is a
+ * chain of fused multiply-adds over the output pixels in row-major order; G_b uses the host's summation order. */
+#include "mt_runtime.h"
+
+static float weight_grad(const float *g, mt_dims gd, const int8_t *x, mt_dims xd, int32_t x_zero, int32_t i,
+                         int32_t j, int32_t stride, int32_t pad) {
+  float acc = 0.0f;
+  for (int32_t oy = 0; oy < gd.h; oy++) {
+    const int32_t iy = oy * stride - pad + i;
+    if (iy < 0 || iy >= xd.h) continue;
+    for (int32_t ox = 0; ox < gd.w; ox++) {
+      const int32_t ix = ox * stride - pad + j;
+      if (ix < 0 || ix >= xd.w) continue;
+      acc = mt_fma(g[oy * gd.w + ox], (float)((int32_t)x[iy * xd.w + ix] - x_zero), acc);
+    }
+  }
+  return acc;
+}
+
+/* Visit every gradient element once: emit(index, value) into a buffer or straight into the update. */
+static void grads(const float *gacc, mt_dims gd, const int8_t *x_saved, mt_dims xd, int32_t x_zero, int32_t k,
+                  int32_t stride, int32_t pad, int32_t depthwise, int32_t ch, const mt_step *s, const mt_param *w,
+                  const mt_param *b, float *gw, float *gb) {
+  const int32_t hw = gd.h * gd.w, kk = k * k;
+  for (int32_t o = 0; o < gd.c; o++) {
+    const float *g = gacc + o * hw;
+    if (b || gb) {
+      const float v = mt_sum(g, hw);
+      if (gb) gb[o] = v;
+      else mt_update_element(s, b, o, v);
+    }
+    if (!(w || gw) || (depthwise && o >= ch)) continue;
+    const int32_t c0 = depthwise ? o : 0, c1 = depthwise ? o + 1 : ch;
+    for (int32_t c = c0; c < c1; c++) {
+      for (int32_t t = 0; t < kk; t++) {
+        const float v = weight_grad(g, gd, x_saved + c * xd.h * xd.w, xd, x_zero, t / k, t % k, stride, pad);
+        const int32_t idx = depthwise ? o * kk + t : (o * ch + c) * kk + t;
+        if (gw) gw[idx] = v;
+        else mt_update_element(s, w, idx, v);
+      }
+    }
+  }
+}
+
+void mt_conv2d_update(const mt_step *s, const float *gacc, mt_dims gd, const int8_t *x_saved, mt_dims xd,
+                      int32_t x_zero, int32_t k, int32_t stride, int32_t pad, int32_t depthwise,
+                      const mt_param *w, const mt_param *b) {
+  const int32_t ch = w ? (depthwise ? w->n / (k * k) : w->n / (gd.c * k * k)) : 0;
+  grads(gacc, gd, x_saved, xd, x_zero, k, stride, pad, depthwise, ch, s, w, b, 0, 0);
+}
+
+void mt_conv2d_weight_grad(const float *gacc, mt_dims gd, const int8_t *x_saved, mt_dims xd, int32_t x_zero,
+                           int32_t k, int32_t stride, int32_t pad, int32_t depthwise, int32_t ch, float *gw,
+                           float *gb) {
+  grads(gacc, gd, x_saved, xd, x_zero, k, stride, pad, depthwise, ch, 0, 0, 0, gw, gb);
+}

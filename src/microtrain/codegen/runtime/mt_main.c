@@ -1,0 +1,194 @@
+/* Training harness: reads a stream of (image, label, lr) records, trains one step per record and prints the loss,
+ * then optionally saves the trainable state and predicts a held-out set. The same file runs on the host and, through
+ * semihosting, on the Cortex-M4 in QEMU.
+ *
+ *   prog [-i STATE_IN] [-o STATE_OUT] [-t TRACE_OUT] [-e EVAL_IN -p PRED_OUT] [-n MAX_STEPS] [-q] STREAM
+ *
+ * Record files: header uint32 {magic "MTD1", count, image bytes}, then per record int32 label, float32 lr, int8
+ * image (CHW). Predictions: per image int32 class, float32 logits[MT_NUM_CLASSES]. Trace: per int8 activation of the
+ * first step's forward pass, uint32 name length, name, uint32 bytes, data. All little-endian. */
+#include <string.h>
+
+#include "model.h"
+#include "mt_io.h"
+
+#define RECORD_MAGIC 0x3144544Du
+
+/* ---- printing without printf (no heap, identical text on every target) ---------------------------------------- */
+static char line[160];
+static int len;
+
+static void put(const char *s) {
+  while (*s && len < (int)sizeof line - 1) line[len++] = *s++;
+  line[len] = 0;
+}
+
+static void put_u64(uint64_t v) {
+  char b[24];
+  int n = 0;
+  do b[n++] = (char)('0' + v % 10); while ((v /= 10) && n < 23);
+  while (n) { char s[2] = {b[--n], 0}; put(s); }
+}
+
+static void put_hex(uint32_t v) {
+  char s[11] = "0x";
+  for (int i = 0; i < 8; i++) s[2 + i] = "0123456789abcdef"[(v >> (28 - 4 * i)) & 15];
+  s[10] = 0;
+  put(s);
+}
+
+static void put_float(float f) {  /* 6 decimals, then the exact bits */
+  uint32_t bits;
+  memcpy(&bits, &f, 4);
+  if (f != f) {
+    put("nan");
+  } else {
+    if (f < 0) { put("-"); f = -f; }
+    if (f > 4e9f) {
+      put("inf");
+    } else {
+      uint32_t ip = (uint32_t)f;
+      uint32_t frac = (uint32_t)((f - (float)ip) * 1e6f + 0.5f);
+      if (frac >= 1000000u) { ip++; frac -= 1000000u; }
+      put_u64(ip);
+      put(".");
+      for (uint32_t d = 100000u; d; d /= 10) { char s[2] = {(char)('0' + frac / d % 10), 0}; put(s); }
+    }
+  }
+  put(" ");
+  put_hex(bits);
+}
+
+static void flush(void) {
+  put("\n");
+  io_print(line);
+  len = 0;
+  line[0] = 0;
+}
+
+static int fail(const char *what, const char *arg) {
+  put("error: ");
+  put(what);
+  put(arg ? arg : "");
+  flush();
+  return 1;
+}
+
+/* ---- state and trace through the io layer --------------------------------------------------------------------- */
+static int read_cb(void *ctx, void *data, uint32_t n) { return io_read(*(int *)ctx, data, n); }
+static int write_cb(void *ctx, void *data, uint32_t n) { return io_write(*(int *)ctx, data, n); }
+
+static int trace_file = -1;
+static void trace(const char *name, const void *data, uint32_t nbytes) {
+  uint32_t n = (uint32_t)strlen(name);
+  io_write(trace_file, &n, 4);
+  io_write(trace_file, name, n);
+  io_write(trace_file, &nbytes, 4);
+  io_write(trace_file, data, nbytes);
+}
+
+static int open_records(const char *path, uint32_t *count) {
+  uint32_t head[3];
+  int h = io_open(path, 0);
+  if (h < 0) return -1;
+  if (io_read(h, head, sizeof head) || head[0] != RECORD_MAGIC || head[2] != MT_IMAGE_BYTES) {
+    io_close(h);
+    return -2;
+  }
+  *count = head[1];
+  return h;
+}
+
+int harness_main(int argc, char **argv) {
+  const char *state_in = 0, *state_out = 0, *trace_out = 0, *eval_in = 0, *pred_out = 0, *stream = 0;
+  uint32_t max_steps = 0xFFFFFFFFu;
+  int quiet = 0;
+  for (int i = 1; i < argc; i++) {
+    const char *a = argv[i];
+    if (a[0] == '-' && a[1] && !a[2] && a[1] != 'q' && i + 1 >= argc) return fail("missing value after ", a);
+    if (!strcmp(a, "-i")) state_in = argv[++i];
+    else if (!strcmp(a, "-o")) state_out = argv[++i];
+    else if (!strcmp(a, "-t")) trace_out = argv[++i];
+    else if (!strcmp(a, "-e")) eval_in = argv[++i];
+    else if (!strcmp(a, "-p")) pred_out = argv[++i];
+    else if (!strcmp(a, "-n")) {
+      max_steps = 0;
+      for (const char *p = argv[++i]; *p; p++) max_steps = max_steps * 10 + (uint32_t)(*p - '0');
+    } else if (!strcmp(a, "-q")) quiet = 1;
+    else if (a[0] == '-') return fail("unknown option ", a);
+    else stream = a;
+  }
+  if (state_in) {
+    int h = io_open(state_in, 0);
+    if (h < 0) return fail("cannot open ", state_in);
+    int rc = load_state(read_cb, &h);
+    io_close(h);
+    if (rc) return fail("state file does not match this program: ", state_in);
+  }
+  uint64_t train_ns = 0;
+  uint32_t done = 0;
+  if (stream) {
+    uint32_t count;
+    int h = open_records(stream, &count);
+    if (h < 0) return fail("cannot read record file ", stream);
+    if (trace_out) {
+      trace_file = io_open(trace_out, 1);
+      if (trace_file < 0) return fail("cannot write ", trace_out);
+      mt_trace = trace;
+    }
+    for (; done < count && done < max_steps; done++) {
+      int32_t label;
+      float lr;
+      if (io_read(h, &label, 4) || io_read(h, &lr, 4) || io_read(h, input_buffer(), MT_IMAGE_BYTES))
+        return fail("truncated record file ", stream);
+      const uint64_t t0 = io_time_ns();
+      const float loss = train_step(input_buffer(), label, lr);
+      train_ns += io_time_ns() - t0;
+      if (mt_trace) {
+        mt_trace = 0;
+        io_close(trace_file);
+      }
+      if (!quiet) {
+        put("step ");
+        put_u64(done + 1);
+        put(" loss ");
+        put_float(loss);
+        flush();
+      }
+    }
+    io_close(h);
+  }
+  if (state_out) {
+    int h = io_open(state_out, 1);
+    if (h < 0) return fail("cannot write ", state_out);
+    int rc = save_state(write_cb, &h);
+    io_close(h);
+    if (rc) return fail("cannot write ", state_out);
+  }
+  if (eval_in && pred_out) {
+    uint32_t count;
+    int h = open_records(eval_in, &count), o = io_open(pred_out, 1);
+    if (h < 0 || o < 0) return fail("cannot open ", h < 0 ? eval_in : pred_out);
+    for (uint32_t i = 0; i < count; i++) {
+      int32_t label;
+      float lr, logits[MT_NUM_CLASSES];
+      if (io_read(h, &label, 4) || io_read(h, &lr, 4) || io_read(h, input_buffer(), MT_IMAGE_BYTES))
+        return fail("truncated record file ", eval_in);
+      const int32_t cls = predict(input_buffer(), logits);
+      io_write(o, &cls, 4);
+      io_write(o, logits, sizeof logits);
+    }
+    io_close(h);
+    io_close(o);
+  }
+  put("summary steps ");
+  put_u64(done);
+  put(" train_ns ");
+  put_u64(train_ns);
+  put(" stack_bytes ");
+  put_u64(io_stack_used());
+  put(" arena_bytes ");
+  put_u64(MT_ARENA_BYTES);
+  flush();
+  return 0;
+}

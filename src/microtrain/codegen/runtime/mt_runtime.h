@@ -1,0 +1,145 @@
+/* microtrain C runtime: the kernels of one on-device training step (see src/microtrain/ir/ops.py for the
+ * semantics every kernel implements bit for bit, and docs/codegen.md for the conventions).
+ *
+ * Conventions
+ *  - Tensors are CHW, batch 1. An activation is addressed through an `mt_dims` view: element (c, y, x) lives at
+ *    c * cs + y * rs + x, so a patch tile or a sub-window of a whole tensor needs no copy.
+ *  - No allocation: every buffer is a pointer into the generated program's static arena or state.
+ *  - Float arithmetic is IEEE float32 in the order written; the build uses -ffp-contract=off so that no multiply-add
+ *    is fused behind our back. Reductions in the backward pass use explicit fused multiply-adds (mt_fma) in the
+ *    order of the host's BLAS kernels (sequential chains), which is what makes most layers bit-identical to it.
+ *  - 1-bit masks: bit i of byte i / 8 (LSB first) is element i of the compact output tensor.
+ */
+#ifndef MT_RUNTIME_H
+#define MT_RUNTIME_H
+
+#include <stdint.h>
+
+typedef struct {
+  int32_t c, h, w;  /* channels, rows, columns */
+  int32_t cs, rs;   /* channel stride and row stride, in elements */
+} mt_dims;
+
+/* A compact C x H x W tensor. */
+static inline mt_dims mt_chw(int32_t c, int32_t h, int32_t w) {
+  mt_dims d = {c, h, w, h * w, w};
+  return d;
+}
+
+/* The weights of one conv: the first `ch` input channels (depthwise: channels) are the trainable slice in SRAM,
+ * the rest the frozen part in flash. Normal conv: w_train [O][ch][k][k], w_frozen [O][C-ch][k][k]; depthwise:
+ * w_train [ch][1][k][k], w_frozen [C-ch][1][k][k]. A conv that trains nothing has ch = 0, w_train = NULL. */
+typedef struct {
+  const int8_t *w_train;
+  const int8_t *w_frozen;
+  int32_t ch, k;
+} mt_weights;
+
+typedef struct {
+  mt_weights w;
+  const int32_t *bias;  /* [O], int32 in units of x.scale * w.scale[o] */
+  const float *mult;    /* [O], float32(x.scale * w.scale[o] / y.scale) */
+  int32_t stride;
+  int32_t pad_top, pad_left;  /* input coordinate of output (0, 0)'s first tap is (-pad_top, -pad_left) */
+  int32_t x_zero, y_zero;
+} mt_conv;
+
+/* ---- forward (integer-exact) ------------------------------------------------------------------------------- */
+void mt_conv2d(const int8_t *x, mt_dims xd, const mt_conv *p, int8_t *y, mt_dims yd, uint8_t *mask);
+/* scratch != NULL: y shares x's buffer; each channel is computed into scratch (one output channel) and copied. */
+void mt_depthwise_conv2d(const int8_t *x, mt_dims xd, const mt_conv *p, int8_t *y, mt_dims yd, uint8_t *mask,
+                         int8_t *scratch);
+void mt_add(const int8_t *a, mt_dims ad, int32_t a_zero, float ra, const int8_t *b, mt_dims bd, int32_t b_zero,
+            float rb, int8_t *y, mt_dims yd, int32_t y_zero, uint8_t *mask);
+void mt_avgpool(const int8_t *x, int32_t c, int32_t hw, int8_t *y);
+void mt_slice_channels(const int8_t *x, int32_t nbytes, int8_t *y);
+void mt_linear(const int8_t *x, int32_t c, int32_t x_zero, float x_scale, const float *w, const float *b,
+               int32_t k, float *logits);
+
+/* ---- loss and backward (float32 gradients in integer units) ------------------------------------------------ */
+float mt_softmax_ce(const float *z, int32_t k, int32_t label, float *grad);
+void mt_linear_grad_input(const float *g, const float *w, int32_t k, int32_t c, float x_scale, float *gx);
+void mt_avgpool_grad(const float *g, int32_t c, int32_t hw, float *gx);
+void mt_add_grad(const float *g, const uint8_t *mask, int32_t n, float ra, float rb, float *ga, float *gb);
+void mt_grad_add(const float *a, const float *b, int32_t n, float *y);
+void mt_conv2d_grad_acc(const float *g, const uint8_t *mask, int32_t c, int32_t hw, const float *mult, float *y);
+void mt_conv2d_grad_input(const float *gacc, mt_dims gd, const mt_weights *w, int32_t stride, int32_t pad,
+                          float *gx, mt_dims xd);
+/* scratch != NULL: gx shares gacc's buffer (one gx channel of scratch; channel order per the planner's contract). */
+void mt_depthwise_grad_input(const float *gacc, mt_dims gd, const mt_weights *w, int32_t stride, int32_t pad,
+                             float *gx, mt_dims xd, float *scratch);
+
+/* ---- updates --------------------------------------------------------------------------------------------- */
+enum { MT_SGD = 0, MT_SGDM = 1, MT_ADAM = 2 };
+enum { MT_I8 = 0, MT_I32 = 1, MT_F32 = 2 };
+
+typedef struct {
+  int32_t optimizer;  /* MT_SGD | MT_SGDM | MT_ADAM */
+  float momentum;     /* the host's Python floats, rounded to float32 where it rounds them */
+  float beta1, beta2, one_minus_beta1, one_minus_beta2, eps;
+  double beta1_d, beta2_d;  /* Adam's bias corrections 1 - beta^step are computed in double, as on the host */
+  uint32_t seed;      /* stochastic rounding seed */
+} mt_optimizer;
+
+/* One trainable tensor: where it lives, how it is stored and how its update is scaled. */
+typedef struct {
+  void *data;          /* int8_t / int32_t / float [n] */
+  int32_t dtype;       /* MT_I8 | MT_I32 | MT_F32 */
+  int32_t n;
+  float *m, *v;        /* optimizer slots [n] or NULL */
+  const float *qas;    /* per-row QAS divisor float32(s[o] * s[o]) or NULL (no QAS) */
+  int32_t row;         /* elements per QAS row */
+  uint32_t stream;     /* stochastic-rounding stream: index of the tensor among the sorted state names */
+} mt_param;
+
+/* Per-step values of the update: learning rate, step number (1-based), Adam's bias corrections. */
+typedef struct {
+  const mt_optimizer *opt;
+  float lr;
+  uint32_t step;
+  float bc1, bc2;  /* float32(1 - beta1^step), float32(1 - beta2^step) */
+} mt_step;
+
+float mt_sr_uniform(uint32_t seed, uint32_t step, uint32_t stream, uint32_t index);
+void mt_update_element(const mt_step *s, const mt_param *p, int32_t i, float grad);
+void mt_apply_update(const mt_step *s, const mt_param *p, const float *grad);
+/* Fused weight gradient + update (operator reordering): no gradient tensor is ever stored. w or b may be NULL. */
+void mt_conv2d_update(const mt_step *s, const float *gacc, mt_dims gd, const int8_t *x_saved, mt_dims xd,
+                      int32_t x_zero, int32_t k, int32_t stride, int32_t pad, int32_t depthwise,
+                      const mt_param *w, const mt_param *b);
+/* The same gradients, materialised (reorder off): gw [w->n] and gb [O] (either may be NULL). */
+void mt_conv2d_weight_grad(const float *gacc, mt_dims gd, const int8_t *x_saved, mt_dims xd, int32_t x_zero,
+                           int32_t k, int32_t stride, int32_t pad, int32_t depthwise, int32_t ch, float *gw,
+                           float *gb);
+void mt_linear_update(const mt_step *s, const float *g, const int8_t *x, int32_t c, int32_t x_zero, float x_scale,
+                      int32_t k, const mt_param *w, const mt_param *b);
+void mt_linear_weight_grad(const float *g, const int8_t *x, int32_t c, int32_t x_zero, float x_scale, int32_t k,
+                           float *gw, float *gb);
+
+/* ---- helpers shared by the kernels ------------------------------------------------------------------------- */
+float mt_expf(float x);
+float mt_logf(float x);
+float mt_sum(const float *x, int32_t n);  /* the host's (torch's) float32 summation order */
+
+static inline float mt_fma(float a, float b, float c) {
+#if defined(__FP_FAST_FMAF)
+  return __builtin_fmaf(a, b, c);
+#else
+  extern float fmaf(float, float, float);
+  return fmaf(a, b, c);
+#endif
+}
+
+/* Round to nearest, ties to even (the default IEEE rounding mode; never changed by this runtime). */
+static inline float mt_rint(float v) { return __builtin_rintf(v); }
+
+static inline int8_t mt_clamp8(float r) { return (int8_t)(r < -128.0f ? -128.0f : r > 127.0f ? 127.0f : r); }
+
+static inline void mt_mask_set(uint8_t *mask, int32_t i, int bit) {
+  if (bit) mask[i >> 3] |= (uint8_t)(1u << (i & 7));
+  else mask[i >> 3] &= (uint8_t)~(1u << (i & 7));
+}
+
+static inline int mt_mask_get(const uint8_t *mask, int32_t i) { return (mask[i >> 3] >> (i & 7)) & 1; }
+
+#endif
