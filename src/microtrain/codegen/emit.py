@@ -74,6 +74,17 @@ def c_array(a: np.ndarray, per_line: int = 24) -> str:
     return "{\n  " + ",\n  ".join(lines) + "\n}" if items else "{0}"
 
 
+def chw(shape: tuple[int, ...]) -> str:
+    """The mt_dims of a compact C x H x W tensor."""
+    c, h, w = shape
+    return f"(mt_dims){{{c}, {h}, {w}, {h * w}, {w}}}"
+
+
+def block(call: str) -> str:
+    """One statement in its own block: the lifetime of its compound literals ends with it (stack reuse)."""
+    return call if call.startswith(("/*", "TRACE", "*F(")) else f"{{ {call} }}"
+
+
 class Names:
     """C identifiers for graph tensors: sanitised, unique, stable."""
 
@@ -210,6 +221,14 @@ class Emitter:
                                f"{c_array(values.astype(np.float32))};  /* {name} */")
         return ident
 
+    def define(self, ctype: str, prefix: str, key: str, init: str) -> str:
+        """A `static const` descriptor in flash (a compound literal per call would cost stack in every call)."""
+        ident = self.names(prefix, key)
+        if ident not in self.defined:
+            self.defined.add(ident)
+            self.consts.append(f"static const {ctype} {ident} = {init};")
+        return f"&{ident}"
+
     def mult(self, conv: Op) -> str:
         x, w, y = (self.g.tensors[n] for n in (conv.inputs[0], conv.inputs[1], conv.outputs[0]))
         return self.table("M", conv.name, K.requant_multiplier(x.scale, w.scale, y.scale).numpy())
@@ -256,8 +275,9 @@ class Emitter:
         if dw and not (groups == x.shape[0] == y.shape[0]):
             raise MicrotrainError(f"{op.name}: grouped conv with groups={groups} is not supported by the C generator")
         bias = self.tensor(op.inputs[-1])
-        conv = (f"&(mt_conv){{{self.weights(op)}, {bias}, {self.mult(op)}, {s}, {pad_top}, {pad_left}, {x.zero}, "
-                f"{y.zero}}}")
+        conv = self.define("mt_conv", "CV", f"{op.name}@{pad_top},{pad_left}",
+                           f"{{{self.weights(op)}, {bias}, {self.mult(op)}, {s}, {pad_top}, {pad_left}, {x.zero}, "
+                           f"{y.zero}}}")
         args = f"{xv.ptr}, {xv.dims(x.shape[0])}, {conv}, {yv.at(want)}, {yv.dims(y.shape[0], want)}, {mask}"
         if dw:
             return f"mt_depthwise_conv2d({args}, {scratch});"
@@ -400,9 +420,9 @@ class Emitter:
         if op.kind == "conv2d_grad_input":
             conv = g.op(a["conv"])
             gacc, gx = op.inputs[0], op.outputs[0]
-            gd = "mt_chw({}, {}, {})".format(*t[gacc].shape)
-            xd = "mt_chw({}, {}, {})".format(*t[gx].shape)
-            head = f"{self.act(gacc)}, {gd}, &(mt_weights){self.weights(conv)}, {a['stride']}, {a['padding']}"
+            gd, xd = chw(t[gacc].shape), chw(t[gx].shape)
+            wt = self.define("mt_weights", "WT", conv.name, self.weights(conv))
+            head = f"{self.act(gacc)}, {gd}, {wt}, {a['stride']}, {a['padding']}"
             if conv.attrs["groups"] > 1:
                 scratch = f"(float *)A({self.off(op.name + '.scratch')})" if self.plan.aliases.get(gx) == gacc else "0"
                 return [f"mt_depthwise_grad_input({head}, {self.act(gx)}, {xd}, {scratch});"]
@@ -410,13 +430,13 @@ class Emitter:
         if op.kind in ("conv2d_update", "conv2d_weight_grad"):
             conv = g.op(a["conv"])
             gacc = op.inputs[0]
-            gd = "mt_chw({}, {}, {})".format(*t[gacc].shape)
+            gd = chw(t[gacc].shape)
             if a["channels"]:
                 xs = op.inputs[1]
                 xt = t[xs]
-                xsv, xd, xz = self.act(xs), "mt_chw({}, {}, {})".format(*xt.shape), xt.zero
+                xsv, xd, xz = self.act(xs), chw(xt.shape), xt.zero
             else:
-                xsv, xd, xz = "0", "mt_chw(0, 0, 0)", 0
+                xsv, xd, xz = "0", chw((0, 0, 0)), 0
             geo = f"{a['kernel']}, {a['stride']}, {a['padding']}, {int(a['depthwise'])}"
             if op.kind == "conv2d_weight_grad":
                 outs = dict(zip(a["params"], op.outputs, strict=True))
@@ -444,13 +464,13 @@ class Emitter:
         if self.stage:
             if [o.name for o in self.forward_ops[:len(stage_ops)]] != self.stage["ops"]:
                 raise MicrotrainError("the patch stage is not a prefix of the schedule")
-            fwd += self.patch_stage()
+            fwd += [line if line.startswith(("/*", "TRACE")) else block(line) for line in self.patch_stage()]
         for op in self.forward_ops:
             if op.name not in stage_ops:
-                fwd += [f"/* {op.name}: {op.kind} */", *self.forward_op(op)]
+                fwd += [f"/* {op.name}: {op.kind} */", *map(block, self.forward_op(op))]
         bwd: list[str] = []
         for op in self.rest_ops:
-            bwd += [f"/* {op.name}: {op.kind} */", *self.backward_op(op)]
+            bwd += [f"/* {op.name}: {op.kind} */", *map(block, self.backward_op(op))]
         for n in self.state_names:  # state that no op touched (e.g. a frozen head) still belongs to the state
             self.tensor(n)
         layout = [{"name": n, "dtype": g.tensors[n].dtype, "shape": list(g.tensors[n].shape),
