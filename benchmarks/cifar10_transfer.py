@@ -28,6 +28,7 @@ SETTINGS = {  # name -> extra CLI arguments
     # without QAS the int8 weights see gradients s_w^2 too small: the grid must reach much larger values
     "last2blocks-int8-noqas": ["--scheme", "last:6", "--no-qas", "--lr-sweep", "0.01,0.1,1,10,100"],
     "paper-99kb": ["--scheme", "paper-99kb", "--lr-sweep", GRID],
+    "paper-99kb-int8-grads": ["--scheme", "paper-99kb", "--int8-grads", "--lr-sweep", GRID],
     "last12": ["--scheme", "last:12", "--lr-sweep", GRID],
     "bias-only": ["--scheme", "bias-only", "--lr-sweep", GRID],
 }

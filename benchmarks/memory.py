@@ -3,15 +3,15 @@
 Writes benchmarks/results/memory.json (every number, what is live at each peak, the command line and date) and
 benchmarks/results/memory.md (the table). Run: `python benchmarks/memory.py`.
 
-The "what-if int8 gradients" rows are planning-only: the activation gradients (role `grad`, not the weight gradients of
-reorder-off) are counted at 1 byte per element, as a per-channel-quantized int8 gradient propagation would store them.
-The training graph and the executor keep float32 gradients; these rows only say how much SRAM that option would save.
+The "int8 gradients" rows use the real `--int8-grads` option of the training graph: activation gradients stored as
+per-channel quantized int8 (1 byte per element + one float32 scale per channel), executed by the host trainer and
+counted by the planner like any other tensor. Its accuracy cost is measured in benchmarks/cifar10_transfer.py.
 """
 
 from __future__ import annotations
 
 import argparse
-import copy
+import dataclasses
 import datetime
 import json
 import subprocess
@@ -19,11 +19,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from microtrain.autodiff.build import TrainConfig, build_training_graph
-from microtrain.compiler.memory import MemoryReport, compile_memory, flash_bytes, plan_training_graph, state_bytes
-from microtrain.frontends.zoo import load_model
-from microtrain.ir.graph import Graph
-from microtrain.sparse.scheme import resolve_scheme
+from microtrain.autodiff.build import TrainConfig
+from microtrain.compiler.memory import MemoryReport, compile_memory
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -44,30 +41,9 @@ LEVERS: list[tuple[str, dict[str, Any]]] = [
 ]
 
 
-def int8_activation_grads(tg: Graph) -> Graph:
-    """What-if copy of a training graph whose activation gradients are stored as int8 (planning only)."""
-    state = set(tg.meta["train"]["state"])
-    g = copy.copy(tg)
-    g.tensors = dict(tg.tensors)
-    for n, t in tg.tensors.items():
-        if t.role == "grad" and t.dtype == "float32" and n.removeprefix("grad:") not in state and len(t.shape) == 3:
-            g.tensors[n] = copy.copy(t)
-            g.tensors[n].dtype = "int8"
-    return g
-
-
-def what_if(model: str, scheme: str, cfg: TrainConfig, **kw: Any) -> dict[str, Any]:
-    fwd = load_model(model)
-    tg0 = build_training_graph(fwd, resolve_scheme(scheme, fwd), 10, cfg)
-    tg, best = plan_training_graph(int8_activation_grads(tg0), **kw)
-    st = sum(state_bytes(tg).values())
-    peak = best.plan.peak_step
-    return {"peak_sram_bytes": best.plan.arena_bytes + st, "arena_bytes": best.plan.arena_bytes, "state_bytes": st,
-            "flash_bytes": sum(flash_bytes(tg).values()),
-            "peak_op": best.view.ops[peak].name,
-            "patch": best.stage and {"output": best.stage.output, "grid": best.stage.grid,
-                                     "recompute": best.stage.macs / best.stage.whole_macs},
-            "live_at_peak": [[lt.tensor, lt.nbytes] for lt in best.plan.live_at(peak)[:8]]}
+def with_int8_grads(model: str, scheme: str, cfg: TrainConfig, **kw: Any) -> dict[str, Any]:
+    """The same plan with `--int8-grads`."""
+    return summary(compile_memory(model, scheme, cfg=dataclasses.replace(cfg, int8_grads=True), **kw))
 
 
 def summary(r: MemoryReport) -> dict[str, Any]:
@@ -103,25 +79,25 @@ def run_model(model: str) -> dict[str, Any]:
                    for ro, cfg in (("on", on), ("off", off)) for pa in ("on", "off")}
     out["full"] = {"reorder_off": summary(compile_memory(model, "full", cfg=off)),
                    "reorder_on": summary(compile_memory(model, "full", cfg=on))}
-    out["what_if_int8_grads"] = {
-        "sparse_reorder": what_if(model, scheme, on),
-        "sparse_reorder_stream_cap3": what_if(model, scheme, on, stream_input=True, max_recompute=3.0),
-        "sparse": what_if(model, scheme, off),
-        "sparse_stream_cap3": what_if(model, scheme, off, stream_input=True, max_recompute=3.0),
-        "full": what_if(model, "full", off)}
+    out["int8_grads"] = {
+        "sparse_reorder": with_int8_grads(model, scheme, on),
+        "sparse_reorder_stream_cap3": with_int8_grads(model, scheme, on, stream_input=True, max_recompute=3.0),
+        "sparse": with_int8_grads(model, scheme, off),
+        "sparse_stream_cap3": with_int8_grads(model, scheme, off, stream_input=True, max_recompute=3.0),
+        "full": with_int8_grads(model, "full", off)}
     out["full_naive_planner"] = summary(compile_memory(model, "full", cfg=off, backward_inplace=False,
                                                        schedule=False))
     g = out["grid"]
     sr, s, f = (g["reorder_on_patch_on"]["peak_sram_bytes"], g["reorder_off_patch_on"]["peak_sram_bytes"],
                 out["full"]["reorder_off"]["peak_sram_bytes"])
-    w = out["what_if_int8_grads"]
+    w = out["int8_grads"]
     out["ratios"] = {"full_over_sparse_reorder": f / sr, "reorder_off_over_on": s / sr,
                      "full_naive_planner_over_sparse_reorder": out["full_naive_planner"]["peak_sram_bytes"] / sr,
-                     "what_if_int8": {"full_over_sparse_reorder": w["full"]["peak_sram_bytes"]
+                     "int8_grads": {"full_over_sparse_reorder": w["full"]["peak_sram_bytes"]
                                       / w["sparse_reorder"]["peak_sram_bytes"],
                                       "reorder_off_over_on": w["sparse"]["peak_sram_bytes"]
                                       / w["sparse_reorder"]["peak_sram_bytes"]},
-                     "what_if_int8_stream_cap3": {
+                     "int8_grads_stream_cap3": {
                          "full_over_sparse_reorder": w["full"]["peak_sram_bytes"]
                          / w["sparse_reorder_stream_cap3"]["peak_sram_bytes"],
                          "reorder_off_over_on": w["sparse_stream_cap3"]["peak_sram_bytes"]
@@ -136,7 +112,7 @@ def markdown(res: dict[str, Any]) -> str:
     lines = ["# Planned peak SRAM of one training step (batch 1, 128x128, 10 classes, SGD)\n",
              f"`{res['command']}` on {res['date']} (git {res['git']}). KB = bytes / 1024. Peak SRAM = planned arena "
              "+ resident state (trainable int8 weight slices, int32 biases, fp32 head). Float32 activation "
-             "gradients unless marked what-if.\n",
+             "gradients unless marked --int8-grads.\n",
              "## Acceptance (issue 4)\n",
              "| model | scheme | sparse+reorder | paper | full (reorder off) | full / sparse+reorder | "
              "sparse (reorder off) | off / on |",
@@ -172,19 +148,19 @@ def markdown(res: dict[str, Any]) -> str:
             cells.append(f"**{kb(e['peak_sram_bytes'])}** = {kb(e['arena_bytes'])} + {kb(e['state_bytes'])}, at "
                          f"{e['peak_op']} (live fwd {kb(ph.get('forward', 0))} / bwd {kb(ph.get('backward', 0))})")
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    for key, label in (("sparse_reorder", "what-if int8 activation gradients (default levers)"),
-                       ("sparse_reorder_stream_cap3", "what-if int8 gradients + stream input + cap 3x")):
-        cells = [f"{kb(res['models'][m]['what_if_int8_grads'][key]['peak_sram_bytes'])} at "
-                 f"{res['models'][m]['what_if_int8_grads'][key]['peak_op']}" for m in models]
+    for key, label in (("sparse_reorder", "--int8-grads (default levers)"),
+                       ("sparse_reorder_stream_cap3", "--int8-grads + --stream-input + cap 3x")):
+        cells = [f"{kb(res['models'][m]['int8_grads'][key]['peak_sram_bytes'])} at "
+                 f"{res['models'][m]['int8_grads'][key]['peak_op']}" for m in models]
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     lines.append("| paper, sparse+reorder | " + " | ".join(str(res["models"][m]["paper_kb"]["sparse_reorder"])
                                                         for m in models) + " |")
-    lines += ["", "Ratios with other planners / what-ifs (both sides of a ratio use the same levers):\n",
-              "| model | full (naive planner) / sparse+reorder | what-if int8: full / sparse+reorder, off / on | "
-              "what-if int8 + stream + cap 3x: full / sparse+reorder, off / on |", "|---|---|---|---|"]
+    lines += ["", "Ratios with other planners and options (both sides of a ratio use the same levers):\n",
+              "| model | full (naive planner) / sparse+reorder | --int8-grads: full / sparse+reorder, off / on | "
+              "--int8-grads + stream + cap 3x: full / sparse+reorder, off / on |", "|---|---|---|---|"]
     for m in models:
         ra = res["models"][m]["ratios"]
-        a, b = ra["what_if_int8"], ra["what_if_int8_stream_cap3"]
+        a, b = ra["int8_grads"], ra["int8_grads_stream_cap3"]
         lines.append(f"| {m} | {ra['full_naive_planner_over_sparse_reorder']:.1f}x | "
                      f"{a['full_over_sparse_reorder']:.1f}x, {a['reorder_off_over_on']:.2f}x | "
                      f"{b['full_over_sparse_reorder']:.1f}x, {b['reorder_off_over_on']:.2f}x |")

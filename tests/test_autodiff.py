@@ -229,3 +229,30 @@ def test_state_dict_resumes_exactly(precision, storage):
     assert all(np.array_equal(sa[k], sb[k]) for k in sa)
     if storage == "fp32":
         assert a.g.tensors["b3.pw2.w_train"].dtype == "float32"
+
+
+def test_int8_gradients_are_per_channel_quantized_and_close():
+    g = tiny_model(seed=11)
+    rng = np.random.default_rng(12)
+    x = torch.from_numpy(rng.integers(-128, 128, (3, 3, 16, 16)).astype(np.int8))
+    y = torch.tensor([0, 2, 4])
+    grads = {}
+    for q in (False, True):
+        tg = build_training_graph(g, SCHEMES[0], CLASSES, TrainConfig(reorder=False, int8_grads=q))
+        step = GraphTrainStep(tg, "fp32")
+        step.params["head.w"] = torch.from_numpy(rng.normal(0, 0.5, (CLASSES, 12)).astype(np.float32)) if not q \
+            else grads["w"]
+        grads["w"] = step.params["head.w"]
+        grads[q] = gradients(step, x, y)
+        acts = [t for n, t in tg.tensors.items() if t.role == "grad" and n.removeprefix("grad:") not in grads[q]
+                and n != "grad:logits"]
+        assert acts and all(t.dtype == ("qint8" if q else "float32") for t in acts)
+        if q:  # an int8 gradient costs 1 byte per element plus one float32 scale per channel
+            t = tg.tensors["grad:b3.pw1.y@b3.dw"]
+            assert t.nbytes == t.numel + 4 * t.shape[0]
+    for n, ref in grads[False].items():
+        rel = float((grads[True][n] - ref).norm() / ref.norm())
+        if n.startswith("head."):  # the head's gradient comes from the loss directly, before any int8 gradient
+            assert rel == 0, n
+        else:
+            assert 0 < rel < 0.05, (n, rel)

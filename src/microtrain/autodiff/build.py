@@ -32,6 +32,7 @@ class TrainConfig:
     qas: bool = True
     reorder: bool = True
     update_storage: str = "int8"  # int8 (stochastic rounding) | fp32 (float shadow of the trainable slices)
+    int8_grads: bool = False  # activation gradients stored as per-channel quantized int8 ("qint8") instead of fp32
     seed: int = 0
 
 
@@ -113,6 +114,7 @@ def build_training_graph(fwd: Graph, scheme, num_classes: int, cfg: TrainConfig 
     g.outputs = ["loss", "logits"]
 
     # ---- backward ------------------------------------------------------------------------------------------
+    gdtype = "qint8" if cfg.int8_grads else "float32"  # activation gradients (parameter gradients stay float32)
     deferred: list[Op] = []  # reorder=False: updates applied after the whole backward pass
     grad: dict[str, str] = {}  # tensor -> name of its (so far accumulated) gradient
 
@@ -125,13 +127,13 @@ def build_training_graph(fwd: Graph, scheme, num_classes: int, cfg: TrainConfig 
             grad[tensor] = gname
             return
         acc = f"grad:{tensor}#{len([k for k in g.tensors if k.startswith('grad:' + tensor)])}"
-        g.add_tensor(Tensor(acc, g.tensors[tensor].shape, "float32", "grad"))
+        g.add_tensor(Tensor(acc, g.tensors[tensor].shape, gdtype, "grad"))
         emit(Op(f"{acc}.add", "grad_add", [grad[tensor], gname], [acc]))
         grad[tensor] = acc
 
     def new_grad(tensor: str, suffix: str = "") -> str:
         name = f"grad:{tensor}{suffix}"
-        g.add_tensor(Tensor(name, g.tensors[tensor].shape, "float32", "grad"))
+        g.add_tensor(Tensor(name, g.tensors[tensor].shape, gdtype, "grad"))
         return name
 
     def update(opname: str, params: list[str], inputs: list[str], kind: str, attrs: dict) -> None:
@@ -181,7 +183,7 @@ def build_training_graph(fwd: Graph, scheme, num_classes: int, cfg: TrainConfig 
                     contribute(t, o)
         elif op.kind == "conv2d":
             gacc = f"{op.name}.gacc"
-            g.add_tensor(Tensor(gacc, g.tensors[y].shape, "float32", "grad"))
+            g.add_tensor(Tensor(gacc, g.tensors[y].shape, gdtype, "grad"))
             emit(Op(f"{op.name}.grad_acc", "conv2d_grad_acc", [gy, masks[op.name]], [gacc], {"conv": op.name}))
             if x in needs:
                 gx = new_grad(x, f"@{op.name}")

@@ -24,6 +24,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--optimizer", choices=OPTIMIZERS, default="sgd", help="sgd (default), sgd-m or adam: slots in SRAM")
     p.add_argument("--update-storage", choices=("int8", "fp32"), default="int8",
                    help="trainable slices kept as int8 (default, stochastic rounding) or as float32 shadows")
+    p.add_argument("--int8-grads", action="store_true",
+                   help="activation gradients as per-channel quantized int8 (1 B/element + a float scale per channel)")
     p.add_argument("--no-reorder", action="store_true",
                    help="materialise all weight gradients and apply them after the backward (no operator reordering)")
     p.add_argument("--no-patch", action="store_true", help="run the early stage whole (no patch-based stage)")
@@ -74,7 +76,8 @@ def run(args: argparse.Namespace) -> int:
         raise MicrotrainError(f"--max-recompute must be >= 1, got {args.max_recompute}")
     if args.plot and Path(args.plot).suffix.lower() != ".png":
         raise MicrotrainError(f"--plot writes a PNG: {args.plot} does not end in .png")
-    cfg = TrainConfig(optimizer=args.optimizer, reorder=not args.no_reorder, update_storage=args.update_storage)
+    cfg = TrainConfig(optimizer=args.optimizer, reorder=not args.no_reorder, update_storage=args.update_storage,
+                      int8_grads=args.int8_grads)
     r = compile_memory(args.model, args.scheme, num_classes=args.classes, cfg=cfg,
                        patch=None if args.no_patch else "auto", stream_input=args.stream_input,
                        max_recompute=args.max_recompute)

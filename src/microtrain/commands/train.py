@@ -40,6 +40,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="int8: the device's arithmetic; fp32: the float relaxation of the same graph (baseline)")
     p.add_argument("--update-storage", choices=("int8", "fp32"), default="int8",
                    help="trainable weight slices as int8 with stochastic rounding (default) or an fp32 shadow")
+    p.add_argument("--int8-grads", action="store_true",
+                   help="propagate activation gradients as per-channel quantized int8 (less SRAM; see `plan`)")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--subset", type=int, help="class-balanced subset of N training images")
     p.add_argument("--test-subset", type=int, help="class-balanced subset of N test images")
@@ -77,7 +79,7 @@ def run(args: argparse.Namespace) -> int:
     epochs = args.epochs or (info.epochs if info else 50)
     warmup = args.warmup_epochs if args.warmup_epochs is not None else (info.warmup_epochs if info else 5)
     cfg = TrainConfig(optimizer=args.optimizer, qas=not args.no_qas, update_storage=args.update_storage,
-                      seed=args.seed)
+                      int8_grads=args.int8_grads, seed=args.seed)
     graph = build_training_graph(model, scheme, train_ds.num_classes, cfg)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -90,8 +92,9 @@ def run(args: argparse.Namespace) -> int:
         return PrefixCache(step, entries=shared) if cache else step
 
     data = str(Path(args.data).resolve()) if Path(args.data).is_dir() else args.data
-    extra = {"model": model.name, "data": data, "scheme": scheme.to_dict(), "precision": args.precision, "qas": cfg.qas,
-             "optimizer": cfg.optimizer, "update_storage": cfg.update_storage, "prefix_cache": cache,
+    extra = {"model": model.name, "data": data, "scheme": scheme.to_dict(), "precision": args.precision,
+             "qas": cfg.qas, "optimizer": cfg.optimizer, "update_storage": cfg.update_storage,
+             "int8_grads": cfg.int8_grads, "prefix_cache": cache,
              "analytic_extra_bytes": analytic_extra_bytes(model, scheme), "classes": train_ds.classes}
     common = dict(epochs=epochs, batch_size=args.batch_size, warmup_epochs=warmup, augment=augment,
                   resolution=model.tensors[model.inputs[0]].shape[1], seed=args.seed, resume=args.resume,

@@ -16,7 +16,7 @@ import numpy as np
 
 from microtrain.ir import ops as opdefs
 
-DTYPE_BYTES = {"int8": 1, "uint8": 1, "int16": 2, "int32": 4, "float32": 4, "bit": 0.125}
+DTYPE_BYTES = {"int8": 1, "qint8": 1, "uint8": 1, "int16": 2, "int32": 4, "float32": 4, "bit": 0.125}
 ROLES = ("input", "act", "weight", "bias", "const", "label", "loss", "grad", "mask", "state")
 
 
@@ -39,7 +39,9 @@ class Tensor:
 
     @property
     def nbytes(self) -> int:
-        """Storage bytes; 1-bit masks round up to whole bytes."""
+        """Storage bytes; 1-bit masks round up to whole bytes; qint8 = int8 values + a float32 scale per channel."""
+        if self.dtype == "qint8":
+            return self.numel + 4 * (self.shape[0] if self.shape else 1)
         return int(np.ceil(self.numel * DTYPE_BYTES[self.dtype]))
 
     def describe(self) -> str:

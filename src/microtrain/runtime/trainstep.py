@@ -42,6 +42,15 @@ def sr_uniform(seed: int, step: int, stream: int, n: int) -> torch.Tensor:
     return (x >> 8).to(torch.float32) * (1.0 / (1 << 24))
 
 
+def quantize_per_channel(v: torch.Tensor) -> torch.Tensor:
+    """The value a qint8 gradient holds: per sample and channel, s = max|v| / 127 (1 if all zero),
+    q = clamp(rint(v / s), -127, 127), value = q * s (float32, the order the C runtime uses)."""
+    flat = v.reshape(v.shape[0], v.shape[1], -1)
+    s = flat.abs().amax(dim=2, keepdim=True) / 127.0
+    s = torch.where(s > 0, s, torch.ones_like(s))
+    return (torch.round(flat / s).clamp_(-127, 127) * s).reshape(v.shape)
+
+
 def _bshape(t: torch.Tensor, dims: int) -> torch.Tensor:
     """Per-channel vector broadcast over [N, C, ...] with `dims` total dims."""
     return t.view((1, -1) + (1,) * (dims - 2))
@@ -300,7 +309,7 @@ class GraphTrainStep:
         for op in ops:
             outs = self.KERNELS[op.kind](self, op, env, train)
             for n, v in zip(op.outputs, outs, strict=False):
-                env[n] = v
+                env[n] = quantize_per_channel(v) if self.g.tensors[n].dtype == "qint8" else v
         return env
 
     @torch.no_grad()
