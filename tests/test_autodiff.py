@@ -250,9 +250,7 @@ def test_int8_gradients_are_per_channel_quantized_and_close():
         if q:  # an int8 gradient costs 1 byte per element plus one float32 scale per channel
             t = tg.tensors["grad:b3.pw1.y@b3.dw"]
             assert t.nbytes == t.numel + 4 * t.shape[0]
-    for n, ref in grads[False].items():
-        rel = float((grads[True][n] - ref).norm() / ref.norm())
-        if n.startswith("head."):  # the head's gradient comes from the loss directly, before any int8 gradient
-            assert rel == 0, n
-        else:
-            assert 0 < rel < 0.05, (n, rel)
+    rels = {n: float((grads[True][n] - ref).norm() / ref.norm()) for n, ref in grads[False].items()}
+    assert rels["head.w"] == rels["head.b"] == 0  # the head's gradient comes from the loss, before any int8 gradient
+    assert all(r < 0.05 for r in rels.values()), rels
+    assert sum(r > 1e-4 for r in rels.values()) >= 3, rels  # deeper layers do see the quantization
