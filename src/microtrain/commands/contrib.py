@@ -44,6 +44,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--epochs", type=int, default=d.epochs, help=f"fine-tune epochs per trial (default {d.epochs})")
     p.add_argument("--batch-size", type=int, default=d.batch_size)
     p.add_argument("--lr", type=float, default=d.lr, help=f"learning rate of every trial (default {d.lr:g})")
+    p.add_argument("--warmup-epochs", type=float, default=d.warmup_epochs,
+                   help=f"linear warm-up of each trial, in epochs (default {d.warmup_epochs:g}), then cosine decay")
     p.add_argument("--probe-epochs", type=int, default=d.probe_epochs,
                    help=f"head-only epochs of the shared starting head (default {d.probe_epochs}; 0: fresh head)")
     p.add_argument("--probe-lr", type=float, default=d.probe_lr)
@@ -68,7 +70,8 @@ def run(args: argparse.Namespace) -> int:
     graph = load_model(args.model)
     proto = default_protocol(graph, args.data, train_images=args.subset, test_images=args.test_subset,
                              epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
-                             probe_epochs=args.probe_epochs, probe_lr=args.probe_lr, augment=args.augment,
+                             warmup_epochs=args.warmup_epochs, probe_epochs=args.probe_epochs,
+                             probe_lr=args.probe_lr, augment=args.augment,
                              seed=args.seed, k_grid=_ints(args.k_grid, "--k-grid"), base_k=args.base_k,
                              weight_convs=_ints(args.weight_convs, "--weight-convs"))
     out = Path(args.out or f"contrib-{graph.name}-{Path(args.data).name}.json")
@@ -107,7 +110,8 @@ def _argv(args: argparse.Namespace, p: Protocol, out: Path) -> list[str]:
     """The command line with every protocol option spelled out (defaults resolved): the exact command."""
     argv = ["--model", args.model, "--data", args.data, "--out", str(out), "--subset", str(p.train_images),
             "--test-subset", str(p.test_images), "--epochs", str(p.epochs), "--batch-size", str(p.batch_size),
-            "--lr", f"{p.lr:g}", "--probe-epochs", str(p.probe_epochs), "--probe-lr", f"{p.probe_lr:g}",
+            "--lr", f"{p.lr:g}", "--warmup-epochs", f"{p.warmup_epochs:g}", "--probe-epochs", str(p.probe_epochs),
+            "--probe-lr", f"{p.probe_lr:g}",
             "--augment", p.augment, "--k-grid", _spans(p.k_grid), "--base-k", str(p.base_k),
             "--weight-convs", _spans(p.weight_convs), "--seed", str(p.seed), "--workers", str(args.workers)]
     for flag in ("ray", "cache_dir"):

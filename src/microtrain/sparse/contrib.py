@@ -66,8 +66,8 @@ class Protocol:
     test_images: int = 2000
     epochs: int = 1
     batch_size: int = 32
-    lr: float = 0.03
-    warmup_epochs: float = 0.0
+    lr: float = 0.01
+    warmup_epochs: float = 0.3
     probe_epochs: int = 10
     probe_lr: float = 0.1
     augment: str = "flip"
