@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from microtrain.autodiff.build import TrainConfig
+from microtrain.codegen import hostorder
 from microtrain.compiler.patch import Region, make_stage
 from microtrain.compiler.planner import Plan
 from microtrain.errors import MicrotrainError
@@ -33,10 +34,10 @@ from microtrain.runtime import kernels as K
 from microtrain.runtime.executor import add_ratios
 
 TARGETS = ("host", "cortex-m4")
-KERNEL_FILES = ("mt_conv2d.c", "mt_depthwise_conv2d.c", "mt_add.c", "mt_avgpool.c", "mt_slice_channels.c",
-                "mt_linear.c", "mt_softmax_ce.c", "mt_linear_grad_input.c", "mt_avgpool_grad.c", "mt_add_grad.c",
-                "mt_grad_add.c", "mt_conv2d_grad_acc.c", "mt_conv2d_grad_input.c", "mt_depthwise_grad_input.c",
-                "mt_conv2d_update.c", "mt_linear_update.c", "mt_update.c", "mt_math.c")
+KERNEL_FILES = ("mt_dot_tree.c", "mt_conv2d.c", "mt_depthwise_conv2d.c", "mt_add.c", "mt_avgpool.c",
+                "mt_slice_channels.c", "mt_linear.c", "mt_softmax_ce.c", "mt_linear_grad_input.c", "mt_avgpool_grad.c",
+                "mt_add_grad.c", "mt_grad_add.c", "mt_conv2d_grad_acc.c", "mt_conv2d_grad_input.c",
+                "mt_depthwise_grad_input.c", "mt_conv2d_update.c", "mt_linear_update.c", "mt_update.c", "mt_math.c")
 HARNESS_FILES = {"host": ("mt_main.c", "mt_io.h", "mt_io_host.c"),
                  "cortex-m4": ("mt_main.c", "mt_io.h", "mt_io_semihost.c", "mt_startup_m4.c", "mt_m4.ld")}
 STATE_MAGIC = 0x3153544D  # "MTS1"
@@ -132,16 +133,17 @@ class Program:
     arena_bytes: int
     state: list[dict[str, Any]] = field(default_factory=list)  # name, dtype, shape, nbytes, in save order
     state_fingerprint: int = 0
-    forward_traces: list[str] = field(default_factory=list)  # int8 activations dumped by the trace hook, in order
+    traces: list[dict[str, Any]] = field(default_factory=list)  # tensors the trace hook dumps (first step), in order
     image_shape: tuple[int, ...] = ()
     num_classes: int = 0
     patch: dict[str, Any] | None = None
+    config: dict[str, int] = field(default_factory=dict)  # mt_config.h
 
 
 # ---- the emitter -----------------------------------------------------------------------------------------------------
 class Emitter:
-    def __init__(self, g: Graph, plan: Plan, state: dict[str, np.ndarray] | None = None):
-        self.g, self.plan = g, plan
+    def __init__(self, g: Graph, plan: Plan, state: dict[str, np.ndarray] | None = None, host_order: bool = True):
+        self.g, self.plan, self.host_order = g, plan, host_order
         tr = g.meta.get("train")
         if not tr:
             raise MicrotrainError(f"{g.name}: not a training graph (no meta['train'])")
@@ -168,7 +170,7 @@ class Emitter:
         self.consts: list[str] = []  # flash definitions
         self.sram: list[str] = []  # state definitions
         self.params: dict[str, str] = {}  # state tensor -> mt_param identifier
-        self.traces: list[str] = []
+        self.traces: list[dict[str, Any]] = []
         self.stage = g.meta.get("patch_stage")
         if self.stage and self.stage.get("stream_input"):
             raise MicrotrainError("the C generator does not stream the input tile by tile yet (--stream-input)")
@@ -228,6 +230,27 @@ class Emitter:
             self.defined.add(ident)
             self.consts.append(f"static const {ctype} {ident} = {init};")
         return f"&{ident}"
+
+    def trees(self, kind: str, c: int, k: int) -> str:
+        """The host BLAS's summation order of the fp32 head (forward or input gradient), or 0 (a plain chain)."""
+        if not self.host_order:
+            return "0"
+        progs = hostorder.head_programs(c, k)[0 if kind == "forward" else 1]
+        if progs is None:
+            return "0"
+        idents = {}
+        for p in dict.fromkeys(progs):
+            depth = max(np.cumsum([1 if op >= 0 and op < hostorder.FMA else -1 if op == hostorder.ADD else 0
+                                   for op in p]))
+            if depth > 64:
+                return "0"
+            ident = self.names("HT", f"{kind}{len(idents)}")
+            self.consts.append(f"static const int16_t {ident}[{len(p)}] = {c_array(np.asarray(p, np.int16))};")
+            idents[p] = ident
+        ident = self.names("HEAD", kind)
+        rows = ", ".join(f"{{{idents[p]}, {len(p)}}}" for p in progs)
+        self.consts.append(f"static const mt_tree {ident}[{len(progs)}] = {{{rows}}};")
+        return ident
 
     def mult(self, conv: Op) -> str:
         x, w, y = (self.g.tensors[n] for n in (conv.inputs[0], conv.inputs[1], conv.outputs[0]))
@@ -314,12 +337,20 @@ class Emitter:
             if w.dtype != "float32":
                 raise MicrotrainError("the C generator expects the training graph's fp32 head")
             code = [f"mt_linear({self.act(x.name)}, {x.shape[0]}, {x.zero}, {c_float(x.scale)}, {self.tensor(w.name)}, "
-                    f"{self.tensor(b.name)}, {w.shape[0]}, {self.act(y)});"]
+                    f"{self.tensor(b.name)}, {w.shape[0]}, {self.act(y)}, "
+                    f"{self.trees('forward', x.shape[0], w.shape[0])});"]
         else:
             raise MicrotrainError(f"op kind {op.kind!r} in the forward pass is not supported by the C generator")
-        if g.tensors[y].dtype == "int8":
-            self.traces.append(y)
-            code.append(f"TRACE({y!r}, {self.act(y)}, {g.tensors[y].nbytes});".replace("'", '"'))
+        return code + self.trace(op.outputs[:1], "forward")
+
+    def trace(self, names: list[str], phase: str) -> list[str]:
+        """Dump hook calls for whole tensors right after the op that wrote them (they may be overwritten later)."""
+        code = []
+        for n in names:
+            t = self.g.tensors[n]
+            if t.dtype in ("int8", "float32"):
+                self.traces.append({"name": n, "dtype": t.dtype, "shape": list(t.shape), "phase": phase})
+                code.append(f'TRACE("{n}", {self.act(n)}, {t.nbytes});')
         return code
 
     # ---- the patch stage: its ops tile by tile, intermediates in the tile arena -----------------------------------
@@ -369,10 +400,7 @@ class Emitter:
                 if y not in outer and total > int(np.prod(tp["shapes"][y])):
                     raise MicrotrainError(f"tile {ti}: {y} needs {total} B, its tile buffer has "
                                           f"{int(np.prod(tp['shapes'][y]))}")
-        y = st["output"]
-        self.traces.append(y)
-        code.append(f'TRACE("{y}", {self.act(y)}, {g.tensors[y].nbytes});')
-        return code
+        return code + self.trace([st["output"]], "forward")
 
     # ---- loss, backward, updates -------------------------------------------------------------------------------
     def conv_of(self, name: str) -> Op | None:
@@ -389,7 +417,8 @@ class Emitter:
             gz, w = op.inputs
             pooled = t[g.meta["train"]["pooled"]]
             return [f"mt_linear_grad_input({self.act(gz)}, {self.tensor(w)}, {t[w].shape[0]}, {t[w].shape[1]}, "
-                    f"{c_float(pooled.scale)}, {self.act(op.outputs[0])});"]
+                    f"{c_float(pooled.scale)}, {self.act(op.outputs[0])}, "
+                    f"{self.trees('grad_input', t[w].shape[1], t[w].shape[0])});"]
         if op.kind in ("linear_update", "linear_weight_grad"):
             gz, x = op.inputs[:2]
             xt = t[x]
@@ -470,7 +499,8 @@ class Emitter:
                 fwd += [f"/* {op.name}: {op.kind} */", *map(block, self.forward_op(op))]
         bwd: list[str] = []
         for op in self.rest_ops:
-            bwd += [f"/* {op.name}: {op.kind} */", *map(block, self.backward_op(op))]
+            bwd += [f"/* {op.name}: {op.kind} */", *map(block, self.backward_op(op)),
+                    *self.trace(op.outputs, op.attrs.get("phase", "backward"))]
         for n in self.state_names:  # state that no op touched (e.g. a frozen head) still belongs to the state
             self.tensor(n)
         layout = [{"name": n, "dtype": g.tensors[n].dtype, "shape": list(g.tensors[n].shape),
@@ -491,8 +521,15 @@ class Emitter:
             logits=self.off("logits"), classes=classes, step0=self.step0, state_table=state_table or '  {"", 0, 0u}',
             state_count=len(self.state_names), magic=STATE_MAGIC, fingerprint=fp)
         prog = Program(self.plan.arena_bytes, layout, fp, list(self.traces), tuple(img.shape), classes,
-                       {k: v for k, v in self.stage.items() if k != "tile_plan"} if self.stage else None)
+                       {k: v for k, v in self.stage.items() if k != "tile_plan"} if self.stage else None,
+                       self.config())
         return header, source, prog
+
+    def config(self) -> dict[str, int]:
+        """The host's reduction parameters the runtime sums with (mt_config.h)."""
+        if not self.host_order:
+            return {"MT_SUM_LANES": 8, "MT_SOFTMAX_LANES": 16, "MT_KBLOCK": 384}
+        return {"MT_SUM_LANES": hostorder.sum_lanes(), "MT_SOFTMAX_LANES": hostorder.softmax_lanes(), "MT_KBLOCK": 384}
 
 
 HEADER = """\

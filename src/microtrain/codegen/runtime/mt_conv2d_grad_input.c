@@ -1,6 +1,8 @@
 /* conv2d (groups = 1) backward w.r.t. its input: gx[c, y, x] = sum_{o, i, j} gacc[o, oy, ox] * w[o, c, i, j] over
  * the taps with y = oy * s - p + i, x = ox * s - p + j, w the full weight (trainable slice + frozen rest) as read
- * before this step's update. Each sum is a chain of fused multiply-adds over (i, j, o), o innermost. */
+ * before this step's update. Each sum is a chain of fused multiply-adds over (i, j, o), o innermost; a pointwise
+ * conv's reduction over more than MT_KBLOCK output channels runs as ceil(O / MT_KBLOCK) equal blocks whose chains
+ * are then added in order (the host's oneDNN kernel does exactly this). */
 #include "mt_runtime.h"
 
 static inline float weight(const mt_weights *w, int32_t cin, int32_t o, int32_t c, int32_t t) {
@@ -13,17 +15,22 @@ void mt_conv2d_grad_input(const float *gacc, mt_dims gd, const mt_weights *w, in
                           float *gx, mt_dims xd) {
   const int32_t k = w->k, cin = xd.c;
   if (k == 1 && stride == 1 && pad == 0) {  /* pointwise: gx[c, p] = sum_o gacc[o, p] * w[o, c] */
-    const int32_t hw = xd.h * xd.w;
+    const int32_t hw = xd.h * xd.w, blocks = (gd.c + MT_KBLOCK - 1) / MT_KBLOCK;
+    const int32_t kb = (gd.c + blocks - 1) / blocks;
     for (int32_t c = 0; c < cin; c++) {
       for (int32_t p0 = 0; p0 < hw; p0 += PW_BLOCK) {
         const int32_t n = hw - p0 < PW_BLOCK ? hw - p0 : PW_BLOCK;
-        float acc[PW_BLOCK] = {0};
-        for (int32_t o = 0; o < gd.c; o++) {
-          const float wv = weight(w, cin, o, c, 0);
-          const float *gp = gacc + o * hw + p0;
-          for (int32_t q = 0; q < n; q++) acc[q] = mt_fma(gp[q], wv, acc[q]);
+        float sum[PW_BLOCK];
+        for (int32_t o0 = 0; o0 < gd.c; o0 += kb) {
+          float acc[PW_BLOCK] = {0};
+          for (int32_t o = o0; o < o0 + kb && o < gd.c; o++) {
+            const float wv = weight(w, cin, o, c, 0);
+            const float *gp = gacc + o * hw + p0;
+            for (int32_t q = 0; q < n; q++) acc[q] = mt_fma(gp[q], wv, acc[q]);
+          }
+          for (int32_t q = 0; q < n; q++) sum[q] = o0 ? sum[q] + acc[q] : acc[q];
         }
-        for (int32_t q = 0; q < n; q++) gx[c * hw + p0 + q] = acc[q];
+        for (int32_t q = 0; q < n; q++) gx[c * hw + p0 + q] = sum[q];
       }
     }
     return;

@@ -2,11 +2,11 @@
  * then optionally saves the trainable state and predicts a held-out set. The same file runs on the host and, through
  * semihosting, on the Cortex-M4 in QEMU.
  *
- *   prog [-i STATE_IN] [-o STATE_OUT] [-t TRACE_OUT] [-e EVAL_IN -p PRED_OUT] [-n MAX_STEPS] [-q] STREAM
+ *   prog [-i STATE_IN] [-o STATE_OUT] [-t TRACE_OUT [-k STEP]] [-e EVAL_IN -p PRED_OUT] [-n MAX_STEPS] [-q] STREAM
  *
  * Record files: header uint32 {magic "MTD1", count, image bytes}, then per record int32 label, float32 lr, int8
- * image (CHW). Predictions: per image int32 class, float32 logits[MT_NUM_CLASSES]. Trace: per int8 activation of the
- * first step's forward pass, uint32 name length, name, uint32 bytes, data. All little-endian. */
+ * image (CHW). Predictions: per image int32 class, float32 logits[MT_NUM_CLASSES]. Trace (of step STEP, default 1):
+ * per tensor the step writes, uint32 name length, name, uint32 bytes, data. All little-endian. */
 #include <string.h>
 
 #include "model.h"
@@ -99,9 +99,15 @@ static int open_records(const char *path, uint32_t *count) {
   return h;
 }
 
+static uint32_t parse_u32(const char *p) {
+  uint32_t v = 0;
+  for (; *p >= '0' && *p <= '9'; p++) v = v * 10 + (uint32_t)(*p - '0');
+  return v;
+}
+
 int harness_main(int argc, char **argv) {
   const char *state_in = 0, *state_out = 0, *trace_out = 0, *eval_in = 0, *pred_out = 0, *stream = 0;
-  uint32_t max_steps = 0xFFFFFFFFu;
+  uint32_t max_steps = 0xFFFFFFFFu, trace_step = 1;
   int quiet = 0;
   for (int i = 1; i < argc; i++) {
     const char *a = argv[i];
@@ -111,10 +117,9 @@ int harness_main(int argc, char **argv) {
     else if (!strcmp(a, "-t")) trace_out = argv[++i];
     else if (!strcmp(a, "-e")) eval_in = argv[++i];
     else if (!strcmp(a, "-p")) pred_out = argv[++i];
-    else if (!strcmp(a, "-n")) {
-      max_steps = 0;
-      for (const char *p = argv[++i]; *p; p++) max_steps = max_steps * 10 + (uint32_t)(*p - '0');
-    } else if (!strcmp(a, "-q")) quiet = 1;
+    else if (!strcmp(a, "-n")) max_steps = parse_u32(argv[++i]);
+    else if (!strcmp(a, "-k")) trace_step = parse_u32(argv[++i]);
+    else if (!strcmp(a, "-q")) quiet = 1;
     else if (a[0] == '-') return fail("unknown option ", a);
     else stream = a;
   }
@@ -134,9 +139,9 @@ int harness_main(int argc, char **argv) {
     if (trace_out) {
       trace_file = io_open(trace_out, 1);
       if (trace_file < 0) return fail("cannot write ", trace_out);
-      mt_trace = trace;
     }
     for (; done < count && done < max_steps; done++) {
+      if (trace_file >= 0 && done + 1 == trace_step) mt_trace = trace;
       int32_t label;
       float lr;
       if (io_read(h, &label, 4) || io_read(h, &lr, 4) || io_read(h, input_buffer(), MT_IMAGE_BYTES))
@@ -147,6 +152,7 @@ int harness_main(int argc, char **argv) {
       if (mt_trace) {
         mt_trace = 0;
         io_close(trace_file);
+        trace_file = -1;
       }
       if (!quiet) {
         put("step ");
@@ -157,6 +163,7 @@ int harness_main(int argc, char **argv) {
       }
     }
     io_close(h);
+    if (trace_file >= 0) io_close(trace_file);
   }
   if (state_out) {
     int h = io_open(state_out, 1);

@@ -15,6 +15,25 @@
 
 #include <stdint.h>
 
+#include "mt_config.h"
+
+/* The host's float reductions, so that the C program can sum in the same order. mt_config.h (generated) holds the
+ * values measured on the host that generated the program (codegen/hostorder.py); any value gives a correct program,
+ * only bit-exactness with that host depends on them.
+ *   MT_SUM_LANES      vector width of torch's sum kernel (8 on the AVX-512 machine this was written on: AVX2 code)
+ *   MT_SOFTMAX_LANES  vector width of torch's softmax kernel (16 there)
+ *   MT_KBLOCK         longest reduction the host's convolution backward (oneDNN) runs as one chain before it splits
+ *                     the reduction into equal blocks */
+#ifndef MT_SUM_LANES
+#define MT_SUM_LANES 8
+#endif
+#ifndef MT_KBLOCK
+#define MT_KBLOCK 384
+#endif
+#ifndef MT_SOFTMAX_LANES
+#define MT_SOFTMAX_LANES 16
+#endif
+
 typedef struct {
   int32_t c, h, w;  /* channels, rows, columns */
   int32_t cs, rs;   /* channel stride and row stride, in elements */
@@ -44,6 +63,17 @@ typedef struct {
   int32_t x_zero, y_zero;
 } mt_conv;
 
+/* A summation order: the postfix program of a tree over the terms of a dot product (see mt_dot_tree.c). */
+#define MT_TREE_FMA 16384
+#define MT_TREE_ADD (-1)
+#define MT_TREE_STACK 64
+typedef struct {
+  const int16_t *ops;
+  int32_t n;
+} mt_tree;
+float mt_dot_tree(const float *a, const float *b, int32_t bs, const mt_tree *t);
+float mt_dot_tree_q8(const int8_t *x, int32_t x_zero, float x_scale, const float *b, int32_t bs, const mt_tree *t);
+
 /* ---- forward (integer-exact) ------------------------------------------------------------------------------- */
 void mt_conv2d(const int8_t *x, mt_dims xd, const mt_conv *p, int8_t *y, mt_dims yd, uint8_t *mask);
 /* scratch != NULL: y shares x's buffer; each channel is computed into scratch (one output channel) and copied. */
@@ -53,12 +83,15 @@ void mt_add(const int8_t *a, mt_dims ad, int32_t a_zero, float ra, const int8_t 
             float rb, int8_t *y, mt_dims yd, int32_t y_zero, uint8_t *mask);
 void mt_avgpool(const int8_t *x, int32_t c, int32_t hw, int8_t *y);
 void mt_slice_channels(const int8_t *x, int32_t nbytes, int8_t *y);
+/* trees: one summation order per class (NULL: a chain of fused multiply-adds in feature order) */
 void mt_linear(const int8_t *x, int32_t c, int32_t x_zero, float x_scale, const float *w, const float *b,
-               int32_t k, float *logits);
+               int32_t k, float *logits, const mt_tree *trees);
 
 /* ---- loss and backward (float32 gradients in integer units) ------------------------------------------------ */
 float mt_softmax_ce(const float *z, int32_t k, int32_t label, float *grad);
-void mt_linear_grad_input(const float *g, const float *w, int32_t k, int32_t c, float x_scale, float *gx);
+/* trees: one summation order per feature (NULL: a chain of fused multiply-adds in class order) */
+void mt_linear_grad_input(const float *g, const float *w, int32_t k, int32_t c, float x_scale, float *gx,
+                          const mt_tree *trees);
 void mt_avgpool_grad(const float *g, int32_t c, int32_t hw, float *gx);
 void mt_add_grad(const float *g, const uint8_t *mask, int32_t n, float ra, float rb, float *ga, float *gb);
 void mt_grad_add(const float *a, const float *b, int32_t n, float *y);

@@ -1,0 +1,149 @@
+"""Host trainer vs generated C: run both on one ordered stream at batch 1 and measure how far apart they end up.
+
+The host side is `runtime.trainstep.GraphTrainStep` (the trainer's executor) on the unscheduled training graph,
+stepping one image at a time; the C side is whatever `run_host` / `run_qemu` produced. Integer tensors are compared
+element by element (share equal, largest difference), float tensors by their largest difference relative to the
+tensor's largest magnitude.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from microtrain.ir.graph import Graph
+from microtrain.runtime.trainstep import GraphTrainStep
+
+
+@contextlib.contextmanager
+def torch_threads(n: int) -> Iterator[None]:
+    """Batch-1 steps are tiny: one thread is fastest, and immune to a busy machine."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
+
+
+@dataclass
+class HostRun:
+    losses: list[float]
+    state: dict[str, np.ndarray]
+    first: dict[str, np.ndarray]  # every tensor of step `trace_step` (int8 activations, float32 logits, loss, grads)
+    logits: np.ndarray | None = None  # of the held-out images after the stream
+
+
+def simulate(tg: Graph, images: np.ndarray, labels: np.ndarray, lrs: np.ndarray, held_out: np.ndarray | None = None,
+             state: dict[str, np.ndarray] | None = None, trace_step: int = 1) -> HostRun:
+    """The host trainer at batch 1 over the stream (optionally from `state`, e.g. a checkpoint), keeping every tensor
+    of step `trace_step` (1-based)."""
+    with torch_threads(1), torch.no_grad():
+        step = GraphTrainStep(tg)
+        if state is not None:
+            step.load_state_dict(state)
+        losses, first = [], {}
+        for i in range(len(labels)):
+            x, y = torch.from_numpy(images[i:i + 1]), torch.tensor([int(labels[i])])
+            if i + 1 != trace_step:
+                losses.append(step.step(x, y, float(lrs[i])))
+                continue
+            env = step._env(x)  # the step as GraphTrainStep.step runs it, keeping its environment
+            env["label"], env["lr"] = y, torch.tensor(float(lrs[i]), dtype=torch.float32)
+            step.run(step.g.ops, env, train=True)
+            step.step_count += 1
+            losses.append(float(env["loss"]))
+            first = {n: v.numpy().copy() for n, v in env.items() if isinstance(v, torch.Tensor)}
+        logits = step.logits(torch.from_numpy(held_out)).numpy() if held_out is not None else None
+        return HostRun(losses, step.state_dict(), first, logits)
+
+
+@dataclass
+class Agreement:
+    int_elements: int = 0
+    int_equal: int = 0
+    int_max_diff: int = 0
+    float_max_rel: float = 0.0
+    float_elements: int = 0
+    float_equal: int = 0
+    per_tensor: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    @property
+    def int_share(self) -> float:
+        return self.int_equal / max(self.int_elements, 1)
+
+    def ok(self, share: float = 0.999, rel: float = 1e-4) -> bool:
+        """The issue's tolerance: integers equal in >= 99.9% of elements and never more than 1 apart, floats within
+        1e-4 relative."""
+        return self.int_share >= share and self.int_max_diff <= 1 and self.float_max_rel <= rel
+
+    def summary(self) -> dict[str, Any]:
+        return {"int_elements": self.int_elements, "int_equal": self.int_equal, "int_share": self.int_share,
+                "int_max_diff": self.int_max_diff, "float_elements": self.float_elements,
+                "float_bit_equal": self.float_equal, "float_max_rel": self.float_max_rel}
+
+
+def compare_states(c: dict[str, np.ndarray], host: dict[str, np.ndarray], names: list[str]) -> Agreement:
+    a = Agreement()
+    for n in names:
+        x, y = np.asarray(c[n]), np.asarray(host[n])
+        if x.shape != y.shape:
+            raise ValueError(f"{n}: shape {x.shape} vs {y.shape}")
+        if x.dtype.kind == "f":
+            rel = float(np.abs(x.astype(np.float64) - y).max() / max(float(np.abs(y).max()), 1e-30)) if x.size else 0.0
+            eq = int((x == y).sum())
+            a.float_max_rel = max(a.float_max_rel, rel)
+            a.float_elements += x.size
+            a.float_equal += eq
+            a.per_tensor[n] = {"max_rel": rel, "bit_equal": eq, "elements": x.size}
+        else:
+            d = np.abs(x.astype(np.int64) - y.astype(np.int64))
+            eq = int((d == 0).sum())
+            a.int_elements += x.size
+            a.int_equal += eq
+            a.int_max_diff = max(a.int_max_diff, int(d.max()) if d.size else 0)
+            a.per_tensor[n] = {"equal": eq, "elements": x.size, "max_diff": int(d.max()) if d.size else 0}
+    return a
+
+
+SKIMAGE_PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "hubble_deep_field", "immunohistochemistry")
+
+
+def real_images(n: int, resolution: int, seed: int = 0, num_classes: int = 10, source: str = "auto"
+                ) -> tuple[np.ndarray, np.ndarray, str]:
+    """n real images as the model's int8 input [n, 3, R, R] with labels, in a seeded shuffled order: CIFAR-10 (the
+    evaluation transform) when it is on disk (source "auto" or "cifar10"), else random crops of scikit-image's
+    bundled photos (label = photo; source "skimage")."""
+    from microtrain.data.datasets import batches, open_dataset, resize_batch
+    from microtrain.errors import MicrotrainError
+
+    order = np.random.default_rng(seed).permutation(n)
+    try:
+        if source == "skimage":
+            raise MicrotrainError("scikit-image photos requested")
+        ds = open_dataset("cifar10", "train", subset=n, seed=seed, progress=False)
+        xs, ys = zip(*((x.numpy(), y.numpy()) for x, y in batches(ds, 256, augment=None, resolution=resolution)),
+                     strict=True)
+        return np.concatenate(xs)[order], (np.concatenate(ys) % num_classes)[order], "cifar10"
+    except MicrotrainError:
+        if source == "cifar10":
+            raise
+        import skimage.data
+
+        rng = np.random.default_rng(seed)
+        photos = [np.asarray(getattr(skimage.data, p)())[..., :3] for p in SKIMAGE_PHOTOS]
+        xs, ys = [], []
+        for i in range(n):
+            k = i % len(photos)
+            p = photos[k]
+            s = int(rng.integers(min(p.shape[:2]) // 3, min(p.shape[:2]) + 1))
+            r, c = (int(rng.integers(0, d - s + 1)) for d in p.shape[:2])
+            crop = np.ascontiguousarray(p[r:r + s, c:c + s].transpose(2, 0, 1))[None]
+            xs.append(resize_batch(torch.from_numpy(crop), resolution, crop=1.0).numpy())
+            ys.append(k % num_classes)
+        return np.concatenate(xs)[order], np.asarray(ys)[order], "skimage"

@@ -1,0 +1,226 @@
+"""Generated C vs the host trainer (batch 1, same initial state, same ordered stream of real images): first-step int8
+activations bit-identical, integer state equal in >= 99.9% of elements and never more than 1 apart, float state within
+1e-4 relative, identical held-out predictions. On the tiny model (several optimizers, reorder off, forced patch
+stages), on two zoo models on the host, and on an emulated Cortex-M4 (QEMU), where the program must also link into
+256 KB SRAM / 1 MB flash and the loss must go down."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from microtrain.autodiff.build import TrainConfig, build_training_graph
+from microtrain.codegen.parity import compare_states, real_images, simulate
+from microtrain.codegen.project import (
+    SRAM_BUDGET,
+    build,
+    emit_project,
+    harness_args,
+    load_program,
+    measure_memory,
+    read_predictions,
+    read_state,
+    read_trace,
+    run_host,
+    run_qemu,
+    toolchain,
+    write_records,
+    write_state,
+)
+from microtrain.compiler.memory import (
+    frozen_forward_ops,
+    inplace_rules,
+    plan_training_graph,
+    planning_view,
+    stage_meta,
+    stage_tile_graph,
+)
+from microtrain.compiler.patch import candidate_stages, make_stage
+from microtrain.compiler.planner import plan_memory
+from microtrain.compiler.schedule import hoist_updates
+from microtrain.errors import MicrotrainError
+from microtrain.frontends.zoo import load_model
+from microtrain.sparse.scheme import Scheme, resolve_scheme
+
+from tiny import tiny_model
+
+pytestmark = pytest.mark.skipif(toolchain("host") is not None, reason="host C toolchain (gcc, make) not installed")
+M4 = pytest.mark.skipif(toolchain("cortex-m4") is not None, reason="arm-none-eabi-gcc / qemu-system-arm not installed")
+
+CLASSES = 5
+MIXED = Scheme("mixed", n_bias_update=8, weight_ratios={4: 0.5, 5: 0.25, 7: 1.0, 9: 0.5}, head=True)
+
+
+def forced_stage(tg, index: int, grid: int):
+    """Schedule `tg` and run its `index`-th candidate early stage tile by tile on a grid x grid split (the planner
+    would not choose one for a model this small): the scheduled graph with its stage meta, and the view's plan."""
+    tg = hoist_updates(tg)
+    rules = inplace_rules(True)
+    ops, out = candidate_stages(tg, frozen_forward_ops(tg))[index]
+    stage = make_stage(tg, ops, out, grid)
+    tile = stage_tile_graph(tg, stage, False)
+    tplan = plan_memory(tile, rules=rules)
+    tg.meta["patch_stage"] = stage_meta(stage, tile, tplan, False)
+    return tg, plan_memory(planning_view(tg, stage, tplan.arena_bytes), rules=rules)
+
+
+def run_parity(tg, plan, out, images, labels, lr, held_out, target="host", sanitizers=False):
+    """Emit + build + run the C program on the stream, and the host trainer on the same stream."""
+    emit_project(tg, plan, out, target)
+    build(out)
+    lrs = np.full(len(labels), lr, np.float32)
+    write_records(out / "stream.bin", images, labels, lrs)
+    write_records(out / "held_out.bin", held_out, np.zeros(len(held_out)))
+    args = harness_args("stream.bin", state_out="state.bin", trace="trace.bin", eval_in="held_out.bin",
+                        pred_out="pred.bin")
+    res = (run_host if target == "host" else run_qemu)(out, args)
+    host = simulate(tg, images, labels, lrs, held_out)
+    prog = load_program(out)
+    c_state = read_state(out / "state.bin", prog)
+    if sanitizers:
+        build(out, "asan")
+        run_host(out, harness_args("stream.bin", state_out="state_asan.bin", quiet=True), program="prog_asan")
+        assert (out / "state_asan.bin").read_bytes() == (out / "state.bin").read_bytes()
+    return res, host, prog, c_state
+
+
+def check(res, host, prog, c_state, out):
+    trace = read_trace(out / "trace.bin", prog)
+    assert set(trace) == {t["name"] for t in prog["traces"]}
+    fwd = [t["name"] for t in prog["traces"] if t["dtype"] == "int8"]
+    assert fwd
+    for name in fwd:  # int8 activations of the first step, bit for bit
+        np.testing.assert_array_equal(trace[name], host.first[name].reshape(-1), err_msg=name)
+    assert int(c_state["__step__"]) == int(host.state["__step__"]) == len(host.losses)
+    agree = compare_states(c_state, host.state, [t["name"] for t in prog["state"]])
+    assert agree.ok(), agree.summary()
+    np.testing.assert_allclose(res["losses"], host.losses, rtol=1e-4, atol=1e-5)
+    cls, logits = read_predictions(out / "pred.bin", prog["num_classes"])
+    np.testing.assert_array_equal(cls, host.logits.argmax(1))
+    return agree
+
+
+@pytest.fixture(scope="module")
+def images32():
+    x, y, _ = real_images(80, 32, seed=1, num_classes=CLASSES)
+    return x[:60], y[:60], x[60:]
+
+
+@pytest.mark.parametrize("cfg", [TrainConfig(), TrainConfig(optimizer="adam", reorder=False),
+                                 TrainConfig(optimizer="sgd-m", qas=False)], ids=["sgd", "adam-deferred", "sgdm-noqas"])
+def test_tiny_parity(cfg, images32, tmp_path):
+    x, y, held = images32
+    tg = build_training_graph(tiny_model(seed=1, res=32), MIXED, CLASSES, cfg)
+    sched, best = plan_training_graph(tg, patch=None)
+    out = check(*run_parity(sched, best.plan, tmp_path, x, y, 0.01, held, sanitizers=cfg.optimizer == "sgd"),
+                tmp_path)
+    assert out.int_share == 1.0  # this small case is exact in every integer
+
+
+@pytest.mark.parametrize("index,grid", [(1, 2), (4, 3)], ids=["block1-2x2", "block2-3x3"])
+def test_tiny_patch_stage_parity(index, grid, images32, tmp_path):
+    """The stage's ops run tile by tile in the tile arena (halos, stride 2, in-place depthwise and add) and the
+    result is still bit-identical to the host's whole-tensor forward."""
+    x, y, held = images32
+    g = tiny_model(seed=2, res=32)
+    tg, plan = forced_stage(build_training_graph(g, resolve_scheme("last:2", g), CLASSES), index, grid)
+    res, host, prog, c_state = run_parity(tg, plan, tmp_path, x, y, 0.01, held)
+    assert prog["patch"]["grid"] == grid and prog["arena_bytes"] == plan.arena_bytes
+    assert tg.meta["patch_stage"]["output"] in read_trace(tmp_path / "trace.bin", prog)
+    check(res, host, prog, c_state, tmp_path)
+
+
+def test_state_file_resumes_exactly(images32, tmp_path):
+    """save_state / load_state: 30 steps, save, 30 more from the file == 60 in one go; a host state dict written
+    with write_state starts the program where the host left off."""
+    x, y, _ = images32
+    tg = build_training_graph(tiny_model(seed=1, res=32), MIXED, CLASSES)
+    sched, best = plan_training_graph(tg, patch=None)
+    emit_project(sched, best.plan, tmp_path)
+    build(tmp_path)
+    write_records(tmp_path / "a.bin", x[:30], y[:30], 0.01)
+    write_records(tmp_path / "b.bin", x[30:], y[30:], 0.01)
+    write_records(tmp_path / "ab.bin", x, y, 0.01)
+    run_host(tmp_path, harness_args("ab.bin", state_out="whole.bin", quiet=True))
+    run_host(tmp_path, harness_args("a.bin", state_out="half.bin", quiet=True))
+    run_host(tmp_path, harness_args("b.bin", state_in="half.bin", state_out="resumed.bin", quiet=True))
+    assert (tmp_path / "whole.bin").read_bytes() == (tmp_path / "resumed.bin").read_bytes()
+    prog = load_program(tmp_path)
+    host_half = simulate(tg, x[:30], y[:30], np.full(30, 0.01, np.float32)).state
+    write_state(tmp_path / "host_half.bin", host_half, prog)
+    run_host(tmp_path, harness_args("b.bin", state_in="host_half.bin", state_out="from_host.bin", quiet=True))
+    whole = read_state(tmp_path / "whole.bin", prog)
+    assert compare_states(read_state(tmp_path / "from_host.bin", prog), whole, list(whole)).ok()
+    (tmp_path / "bad.bin").write_bytes(b"MTS1" + bytes(40))
+    with pytest.raises(MicrotrainError, match="does not match"):
+        run_host(tmp_path, harness_args("b.bin", state_in="bad.bin"))
+
+
+def test_unsupported_configuration_is_a_clear_error(tmp_path):
+    tg = build_training_graph(tiny_model(seed=1, res=32), MIXED, CLASSES, TrainConfig(update_storage="fp32"))
+    sched, best = plan_training_graph(tg, patch=None)
+    with pytest.raises(MicrotrainError, match="int8 update storage"):
+        emit_project(sched, best.plan, tmp_path)
+
+
+# ---- zoo models: host C, and the Cortex-M4 under QEMU -------------------------------------------------------------
+ZOO = [("mcunet-5fps", "paper-99kb"), ("proxyless-w0.3", "paper-98kb")]
+LR, EPOCHS, IMAGES = 0.005, 2, 50
+
+
+@pytest.fixture(scope="module")
+def stream128():
+    """50 real images, two shuffled passes (100 steps): enough for the loss to go down; and 8 held-out images."""
+    x, y, _ = real_images(IMAGES + 8, 128, seed=3)
+    rng = np.random.default_rng(0)
+    order = np.concatenate([rng.permutation(IMAGES) for _ in range(EPOCHS)])
+    return x[order], y[order], x[IMAGES:]
+
+
+def zoo_graph(model, scheme):
+    g = load_model(model)
+    tg = build_training_graph(g, resolve_scheme(scheme, g), 10)
+    return tg, *plan_training_graph(tg)
+
+
+@pytest.mark.parametrize("model,scheme", ZOO[:1], ids=lambda v: v)
+def test_zoo_host_parity(model, scheme, stream128, tmp_path):
+    x, y, held = stream128
+    _, sched, best = zoo_graph(model, scheme)
+    assert sched.meta.get("patch_stage"), "the planner's patch stage is part of what is tested"
+    res, host, prog, c_state = run_parity(sched, best.plan, tmp_path, x, y, LR, held, sanitizers=False)
+    agree = check(res, host, prog, c_state, tmp_path)
+    assert agree.int_elements > 50_000
+
+
+@M4
+@pytest.mark.parametrize("model,scheme", ZOO, ids=lambda v: v)
+def test_cortex_m4_qemu(model, scheme, stream128, tmp_path):
+    """Links into the 256 KB / 1 MB regions, trains in QEMU, the loss goes down, and the final state equals the host
+    C program's bit for bit and the host trainer's within the tolerance."""
+    x, y, held = stream128
+    _, sched, best = zoo_graph(model, scheme)
+    m4, host_dir = tmp_path / "m4", tmp_path / "host"
+    res, host, prog, c_state = run_parity(sched, best.plan, m4, x, y, LR, held, target="cortex-m4")
+    mem = measure_memory(m4, res, best.plan)
+    assert mem["fits"] and mem["sram_total_bytes"] <= SRAM_BUDGET, mem
+    assert mem["ram_bytes"] >= mem["arena_bytes"] + mem["state_bytes"]
+    assert json.loads((m4 / "memory.json").read_text())["stack_bytes"] == res["stack_bytes"] > 0
+    check(res, host, prog, c_state, m4)
+    losses = np.asarray(res["losses"]).reshape(EPOCHS, -1)
+    assert losses[1].mean() < losses[0].mean() - 0.2, losses.mean(axis=1)
+    emit_project(sched, best.plan, host_dir, "host")
+    build(host_dir)
+    (host_dir / "stream.bin").write_bytes((m4 / "stream.bin").read_bytes())
+    run_host(host_dir, harness_args("stream.bin", state_out="state.bin", quiet=True))
+    assert (host_dir / "state.bin").read_bytes() == (m4 / "state.bin").read_bytes()
+
+
+@M4
+def test_cortex_m4_does_not_fit_fails_at_link_time(tmp_path):
+    _, sched, best = zoo_graph("mcunet-5fps", "full")
+    emit_project(sched, best.plan, tmp_path, "cortex-m4")
+    with pytest.raises(MicrotrainError, match=r"does not fit: region RAM overflowed by \d+ bytes"):
+        build(tmp_path)
