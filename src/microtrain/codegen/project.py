@@ -206,7 +206,7 @@ def run_qemu(out_dir: str | Path, args: list[str], timeout: float | None = None)
     if any(" " in a for a in args):
         raise MicrotrainError("QEMU's command line is split on spaces: file names must not contain any")
     r = _run(qemu_command(out, args), out, timeout)
-    res = parse_output(r.stdout)
+    res = parse_output(r.stdout + r.stderr)  # QEMU writes the semihosting console to stderr
     res.update(returncode=r.returncode, stdout=r.stdout, stderr=r.stderr)
     if r.returncode or "error" in res:
         raise MicrotrainError(f"QEMU run failed ({r.returncode}): {res.get('error') or (r.stdout + r.stderr)[-2000:]}")
