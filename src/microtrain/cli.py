@@ -8,7 +8,7 @@ import sys
 
 from microtrain.errors import MicrotrainError
 
-COMMANDS = ["models", "predict", "train", "eval", "plan", "contrib", "search", "demo"]
+COMMANDS = ["models", "predict", "train", "eval", "plan", "compile", "contrib", "search", "demo"]
 
 
 def build_parser() -> argparse.ArgumentParser:

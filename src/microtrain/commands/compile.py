@@ -1,0 +1,135 @@
+"""`microtrain compile`: the training step as a self-contained C project for the host or a Cortex-M4 (and run it)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+
+from microtrain.autodiff.build import OPTIMIZERS, TrainConfig, build_training_graph
+from microtrain.codegen.parity import real_images
+from microtrain.codegen.project import (
+    FLASH_BUDGET,
+    SRAM_BUDGET,
+    build,
+    emit_project,
+    harness_args,
+    measure_memory,
+    run_host,
+    run_qemu,
+    toolchain,
+    write_records,
+)
+from microtrain.compiler.memory import plan_training_graph
+from microtrain.errors import MicrotrainError
+from microtrain.frontends.zoo import load_model
+from microtrain.ir.graph import Graph
+from microtrain.sparse.scheme import resolve_scheme
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "compile", help="generate the C training program (host or Cortex-M4), build and run it",
+        description="Emit the scheduled, memory-planned training step of MODEL under SCHEME as a C99 project: frozen "
+                    "weights in flash, trainable state in SRAM, one static arena of exactly the planned size, the "
+                    "forward, backward and in-place updates as a straight line of kernel calls, and a harness that "
+                    "trains on a stream of images. --build compiles it (gcc, or arm-none-eabi-gcc against a 256 KB "
+                    "SRAM / 1 MB flash linker script); --run also trains it for --steps real images (on the host, or "
+                    "in QEMU's mps2-an386) and writes OUT_DIR/memory.json.")
+    p.add_argument("--model", help="zoo name or model file (taken from --from when omitted)")
+    p.add_argument("--scheme", help="preset or scheme file (taken from --from when omitted)")
+    p.add_argument("--from", dest="run_dir", metavar="RUN_DIR",
+                   help="a `microtrain train` run: its training graph and checkpoint, so the device starts from the "
+                        "host-trained state")
+    p.add_argument("--classes", type=int, default=10, help="classes of the new head (default 10; ignored with --from)")
+    p.add_argument("--optimizer", choices=OPTIMIZERS, default="sgd", help="sgd (default), sgd-m or adam")
+    p.add_argument("--no-reorder", action="store_true", help="apply all updates after the backward pass")
+    p.add_argument("--target", choices=("host", "cortex-m4"), default="host")
+    p.add_argument("-o", "--out", required=True, metavar="OUT_DIR")
+    p.add_argument("--build", action="store_true", help="compile the project")
+    p.add_argument("--run", dest="train_run", action="store_true",
+                   help="compile, train on --steps images, write memory.json")
+    p.add_argument("--steps", type=int, default=20, help="images to train on with --run (default 20)")
+    p.add_argument("--lr", type=float, default=0.005, help="learning rate of the --run stream (default 0.005)")
+    p.add_argument("--data", choices=("cifar10", "skimage"), default=None,
+                   help="images of the --run stream (default: CIFAR-10 when on disk, else scikit-image photos)")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(run=run)
+
+
+def training_graph(args: argparse.Namespace) -> tuple[Graph, dict[str, np.ndarray] | None]:
+    """The training graph and the state to start from: a run directory's, or a fresh one."""
+    if args.run_dir:
+        from microtrain.commands.train import GRAPH
+        from microtrain.runtime.trainer import CHECKPOINT, load_checkpoint
+
+        run_dir = Path(args.run_dir)
+        if not (run_dir / f"{GRAPH}.json").is_file():
+            raise MicrotrainError(f"{run_dir}: no {GRAPH}.json (not a `microtrain train` run directory)")
+        tg = Graph.load(run_dir / GRAPH)
+        tr, name = tg.meta["train"], tg.name.removesuffix(":train")
+        if args.model and load_model(args.model).name != name:
+            raise MicrotrainError(f"--model {args.model} does not match the run's model {name}")
+        if args.scheme and args.scheme != tr["scheme"]["name"]:
+            raise MicrotrainError(f"--scheme {args.scheme} does not match the run's scheme {tr['scheme']['name']}")
+        state = load_checkpoint(run_dir / CHECKPOINT) if (run_dir / CHECKPOINT).is_file() else None
+        return tg, state
+    if not (args.model and args.scheme):
+        raise MicrotrainError("give --model and --scheme, or --from RUN_DIR")
+    if args.classes < 1:
+        raise MicrotrainError(f"--classes must be >= 1, got {args.classes}")
+    model = load_model(args.model)
+    cfg = TrainConfig(optimizer=args.optimizer, reorder=not args.no_reorder, seed=args.seed)
+    return build_training_graph(model, resolve_scheme(args.scheme, model), args.classes, cfg), None
+
+
+def _kb(n: int | None) -> str:
+    return "-" if n is None else f"{n / 1024:.1f} KB"
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.steps < 1:
+        raise MicrotrainError(f"--steps must be >= 1, got {args.steps}")
+    tg, state = training_graph(args)
+    sched, best = plan_training_graph(tg)
+    out = Path(args.out)
+    prog = emit_project(sched, best.plan, out, args.target, state=state)
+    stage = prog.patch
+    print(f"{tg.name.removesuffix(':train')} {tg.meta['train']['scheme']['name']} -> {out} ({args.target}): arena "
+          f"{_kb(prog.arena_bytes)}, state {_kb(sum(t['nbytes'] for t in prog.state))}"
+          + (f", patch stage {stage['grid']}x{stage['grid']} up to {stage['output']}" if stage else "")
+          + (f", from {args.run_dir} (step {int(np.asarray(state.get('__step__', 0)))})" if state else ""))
+    if not (args.build or args.train_run):
+        return 0
+    missing = toolchain(args.target)
+    if missing:
+        raise MicrotrainError(f"{missing} is not installed (see the README's set-up command)")
+    build(out)
+    if not args.train_run:
+        print(f"built {out / ('prog.elf' if args.target == 'cortex-m4' else 'prog')}")
+        return 0
+    res = tg.tensors[tg.inputs[0]].shape[1]
+    x, y, source = real_images(args.steps, res, seed=args.seed, num_classes=prog.num_classes,
+                               source=args.data or "auto")
+    write_records(out / "stream.bin", x, y, args.lr)
+    hargs = harness_args("stream.bin", state_out="state.bin")
+    result = (run_qemu if args.target == "cortex-m4" else run_host)(out, hargs)
+    mem = measure_memory(out, result, best.plan, {"command": "microtrain compile " + " ".join(
+        f"{k} {v}" for k, v in (("--model", args.model), ("--scheme", args.scheme), ("--from", args.run_dir),
+                                ("--target", args.target), ("-o", args.out)) if v) + " --run"})
+    losses = result["losses"]
+    k = max(1, len(losses) // 4)
+    print(f"trained {len(losses)} {source} images: loss {np.mean(losses[:k]):.3f} (first {k}) -> "
+          f"{np.mean(losses[-k:]):.3f} (last {k})"
+          + (f", {result['train_ns'] / 1e6 / len(losses):.1f} ms/step" if result.get("train_ns") else ""))
+    fit = "fits" if mem["sram_total_bytes"] <= SRAM_BUDGET else "DOES NOT FIT"
+    ffit = "fits" if mem["flash_bytes"] <= FLASH_BUDGET else "DOES NOT FIT"
+    print(f"SRAM  {_kb(mem['sram_total_bytes'])} of {_kb(SRAM_BUDGET)} ({fit}): .data+.bss {_kb(mem['ram_bytes'])} "
+          f"(arena {_kb(mem['arena_bytes'])}, state {_kb(mem['state_bytes'])}), stack {_kb(mem['stack_bytes'])}")
+    print(f"flash {_kb(mem['flash_bytes'])} of {_kb(FLASH_BUDGET)} ({ffit}); {out / 'memory.json'}, final state "
+          f"{out / 'state.bin'}")
+    if not mem["fits"]:
+        print(json.dumps(mem["sections"]))
+    return 0

@@ -1,0 +1,93 @@
+"""`microtrain compile`: emit, build, run; --from a `microtrain train` run starts the device from its checkpoint."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+from microtrain.cli import main
+from microtrain.codegen.parity import compare_states, real_images, simulate
+from microtrain.codegen.project import (
+    harness_args,
+    load_program,
+    read_state,
+    run_host,
+    toolchain,
+    write_records,
+)
+from microtrain.ir.graph import Graph
+from microtrain.runtime.trainer import load_checkpoint
+
+from conftest import SHARED
+
+CIFAR = SHARED / "datasets" / "cifar10"
+needs_gcc = pytest.mark.skipif(toolchain("host") is not None, reason="host C toolchain not installed")
+
+
+def test_emit_only_writes_the_project(tmp_path, capsys):
+    assert main(["compile", "--model", "proxyless-w0.3", "--scheme", "paper-98kb", "-o", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "patch stage" in out and "arena" in out
+    for f in ("model.c", "model.h", "mt_runtime.h", "mt_conv2d.c", "mt_config.h", "Makefile", "program.json"):
+        assert (tmp_path / f).is_file(), f
+    prog = load_program(tmp_path)
+    assert prog["target"] == "host" and prog["num_classes"] == 10
+
+
+@pytest.mark.parametrize("argv,msg", [
+    (["--model", "mcunet-5fps"], "give --model and --scheme"),
+    (["--model", "mcunet-5fps", "--scheme", "paper-1kb"], "unknown scheme"),
+    (["--from", "/nonexistent/run"], "not a `microtrain train` run directory"),
+    (["--model", "mcunet-5fps", "--scheme", "full", "--steps", "0", "--run"], "--steps must be >= 1"),
+])
+def test_errors_are_one_line(argv, msg, tmp_path, capsys):
+    assert main(["compile", *argv, "-o", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert msg in err and err.count("\n") == 1
+
+
+@needs_gcc
+def test_run_writes_memory_json(tmp_path, capsys):
+    assert main(["compile", "--model", "mcunet-5fps", "--scheme", "paper-49kb", "-o", str(tmp_path), "--run",
+                 "--steps", "4", "--data", "skimage"]) == 0
+    out = capsys.readouterr().out
+    assert "trained 4 skimage images" in out and "SRAM" in out
+    mem = json.loads((tmp_path / "memory.json").read_text())
+    assert mem["arena_bytes"] == load_program(tmp_path)["arena_bytes"] and mem["stack_bytes"] > 0
+    assert mem["ram_bytes"] >= mem["arena_bytes"] + mem["state_bytes"]
+    assert mem["command"].startswith("microtrain compile --model mcunet-5fps")
+
+
+@needs_gcc
+def test_from_run_dir_starts_from_the_checkpoint(tmp_path, capsys):
+    if not CIFAR.is_dir():
+        pytest.skip("../shared/datasets/cifar10 not present")
+    data = tmp_path / "data"
+    for split, n in (("train", 12), ("test", 4)):
+        for c in ("airplane", "cat", "ship"):
+            (data / split / c).mkdir(parents=True)
+            for f in sorted((CIFAR / split / c).glob("*.jpg"))[:n]:
+                shutil.copy(f, data / split / c / f.name)
+    run = tmp_path / "run"
+    assert main(["train", "--model", "mcunet-5fps", "--data", str(data), "--scheme", "paper-49kb", "--epochs", "1",
+                 "--warmup-epochs", "0", "--batch-size", "12", "--augment", "none", "--quiet", "--out", str(run)]) == 0
+    out = tmp_path / "c"
+    assert main(["compile", "--from", str(run), "-o", str(out), "--build"]) == 0
+    assert "from " in capsys.readouterr().out
+    ckpt = load_checkpoint(run / "checkpoint.npz")
+    assert int(ckpt["__step__"]) == 3
+    prog = load_program(out)
+    names = [t["name"] for t in prog["state"]]
+    x, y, _ = real_images(6, 128, seed=5, num_classes=3)
+    write_records(out / "s.bin", x, y, 0.005)
+    run_host(out, harness_args("s.bin", state_out="start.bin", max_steps=0))
+    start = read_state(out / "start.bin", prog)
+    assert int(start["__step__"]) == 3 and compare_states(start, ckpt, names).int_share == 1.0
+    assert all(np.array_equal(start[n], ckpt[n]) for n in names)
+    run_host(out, harness_args("s.bin", state_out="end.bin"))  # the device keeps training where the host stopped
+    host = simulate(Graph.load(run / "train_graph"), x, y, np.full(6, 0.005, np.float32), state=ckpt)
+    agree = compare_states(read_state(out / "end.bin", prog), host.state, names)
+    assert agree.ok(), agree.summary()
