@@ -171,6 +171,7 @@ class Emitter:
         self.sram: list[str] = []  # state definitions
         self.params: dict[str, str] = {}  # state tensor -> mt_param identifier
         self.traces: list[dict[str, Any]] = []
+        self.row_widths: list[int] = []  # output row widths of the convs (MT_ROW_MAX)
         self.stage = g.meta.get("patch_stage")
         if self.stage and self.stage.get("stream_input"):
             raise MicrotrainError("the C generator does not stream the input tile by tile yet (--stream-input)")
@@ -302,6 +303,7 @@ class Emitter:
                            f"{{{self.weights(op)}, {bias}, {self.mult(op)}, {s}, {pad_top}, {pad_left}, {x.zero}, "
                            f"{y.zero}}}")
         args = f"{xv.ptr}, {xv.dims(x.shape[0])}, {conv}, {yv.at(want)}, {yv.dims(y.shape[0], want)}, {mask}"
+        self.row_widths.append(want[3] - want[2])
         if dw:
             return f"mt_depthwise_conv2d({args}, {scratch});"
         return f"mt_conv2d({args});"
@@ -526,10 +528,12 @@ class Emitter:
         return header, source, prog
 
     def config(self) -> dict[str, int]:
-        """The host's reduction parameters the runtime sums with (mt_config.h)."""
+        """mt_config.h: the host's reduction parameters the runtime sums with, and the widest conv output row."""
+        rows = {"MT_ROW_MAX": max([1, *self.row_widths])}
         if not self.host_order:
-            return {"MT_SUM_LANES": 8, "MT_SOFTMAX_LANES": 16, "MT_KBLOCK": 384}
-        return {"MT_SUM_LANES": hostorder.sum_lanes(), "MT_SOFTMAX_LANES": hostorder.softmax_lanes(), "MT_KBLOCK": 384}
+            return {"MT_SUM_LANES": 8, "MT_SOFTMAX_LANES": 16, "MT_KBLOCK": 384, **rows}
+        return {"MT_SUM_LANES": hostorder.sum_lanes(), "MT_SOFTMAX_LANES": hostorder.softmax_lanes(), "MT_KBLOCK": 384,
+                **rows}
 
 
 HEADER = """\

@@ -11,23 +11,37 @@ static inline int8_t requant(int32_t acc, int32_t bias, float mult, int32_t y_ze
   return mt_clamp8(r);
 }
 
-/* Pointwise stride-1 conv over compact tensors: blocks of pixels, so the inner loop streams one input row. */
+/* Pointwise stride-1 conv over compact tensors, PW_BLOCK pixels at a time so the inner loop streams one input row
+ * (a fixed trip count: the compiler vectorizes it). sum (x - z) * w = sum x * w - z * sum w, exactly, in int32. */
 #define PW_BLOCK 16
+static void pointwise_block(const int8_t *x, int32_t cs, int32_t cin, const int8_t *wt, const int8_t *wf, int32_t ch,
+                            int32_t *acc) {
+  for (int32_t q = 0; q < PW_BLOCK; q++) acc[q] = 0;
+  for (int32_t c = 0; c < cin; c++) {
+    const int32_t wv = c < ch ? wt[c] : wf[c - ch];
+    const int8_t *xp = x + c * cs;
+    for (int32_t q = 0; q < PW_BLOCK; q++) acc[q] += xp[q] * wv;
+  }
+}
+
 static void pointwise(const int8_t *x, mt_dims xd, const mt_conv *p, int8_t *y, mt_dims yd, uint8_t *mask) {
   const int32_t hw = yd.h * yd.w, cin = xd.c, ch = p->w.ch;
   for (int32_t o = 0; o < yd.c; o++) {
     const int8_t *wt = p->w.w_train ? p->w.w_train + o * ch : 0;
     const int8_t *wf = p->w.w_frozen ? p->w.w_frozen + o * (cin - ch) : 0;
-    for (int32_t p0 = 0; p0 < hw; p0 += PW_BLOCK) {
-      const int32_t n = hw - p0 < PW_BLOCK ? hw - p0 : PW_BLOCK;
-      int32_t acc[PW_BLOCK] = {0};
-      for (int32_t c = 0; c < cin; c++) {
-        const int32_t wv = c < ch ? wt[c] : wf[c - ch];
-        const int8_t *xp = x + c * xd.cs + p0;
-        for (int32_t q = 0; q < n; q++) acc[q] += ((int32_t)xp[q] - p->x_zero) * wv;
-      }
-      for (int32_t q = 0; q < n; q++)
-        y[o * hw + p0 + q] = requant(acc[q], p->bias[o], p->mult[o], p->y_zero, mask, o * hw + p0 + q);
+    int32_t wsum = 0;
+    for (int32_t c = 0; c < cin; c++) wsum += c < ch ? wt[c] : wf[c - ch];
+    const int32_t bias = (int32_t)((uint32_t)p->bias[o] - (uint32_t)(p->x_zero * wsum));
+    int32_t p0 = 0, acc[PW_BLOCK];
+    for (; p0 + PW_BLOCK <= hw; p0 += PW_BLOCK) {
+      pointwise_block(x + p0, xd.cs, cin, wt, wf, ch, acc);
+      for (int32_t q = 0; q < PW_BLOCK; q++)
+        y[o * hw + p0 + q] = requant(acc[q], bias, p->mult[o], p->y_zero, mask, o * hw + p0 + q);
+    }
+    for (; p0 < hw; p0++) {  /* the last pixels one by one */
+      int32_t a = 0;
+      for (int32_t c = 0; c < cin; c++) a += x[c * xd.cs + p0] * (c < ch ? wt[c] : wf[c - ch]);
+      y[o * hw + p0] = requant(a, bias, p->mult[o], p->y_zero, mask, o * hw + p0);
     }
   }
 }
@@ -39,25 +53,27 @@ void mt_conv2d(const int8_t *x, mt_dims xd, const mt_conv *p, int8_t *y, mt_dims
     pointwise(x, xd, p, y, yd, mask);
     return;
   }
+  int32_t acc[MT_ROW_MAX];  /* one output row: each tap accumulates over the columns it reaches (exact in int32) */
   for (int32_t o = 0; o < yd.c; o++) {
     for (int32_t oy = 0; oy < yd.h; oy++) {
-      for (int32_t ox = 0; ox < yd.w; ox++) {
-        int32_t acc = 0;
-        for (int32_t c = 0; c < cin; c++) {
-          const int8_t *w = c < ch ? p->w.w_train + (o * ch + c) * k * k : p->w.w_frozen + (o * (cin - ch) + c - ch) * k * k;
-          for (int32_t i = 0; i < k; i++) {
-            const int32_t iy = oy * p->stride - p->pad_top + i;
-            if (iy < 0 || iy >= xd.h) continue;
-            for (int32_t j = 0; j < k; j++) {
-              const int32_t ix = ox * p->stride - p->pad_left + j;
-              if (ix < 0 || ix >= xd.w) continue;
-              acc += ((int32_t)x[c * xd.cs + iy * xd.rs + ix] - p->x_zero) * w[i * k + j];
-            }
+      const int32_t y0 = oy * p->stride - p->pad_top;
+      const int32_t i0 = y0 < 0 ? -y0 : 0, i1 = y0 + k > xd.h ? xd.h - y0 : k;
+      for (int32_t ox = 0; ox < yd.w; ox++) acc[ox] = 0;
+      for (int32_t c = 0; c < cin; c++) {
+        const int8_t *w = c < ch ? p->w.w_train + (o * ch + c) * k * k : p->w.w_frozen + (o * (cin - ch) + c - ch) * k * k;
+        for (int32_t i = i0; i < i1; i++) {
+          const int8_t *xr = x + c * xd.cs + (y0 + i) * xd.rs;
+          for (int32_t j = 0; j < k; j++) {
+            int32_t lo, hi;
+            mt_tap_range(yd.w, xd.w, p->stride, p->pad_left, j, &lo, &hi);
+            const int32_t wv = w[i * k + j], off = j - p->pad_left;
+            for (int32_t ox = lo; ox < hi; ox++) acc[ox] += ((int32_t)xr[ox * p->stride + off] - p->x_zero) * wv;
           }
         }
-        const int32_t i = (o * yd.h + oy) * yd.w + ox;
-        y[o * yd.cs + oy * yd.rs + ox] = requant(acc, p->bias[o], p->mult[o], p->y_zero, mask, i);
       }
+      for (int32_t ox = 0; ox < yd.w; ox++)
+        y[o * yd.cs + oy * yd.rs + ox] = requant(acc[ox], p->bias[o], p->mult[o], p->y_zero, mask,
+                                                 (o * yd.h + oy) * yd.w + ox);
     }
   }
 }

@@ -20,13 +20,17 @@ void mt_conv2d_grad_input(const float *gacc, mt_dims gd, const mt_weights *w, in
     for (int32_t c = 0; c < cin; c++) {
       for (int32_t p0 = 0; p0 < hw; p0 += PW_BLOCK) {
         const int32_t n = hw - p0 < PW_BLOCK ? hw - p0 : PW_BLOCK;
-        float sum[PW_BLOCK];
+        float sum[PW_BLOCK], acc[PW_BLOCK];
         for (int32_t o0 = 0; o0 < gd.c; o0 += kb) {
-          float acc[PW_BLOCK] = {0};
+          for (int32_t q = 0; q < PW_BLOCK; q++) acc[q] = 0.0f;
           for (int32_t o = o0; o < o0 + kb && o < gd.c; o++) {
             const float wv = weight(w, cin, o, c, 0);
             const float *gp = gacc + o * hw + p0;
-            for (int32_t q = 0; q < n; q++) acc[q] = mt_fma(gp[q], wv, acc[q]);
+            if (n == PW_BLOCK) {  /* a fixed trip count: vectorized (each element stays its own chain) */
+              for (int32_t q = 0; q < PW_BLOCK; q++) acc[q] = mt_fma(gp[q], wv, acc[q]);
+            } else {
+              for (int32_t q = 0; q < n; q++) acc[q] = mt_fma(gp[q], wv, acc[q]);
+            }
           }
           for (int32_t q = 0; q < n; q++) sum[q] = o0 ? sum[q] + acc[q] : acc[q];
         }

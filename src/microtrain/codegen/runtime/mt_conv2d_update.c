@@ -7,15 +7,14 @@
 
 static float weight_grad(const float *g, mt_dims gd, const int8_t *x, mt_dims xd, int32_t x_zero, int32_t i,
                          int32_t j, int32_t stride, int32_t pad) {
+  int32_t y0, y1, x0, x1;
+  mt_tap_range(gd.h, xd.h, stride, pad, i, &y0, &y1);
+  mt_tap_range(gd.w, xd.w, stride, pad, j, &x0, &x1);
   float acc = 0.0f;
-  for (int32_t oy = 0; oy < gd.h; oy++) {
-    const int32_t iy = oy * stride - pad + i;
-    if (iy < 0 || iy >= xd.h) continue;
-    for (int32_t ox = 0; ox < gd.w; ox++) {
-      const int32_t ix = ox * stride - pad + j;
-      if (ix < 0 || ix >= xd.w) continue;
-      acc = mt_fma(g[oy * gd.w + ox], (float)((int32_t)x[iy * xd.w + ix] - x_zero), acc);
-    }
+  for (int32_t oy = y0; oy < y1; oy++) {
+    const float *gr = g + oy * gd.w;
+    const int8_t *xr = x + (oy * stride - pad + i) * xd.w;
+    for (int32_t ox = x0; ox < x1; ox++) acc = mt_fma(gr[ox], (float)((int32_t)xr[ox * stride - pad + j] - x_zero), acc);
   }
   return acc;
 }

@@ -7,24 +7,33 @@
 
 #include "mt_runtime.h"
 
+/* One output channel, a row at a time: for each tap, the output columns it reaches accumulate into an int32 row
+ * (integer sums: any order is exact), so the innermost loop is a plain run over columns. */
 static void channel(const int8_t *x, mt_dims xd, const mt_conv *p, int32_t c, int8_t *out, int32_t rs,
                     uint8_t *mask, int32_t mask_base, int32_t oh, int32_t ow) {
-  const int32_t k = p->w.k, ch = p->w.ch;
+  const int32_t k = p->w.k, ch = p->w.ch, s = p->stride;
   const int8_t *w = c < ch ? p->w.w_train + c * k * k : p->w.w_frozen + (c - ch) * k * k;
   const int8_t *xc = x + c * xd.cs;
+  int32_t acc[MT_ROW_MAX];
   for (int32_t oy = 0; oy < oh; oy++) {
-    for (int32_t ox = 0; ox < ow; ox++) {
-      int32_t acc = 0;
-      for (int32_t i = 0; i < k; i++) {
-        const int32_t iy = oy * p->stride - p->pad_top + i;
-        if (iy < 0 || iy >= xd.h) continue;
-        for (int32_t j = 0; j < k; j++) {
-          const int32_t ix = ox * p->stride - p->pad_left + j;
-          if (ix < 0 || ix >= xd.w) continue;
-          acc += ((int32_t)xc[iy * xd.rs + ix] - p->x_zero) * w[i * k + j];
+    const int32_t y0 = oy * s - p->pad_top;
+    const int32_t i0 = y0 < 0 ? -y0 : 0, i1 = y0 + k > xd.h ? xd.h - y0 : k;
+    for (int32_t ox = 0; ox < ow; ox++) acc[ox] = 0;
+    for (int32_t i = i0; i < i1; i++) {
+      const int8_t *xr = xc + (y0 + i) * xd.rs;
+      for (int32_t j = 0; j < k; j++) {
+        int32_t lo, hi;
+        mt_tap_range(ow, xd.w, s, p->pad_left, j, &lo, &hi);
+        const int32_t wv = w[i * k + j], off = j - p->pad_left;
+        if (s == 1) {
+          for (int32_t ox = lo; ox < hi; ox++) acc[ox] += ((int32_t)xr[ox + off] - p->x_zero) * wv;
+        } else {
+          for (int32_t ox = lo; ox < hi; ox++) acc[ox] += ((int32_t)xr[ox * s + off] - p->x_zero) * wv;
         }
       }
-      float v = (float)(int32_t)((uint32_t)acc + (uint32_t)p->bias[c]) * p->mult[c];
+    }
+    for (int32_t ox = 0; ox < ow; ox++) {
+      float v = (float)(int32_t)((uint32_t)acc[ox] + (uint32_t)p->bias[c]) * p->mult[c];
       float r = mt_rint(v) + (float)p->y_zero;
       if (mask) mt_mask_set(mask, mask_base + oy * ow + ox, r >= -128.0f && r <= 127.0f);
       out[oy * rs + ox] = mt_clamp8(r);

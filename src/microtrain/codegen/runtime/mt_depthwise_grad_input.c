@@ -9,16 +9,18 @@
 static void channel(const float *g, mt_dims gd, const int8_t *w, int32_t k, int32_t stride, int32_t pad, float *out,
                     int32_t h, int32_t wd) {
   for (int32_t y = 0; y < h; y++) {
+    /* taps i with (y + pad - i) a multiple of stride and the quotient a row of gacc: i ascending by stride */
+    int32_t i0 = (y + pad) % stride, i_lo = y + pad - (gd.h - 1) * stride;
+    while (i0 < i_lo) i0 += stride;
+    const int32_t i1 = y + pad + 1 < k ? y + pad + 1 : k;
     for (int32_t x = 0; x < wd; x++) {
+      int32_t j0 = (x + pad) % stride, j_lo = x + pad - (gd.w - 1) * stride;
+      while (j0 < j_lo) j0 += stride;
+      const int32_t j1 = x + pad + 1 < k ? x + pad + 1 : k;
       float acc = 0.0f;
-      for (int32_t i = 0; i < k; i++) {
-        const int32_t ty = y + pad - i;
-        if (ty < 0 || ty % stride || ty / stride >= gd.h) continue;
-        for (int32_t j = 0; j < k; j++) {
-          const int32_t tx = x + pad - j;
-          if (tx < 0 || tx % stride || tx / stride >= gd.w) continue;
-          acc = mt_fma(g[(ty / stride) * gd.w + tx / stride], (float)w[i * k + j], acc);
-        }
+      for (int32_t i = i0; i < i1; i += stride) {
+        const float *gr = g + ((y + pad - i) / stride) * gd.w;
+        for (int32_t j = j0; j < j1; j += stride) acc = mt_fma(gr[(x + pad - j) / stride], (float)w[i * k + j], acc);
       }
       out[y * wd + x] = acc;
     }

@@ -30,6 +30,9 @@
 #ifndef MT_KBLOCK
 #define MT_KBLOCK 384
 #endif
+#ifndef MT_ROW_MAX  /* widest output row of a conv (an int32 row of this many lives on the stack) */
+#define MT_ROW_MAX 128
+#endif
 #ifndef MT_SOFTMAX_LANES
 #define MT_SOFTMAX_LANES 16
 #endif
@@ -161,6 +164,16 @@ static inline float mt_fma(float a, float b, float c) {
   extern float fmaf(float, float, float);
   return fmaf(a, b, c);
 #endif
+}
+
+/* The output positions o in [lo, hi) of [0, n) whose tap t (input position o * stride - pad + t) lies in [0, size). */
+static inline void mt_tap_range(int32_t n, int32_t size, int32_t stride, int32_t pad, int32_t t, int32_t *lo,
+                                int32_t *hi) {
+  const int32_t a = pad - t, b = size - 1 + pad - t;  /* a <= o * stride <= b */
+  *lo = a <= 0 ? 0 : (a + stride - 1) / stride;
+  *hi = b < 0 ? 0 : b / stride + 1;
+  if (*hi > n) *hi = n;
+  if (*lo > *hi) *lo = *hi;
 }
 
 /* Round to nearest, ties to even (the default IEEE rounding mode; never changed by this runtime). */
