@@ -163,6 +163,10 @@ def test_unsupported_configuration_is_a_clear_error(tmp_path):
     sched, best = plan_training_graph(tg, patch=None)
     with pytest.raises(MicrotrainError, match="int8 update storage"):
         emit_project(sched, best.plan, tmp_path)
+    tg = build_training_graph(tiny_model(seed=1, res=32), MIXED, CLASSES, TrainConfig(int8_grads=True))
+    sched, best = plan_training_graph(tg, patch=None)
+    with pytest.raises(MicrotrainError, match="int8-grads"):
+        emit_project(sched, best.plan, tmp_path)
 
 
 # ---- zoo models: host C, and the Cortex-M4 under QEMU -------------------------------------------------------------

@@ -150,6 +150,8 @@ class Emitter:
         self.cfg = TrainConfig(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in tr["config"].items()})
         if self.cfg.update_storage != "int8":
             raise MicrotrainError("the C generator supports int8 update storage only (--update-storage int8)")
+        if getattr(self.cfg, "int8_grads", False):
+            raise MicrotrainError("the C generator keeps activation gradients in float32 (no --int8-grads yet)")
         self.state_names: list[str] = list(tr["state"])
         self.stream = {n: i for i, n in enumerate(sorted(self.state_names))}
         self.values = {n: t.data for n, t in g.tensors.items() if t.data is not None}
