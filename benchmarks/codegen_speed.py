@@ -9,7 +9,9 @@ and, in the same run, a PyTorch batch-1 training step of the same network (`runt
 dequantized float network, autograd, SGD over every parameter) with 1 thread and with the default thread count, and
 the host trainer's own int8 step (`GraphTrainStep`, batch 1, 1 thread) for the sparse scheme.
 
-Writes benchmarks/results/codegen_speed.json. Run: `python benchmarks/codegen_speed.py` (about 3 minutes).
+Where the program fits the 256 KB / 1 MB regions, its Cortex-M4 build also runs under `qemu-system-arm -icount
+shift=0` for the Cortex-M4 instructions per step. Writes benchmarks/results/codegen_speed.json.
+Run: `python benchmarks/codegen_speed.py` (about 3 minutes).
 """
 
 from __future__ import annotations
@@ -34,8 +36,9 @@ import torch.nn.functional as F
 
 from microtrain.autodiff.build import build_training_graph
 from microtrain.codegen.parity import real_images, torch_threads
-from microtrain.codegen.project import build, emit_project, harness_args, run_host, write_records
+from microtrain.codegen.project import build, emit_project, harness_args, run_host, run_qemu, toolchain, write_records
 from microtrain.compiler.memory import plan_training_graph
+from microtrain.errors import MicrotrainError
 from microtrain.frontends.zoo import load_model
 from microtrain.runtime.float_model import FloatNet
 from microtrain.runtime.trainstep import GraphTrainStep
@@ -73,7 +76,24 @@ def c_program(model: str, scheme: str, x: np.ndarray, y: np.ndarray, lr: float, 
     return {"scheme": scheme, "arena_bytes": best.plan.arena_bytes, "macs_per_step": sched.macs(),
             "c_ms_per_step": statistics.median(ms), "c_ms_per_step_runs": ms,
             "instructions_per_step": ins // cg_steps if ins else None, "callgrind_steps": cg_steps,
-            "instructions_per_mac": ins / cg_steps / sched.macs() if ins else None, "graph": tg}
+            "instructions_per_mac": ins / cg_steps / sched.macs() if ins else None,
+            **m4_instructions(sched, best.plan, out.with_name(out.name + "-m4"), cg_steps + 1), "graph": tg}
+
+
+def m4_instructions(sched, plan, out: Path, steps: int) -> dict[str, Any]:
+    """Cortex-M4 instructions per step: the program under `qemu -icount shift=0` (if it fits the 256 KB / 1 MB
+    regions at all)."""
+    if toolchain("cortex-m4") is not None:
+        return {"m4_instructions_per_step": None, "m4_note": "arm-none-eabi-gcc / qemu-system-arm not installed"}
+    emit_project(sched, plan, out, "cortex-m4")
+    try:
+        build(out)
+    except MicrotrainError as e:
+        return {"m4_instructions_per_step": None, "m4_note": str(e)}
+    shutil.copyfile(out.with_name(out.name.removesuffix("-m4")) / "stream.bin", out / "stream.bin")
+    r = run_qemu(out, harness_args("stream.bin", max_steps=steps, quiet=True), icount=True)
+    return {"m4_instructions_per_step": r["train_ns"] // r["steps"], "m4_note": "qemu-system-arm -M mps2-an386 "
+            "-icount shift=0, train_step only (SysTick at 25 MHz: +-40 instructions)"}
 
 
 def torch_float_step(model: str, x: np.ndarray, y: np.ndarray, lr: float, threads: int, warmup: int = 3
@@ -130,9 +150,11 @@ def main(argv: list[str] | None = None) -> int:
         tg = r.pop("graph")
         r["host_int8_trainer_ms_per_step_1thread"] = host_int8_step(tg, x, y, args.lr)
         rows.append(r)
+        m4 = r["m4_instructions_per_step"]
         print(f"{args.model} {scheme}: C {r['c_ms_per_step']:.1f} ms/step, "
-              f"{(r['instructions_per_step'] or 0) / 1e6:.0f}M instructions/step, host int8 trainer "
-              f"{r['host_int8_trainer_ms_per_step_1thread']:.1f} ms/step", flush=True)
+              f"{(r['instructions_per_step'] or 0) / 1e6:.0f}M x86 instructions/step, Cortex-M4 "
+              + (f"{m4 / 1e6:.0f}M instructions/step" if m4 else f"- ({r['m4_note']})")
+              + f", host int8 trainer {r['host_int8_trainer_ms_per_step_1thread']:.1f} ms/step", flush=True)
     pt = {f"{n}_threads": torch_float_step(args.model, x, y, args.lr, n) for n in sorted({1, torch.get_num_threads()})}
     for r in rows:
         r["c_over_pytorch_1thread"] = r["c_ms_per_step"] / pt["1_threads"]

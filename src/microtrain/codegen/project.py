@@ -200,12 +200,14 @@ def qemu_command(out_dir: str | Path, args: list[str], icount: bool = False) -> 
     return [*cmd, "-append", " ".join(["prog", *args])]
 
 
-def run_qemu(out_dir: str | Path, args: list[str], timeout: float | None = None) -> dict[str, Any]:
-    """Run prog.elf under QEMU's mps2-an386 with semihosting; file names are relative to OUT_DIR."""
+def run_qemu(out_dir: str | Path, args: list[str], timeout: float | None = None, icount: bool = False
+             ) -> dict[str, Any]:
+    """Run prog.elf under QEMU's mps2-an386 with semihosting; file names are relative to OUT_DIR. With `icount`
+    (`-icount shift=0`: 1 ns of virtual time per instruction) the harness's train_ns counts Cortex-M4 instructions."""
     out = Path(out_dir)
     if any(" " in a for a in args):
         raise MicrotrainError("QEMU's command line is split on spaces: file names must not contain any")
-    r = _run(qemu_command(out, args), out, timeout)
+    r = _run(qemu_command(out, args, icount), out, timeout)
     res = parse_output(r.stdout + r.stderr)  # QEMU writes the semihosting console to stderr
     res.update(returncode=r.returncode, stdout=r.stdout, stderr=r.stderr)
     if r.returncode or "error" in res:

@@ -36,8 +36,6 @@ void io_close(int h) {
 
 void io_print(const char *s) { semihost(SYS_WRITE0, (void *)s); }
 
-uint64_t io_time_ns(void) { return 0; }
-
 void mt_exit(int code) {
   uint32_t args[2] = {0x20026u, (uint32_t)code};  /* ADP_Stopped_ApplicationExit, exit status */
   semihost(SYS_EXIT_EXTENDED, args);
