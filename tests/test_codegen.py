@@ -170,7 +170,7 @@ def test_unsupported_configuration_is_a_clear_error(tmp_path):
 
 
 # ---- zoo models: host C, and the Cortex-M4 under QEMU -------------------------------------------------------------
-ZOO = [("mcunet-5fps", "paper-99kb"), ("proxyless-w0.3", "paper-98kb")]
+ZOO = [("mcunet-5fps", "paper-99kb"), ("proxyless-w0.3", "paper-98kb"), ("mbv2-w0.35", "paper-99kb")]
 LR, EPOCHS, IMAGES = 0.005, 2, 50
 
 

@@ -534,8 +534,8 @@ class Emitter:
         rows = {"MT_ROW_MAX": max([1, *self.row_widths])}
         if not self.host_order:
             return {"MT_SUM_LANES": 8, "MT_SOFTMAX_LANES": 16, "MT_KBLOCK": 384, **rows}
-        return {"MT_SUM_LANES": hostorder.sum_lanes(), "MT_SOFTMAX_LANES": hostorder.softmax_lanes(), "MT_KBLOCK": 384,
-                **rows}
+        return {"MT_SUM_LANES": hostorder.sum_lanes(), "MT_SOFTMAX_LANES": hostorder.softmax_lanes(),
+                "MT_KBLOCK": hostorder.conv_kblock(), **rows}
 
 
 HEADER = """\

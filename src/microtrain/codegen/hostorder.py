@@ -269,3 +269,38 @@ def softmax_lanes() -> int:
         if all((_softmax(row, lanes) == r).all() for row, r in zip(z, ref, strict=True)):
             return lanes
     return 16
+
+
+def _blocked_chain(g: np.ndarray, w: np.ndarray, kb: int) -> np.ndarray:
+    """sum_o g[o] * w[o] as ceil(O / kb) equal blocks of fused multiply-add chains, added in order (in numpy)."""
+    o = len(g)
+    size = -(-o // -(-o // kb))
+    total = None
+    for o0 in range(0, o, size):
+        acc = np.zeros((w.shape[1], g.shape[1]), np.float32)
+        for k in range(o0, min(o0 + size, o)):
+            acc = (w[k][:, None].astype(np.float64) * g[k][None].astype(np.float64) + acc).astype(np.float32)
+        total = acc if total is None else (total + acc).astype(np.float32)
+    return total
+
+
+@lru_cache(maxsize=1)
+def conv_kblock() -> int:
+    """The longest reduction over output channels that torch's pointwise-conv input gradient (oneDNN) runs as one
+    chain of fused multiply-adds before it splits it into equal blocks added in order: the candidate whose emulation
+    reproduces `conv2d_input` on random data for several channel counts (runtime/mt_conv2d_grad_input.c sums so)."""
+    from torch.nn.grad import conv2d_input
+
+    rng = np.random.default_rng(0)
+    cases = []
+    for o in (300, 400, 576, 800):
+        g = rng.standard_normal((o, 8)).astype(np.float32)
+        w = rng.standard_normal((o, 4)).astype(np.float32)
+        with torch.no_grad():
+            ref = conv2d_input((1, 4, 1, 8), torch.from_numpy(w[:, :, None, None]),
+                               torch.from_numpy(g[None, :, None, :]), 1, 0).numpy()[0, :, 0, :]
+        cases.append((g, w, ref))
+    for kb in (384, 256, 512, 192, 128, 320, 448, 1 << 20):
+        if all((_blocked_chain(g, w, kb) == ref).all() for g, w, ref in cases):
+            return kb
+    return 384
