@@ -366,7 +366,7 @@ def _fit_trial(graph: Graph, scheme: Scheme, p: Protocol, train_ds: ImageDataset
     except DivergedError as e:
         out = {"status": "diverged", "accuracy": None, "train_loss": None, "message": str(e)}
     out.update(seconds=round(time.perf_counter() - t0, 2), table=table.name if table else None,
-               table_misses=getattr(wrapped, "misses", 0))
+               table_misses=wrapped.misses if table is not None else 0)
     out["state"] = step.state_dict()
     return out
 
@@ -501,13 +501,18 @@ def _run_on_ray(address: str, args: list[tuple], done: Callable[[dict[str, Any]]
         import ray
     except ImportError:
         raise MicrotrainError("--ray needs the optional package ray (pip install 'ray[default]')") from None
-    if not ray.is_initialized():
+    started = not ray.is_initialized()
+    if started:
         ray.init(address=None if address == "local" else address, include_dashboard=False, log_to_driver=False)
-    remote = ray.remote(num_cpus=1)(run_trial)
-    pending = [remote.remote(*a) for a in args]
-    while pending:
-        ready, pending = ray.wait(pending, num_returns=1)
-        done(ray.get(ready[0]))
+    try:
+        remote = ray.remote(num_cpus=1)(run_trial)
+        pending = [remote.remote(*a) for a in args]
+        while pending:
+            ready, pending = ray.wait(pending, num_returns=1)
+            done(ray.get(ready[0]))
+    finally:
+        if started:
+            ray.shutdown()
 
 
 def summarize(a: Analysis, results: dict[str, dict[str, Any]], *, command: str | None = None,
@@ -550,7 +555,7 @@ def summarize(a: Analysis, results: dict[str, dict[str, Any]], *, command: str |
         "baselines": {"probe_head_accuracy": probe_acc, "head": head, f"bias-{p.base_k}": base},
         "bias": bias, "weight": weight,
         "diverged": sorted(k for k, r in results.items() if r["status"] != "completed"),
-        "table_misses": sum(r.get("table_misses", 0) for r in results.values()),
+        "table_misses": sum(r["table_misses"] for r in results.values() if r["table"]),  # must be 0: exact reuse
     }
 
 
@@ -570,8 +575,11 @@ def analyse(model: str, p: Protocol, *, cache_root: str | Path | None = None, wo
     """The whole analysis: prepare (cached), run the missing trials, summarise."""
     t0 = time.perf_counter()
     a = prepare(model, p, cache_root or default_cache_root(), threads=max(1, workers), progress=progress)
+    cached = len(cached_results(a))
     results = run_trials(a, workers=workers, ray_address=ray_address, progress=progress)
-    return summarize(a, results, command=command, wall_seconds=round(time.perf_counter() - t0, 1))
+    out = summarize(a, results, command=command, wall_seconds=round(time.perf_counter() - t0, 1))
+    out["trials_from_cache"] = cached  # wall_seconds covers this invocation only; trial_seconds every trial
+    return out
 
 
 # ---- reading contribution files ------------------------------------------------------------------------------
