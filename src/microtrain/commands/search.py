@@ -28,6 +28,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                                           "49-148 KB)")
     p.add_argument("--contrib", help="contribution file from `microtrain contrib` (default: the one shipped for zoo "
                                      "models)")
+    p.add_argument("--shrink", default="auto",
+                   help="soft-threshold every delta by this many accuracy points before searching (default auto: "
+                        "the noise level estimated from the table; 0: raw deltas)")
     p.add_argument("--samples", type=int, default=2000, help="evolutionary search samples (default 2000)")
     p.add_argument("--random-samples", type=int, help="random search samples (default 4x --samples)")
     p.add_argument("--population", type=int, default=64)
@@ -49,7 +52,11 @@ def run(args: argparse.Namespace) -> int:
         raise MicrotrainError(f"--plot writes a PNG: {args.plot} does not end in .png")
     graph = load_model(args.model)
     contrib = Contributions.load(args.contrib) if args.contrib else shipped_contributions(graph.name)
-    space = Space.build(graph, contrib)
+    try:
+        tau = contrib.noise() if args.shrink == "auto" else float(args.shrink) / 100
+    except ValueError:
+        raise MicrotrainError(f"--shrink: 'auto' or accuracy points, got {args.shrink!r}") from None
+    space = Space.build(graph, contrib.shrunk(tau))
     budget, extra = parse_bytes(args.budget), parse_bytes(args.extra_budget)
     name = args.name or (f"search-{kb(extra).removesuffix('.0')}kb" if extra is not None else "search")
     r = search(space, extra_budget=extra, budget=budget, samples=args.samples, random_samples=args.random_samples,
@@ -63,6 +70,7 @@ def run(args: argparse.Namespace) -> int:
         plot_curves([(what or "no budget", r)], args.plot, title=f"{graph.name} scheme search ({what}); contributions "
                                                                    f"{Path(contrib.source).name}")
     out = r.to_json(space)
+    out["shrink_points"] = round(100 * tau, 4)
     if args.json:
         print(json.dumps(out, indent=1))
         return 0
@@ -71,7 +79,8 @@ def run(args: argparse.Namespace) -> int:
     peak = f"planned peak {kb(r.planned_peak_bytes)} KB" if r.planned_peak_bytes is not None else "not planned"
     print(f"{graph.name}: {s.name}: n_bias_update {s.n_bias_update}, weights "
           + (", ".join(f"{i}:{v:g}" for i, v in sorted(s.weight_ratios.items())) or "none"))
-    print(f"  score {100 * r.score:.2f} points (summed dacc; contributions {contrib.source})")
+    print(f"  score {100 * r.score:.2f} points (summed dacc, each shrunk by {100 * tau:.2f}; contributions "
+          f"{contrib.source})")
     print(f"  analytic extra {kb(r.analytic_extra_bytes)} KB" + (f" of {kb(extra)} KB" if extra is not None else "")
           + f"; {peak}" + (f" of {kb(budget)} KB" if budget is not None else ""))
     rbest = "n/a" if rd["best_score"] is None else f"{100 * rd['best_score']:.2f}"

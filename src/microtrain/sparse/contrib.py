@@ -604,6 +604,29 @@ class Contributions:
         """dacc_b for every k in 0..k_max (interpolated between measured points)."""
         return np.interp(np.arange(self.k_max + 1), self.bias_k, self.bias_delta)
 
+    def noise(self) -> float:
+        """The measurement noise of one delta, estimated from the table itself: the robust spread (1.4826 MAD) of
+        the differences between adjacent ratios of the same conv, / sqrt(2). True effects change little from one
+        ratio to the next, so these differences are mostly noise."""
+        diffs: list[float] = []
+        for w in self.weight.values():
+            v = [w[r] for r in sorted(w)]
+            diffs += [b - a for a, b in zip(v, v[1:], strict=False)]
+        if len(diffs) < 4:
+            return 0.0
+        d = np.asarray(diffs)
+        return float(1.4826 * np.median(np.abs(d - np.median(d))) / np.sqrt(2))
+
+    def shrunk(self, tau: float) -> Contributions:
+        """Soft-thresholded deltas: sign(d) * max(|d| - tau, 0). A search maximising a sum of noisy deltas picks
+        up every lucky one; shrinking by the noise level keeps only what stands out from it."""
+        if tau <= 0:
+            return self
+        st = lambda v: float(np.sign(v) * max(abs(v) - tau, 0.0))  # noqa: E731
+        w = {i: {r: st(v) for r, v in rs.items()} for i, rs in self.weight.items()}
+        return replace(self, bias_delta=np.array([st(v) for v in self.bias_delta]), weight=w,
+                       meta={**self.meta, "shrink": tau})
+
     @classmethod
     def from_dict(cls, d: dict[str, Any], source: str = "") -> Contributions:
         if d.get("format") != FORMAT:
