@@ -4,10 +4,12 @@ For every zoo model with a shipped contribution file:
 - extra budgets 50 / 100 / 150 KB (the paper's analytic model): evolutionary best summed contribution with --samples
   samples vs random search with 4x as many, over several seeds; analytic memory and planned peak of the found scheme;
   wall time of the whole search;
-- device budgets 256 / 192 KB (the planner's peak SRAM of the whole training step): the found scheme's planned peak.
+- device budgets 256 / 192 KB (the planner's peak SRAM of the whole training step, no extra budget): the found
+  scheme's planned peak.
 
     python benchmarks/search.py [--samples 2000] [--seeds 0,1,2]
 
+Contributions are shrunk by their estimated noise level first, as `microtrain search` does by default.
 Writes benchmarks/results/search.json (with the command) and search.png (best score vs samples).
 """
 
@@ -48,10 +50,12 @@ def main() -> int:
             continue
         g = load_model(m)
         contrib = Contributions.load(shipped_path(m))
-        space = Space.build(g, contrib)
+        tau = contrib.noise()  # the CLI's default --shrink auto
+        space = Space.build(g, contrib.shrunk(tau))
         peak = planner_peak(g)
         res: dict = {"contributions": {"file": f"src/microtrain/sparse/contrib/{m}.json",
                                        "command": contrib.meta.get("command")},
+                     "shrink_points": round(100 * tau, 4),
                      "extra_budgets": {}, "device_budgets": {}}
         for extra in (50, 100, 150):
             runs = []

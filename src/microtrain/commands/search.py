@@ -84,8 +84,9 @@ def run(args: argparse.Namespace) -> int:
     print(f"  analytic extra {kb(r.analytic_extra_bytes)} KB" + (f" of {kb(extra)} KB" if extra is not None else "")
           + f"; {peak}" + (f" of {kb(budget)} KB" if budget is not None else ""))
     rbest = "n/a" if rd["best_score"] is None else f"{100 * rd['best_score']:.2f}"
-    print(f"  evolution best {100 * ev['best_score']:.2f} after {ev['samples']} samples; random search best {rbest} "
-          f"after {rd['samples']} samples; {r.seconds:.1f} s, {r.planner_calls} planner calls")
+    print(f"  under the analytic budget {kb(r.effective_extra_budget)} KB: evolution best {100 * ev['best_score']:.2f} "
+          f"after {ev['samples']} samples, random search best {rbest} after {rd['samples']} samples; "
+          f"{r.seconds:.1f} s, {r.planner_calls} planner calls")
     if args.out:
         print(f"  wrote {args.out}")
     return 0

@@ -345,10 +345,12 @@ def minimum_budgets(space: Space, peak: PeakFn | None) -> tuple[int, int | None]
 
 def search(space: Space, *, extra_budget: int | None = None, budget: int | None = None, samples: int = 2000,
            random_samples: int | None = None, seed: int = 0, population: int = 64, peak: PeakFn | None = None,
-           check: int = 8, max_rounds: int = 12, name: str = "searched") -> SearchResult:
-    """Evolutionary search under the analytic budget, then the planner on the best candidates for `budget`
-    (tightening the analytic budget by the overshoot until one fits). Random search runs under the final analytic
-    budget with `random_samples` (default 4x) samples, as the baseline."""
+           check: int = 24, max_rounds: int = 10, tolerance: int = 4096, name: str = "searched") -> SearchResult:
+    """Evolutionary search under the analytic budget; with a device `budget`, the planner checks the `check` best
+    candidates of each round. If none fits, the analytic budget is bracketed: [cheapest scheme (fits), last failing
+    budget], the next one guessed from the observed planned-minus-analytic offsets when that lies inside the bracket,
+    else bisected; once one fits, bisection continues upwards to within `tolerance` bytes. The best fitting candidate
+    of all rounds wins. Random search runs under the final analytic budget with `random_samples` (default 4x)."""
     t0 = time.perf_counter()
     if budget is not None and peak is None:
         raise MicrotrainError("--budget needs the memory planner (microtrain.compiler.memory)")
@@ -361,38 +363,42 @@ def search(space: Space, *, extra_budget: int | None = None, budget: int | None 
                               f"budget is {kb(min_peak)} KB (planned peak SRAM of head-only training)")
     cap = int(space.cost(np.array([space.k_max]), np.where(space.allowed, np.arange(len(CHOICES)), 0).max(1)[None])[0])
     eff = cap if extra_budget is None else min(extra_budget, cap)
-    rounds: list[dict[str, Any]] = []
     calls_before = len(getattr(peak, "cache", {})) if peak else 0
-    chosen: tuple[Trace, int] | None = None
-    evo = evolutionary_search(space, eff, samples, seed, population)
+    rounds: list[dict[str, Any]] = []
+    best: tuple[Trace, int, int] | None = None  # trace, index, analytic budget of its round
+    lo, hi = min_extra, None  # analytic budgets known to fit (head only) / to fail
     for _ in range(max_rounds):
+        evo = evolutionary_search(space, eff, samples, seed, population)
         if budget is None:
-            chosen = (evo, evo.best())
+            best = (evo, evo.best(), eff)
             break
-        checked = []
+        checked, fit = [], None
         for i in evo.ranked()[:check]:
-            s = space.scheme(evo.nb[i], evo.rows[i])
-            p = peak(s)  # type: ignore[misc]
+            p = peak(space.scheme(evo.nb[i], evo.rows[i]))  # type: ignore[misc]
             checked.append((i, p))
             if p <= budget:
-                chosen = (evo, i)
+                fit = i
                 break
-        rounds.append({"extra_budget_bytes": eff, "checked": [{"score": round(evo.scores[i], 6),
-                                                                "analytic_extra_bytes": evo.costs[i],
-                                                                "planned_peak_bytes": p} for i, p in checked]})
-        if chosen:
+        rounds.append({"extra_budget_bytes": eff, "fits": fit is not None,
+                       "checked": [{"score": round(evo.scores[i], 6), "analytic_extra_bytes": evo.costs[i],
+                                    "planned_peak_bytes": p} for i, p in checked]})
+        if fit is not None:
+            if best is None or evo.scores[fit] > best[0].scores[best[1]]:
+                best = (evo, fit, eff)
+            lo = eff
+            if hi is None:
+                break  # the analytic optimum fits the device too
+        else:
+            hi = min(eff, min(evo.costs[i] for i, _ in checked)) - 1
+            guess = budget - int(np.median([p - evo.costs[i] for i, p in checked]))
+        if hi - lo <= tolerance:
             break
-        # next analytic budget: first assume peak - analytic stays about constant (the least-overshooting offset),
-        # then bisect between the cheapest scheme (fits, checked above) and the last failing budget
-        hi = min(evo.costs[i] for i, _ in checked) - 1
-        guess = budget - min(p - evo.costs[i] for i, p in checked)
-        eff = max(min_extra, min(guess, hi) if len(rounds) == 1 else min(hi, (min_extra + eff) // 2))
-        evo = evolutionary_search(space, eff, samples, seed, population)
-    if chosen is None:  # the cheapest scheme fits (checked above): fall back to it
+        eff = guess if fit is None and lo < guess < hi and len(rounds) <= 2 else (lo + hi) // 2
+    if best is None:  # nothing better than the cheapest scheme fits (checked above): take it
         evo = Trace("evolution")
         evo.add(np.array([0]), np.zeros((1, len(space.convs)), np.int64), np.array([0.0]), np.array([min_extra]), 1)
-        chosen = (evo, 0)
-    tr, i = chosen
+        best = (evo, 0, min_extra)
+    tr, i, eff = best
     scheme = space.scheme(tr.nb[i], tr.rows[i], name)
     rand = random_search(space, eff, random_samples if random_samples is not None else 4 * samples, seed)
     planned = peak(scheme) if peak else None
