@@ -76,8 +76,10 @@ def test_resume_reuses_cached_trials(tiny, tmp_path, monkeypatch):
     monkeypatch.setattr(C, "run_trial", lambda *args: ran.append(args[3]) or real(*args))
     again = C.analyse(tiny, p, cache_root=tmp_path, progress=False)
     assert len(ran) == 2
-    strip = lambda d: {k: v for k, v in d.items() if k not in ("created", "wall_seconds", "trial_seconds")}  # noqa: E731
+    volatile = ("created", "wall_seconds", "trial_seconds", "trials_from_cache")
+    strip = lambda d: {k: v for k, v in d.items() if k not in volatile}  # noqa: E731
     assert strip(again) == strip(first)
+    assert first["trials_from_cache"] == 0 and again["trials_from_cache"] == len(a.trials) - 2
     # a changed protocol gets its own trials (same decoded data and tables)
     b = C.prepare(tiny, protocol(tiny, lr=0.01), tmp_path, progress=False)
     assert b.workdir != a.workdir and b.workdir.parent == a.workdir.parent
