@@ -81,7 +81,7 @@ def test_resume_reuses_cached_trials(tiny, tmp_path, monkeypatch):
     assert strip(again) == strip(first)
     assert first["trials_from_cache"] == 0 and again["trials_from_cache"] == len(a.trials) - 2
     # a changed protocol gets its own trials (same decoded data and tables)
-    b = C.prepare(tiny, protocol(tiny, lr=0.01), tmp_path, progress=False)
+    b = C.prepare(tiny, protocol(tiny, lr=0.02), tmp_path, progress=False)
     assert b.workdir != a.workdir and b.workdir.parent == a.workdir.parent
 
 
