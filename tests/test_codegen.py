@@ -66,8 +66,9 @@ def forced_stage(tg, index: int, grid: int):
     return tg, plan_memory(planning_view(tg, stage, tplan.arena_bytes), rules=rules)
 
 
-def run_parity(tg, plan, out, images, labels, lr, held_out, target="host", sanitizers=False):
-    """Emit + build + run the C program on the stream, and the host trainer on the same stream."""
+def run_parity(tg, plan, out, images, labels, lr, held_out, target="host", sanitizers=None):
+    """Emit + build + run the C program on the stream, and the host trainer on the same stream. sanitizers=N: the
+    AddressSanitizer + UBSan build trains the first N images too and must end with the same state."""
     emit_project(tg, plan, out, target)
     build(out)
     lrs = np.full(len(labels), lr, np.float32)
@@ -81,8 +82,10 @@ def run_parity(tg, plan, out, images, labels, lr, held_out, target="host", sanit
     c_state = read_state(out / "state.bin", prog)
     if sanitizers:
         build(out, "asan")
-        run_host(out, harness_args("stream.bin", state_out="state_asan.bin", quiet=True), program="prog_asan")
-        assert (out / "state_asan.bin").read_bytes() == (out / "state.bin").read_bytes()
+        run_host(out, harness_args("stream.bin", state_out="state_asan.bin", max_steps=sanitizers, quiet=True),
+                 program="prog_asan")
+        run_host(out, harness_args("stream.bin", state_out="state_n.bin", max_steps=sanitizers, quiet=True))
+        assert (out / "state_asan.bin").read_bytes() == (out / "state_n.bin").read_bytes()
     return res, host, prog, c_state
 
 
@@ -114,8 +117,7 @@ def test_tiny_parity(cfg, images32, tmp_path):
     x, y, held = images32
     tg = build_training_graph(tiny_model(seed=1, res=32), MIXED, CLASSES, cfg)
     sched, best = plan_training_graph(tg, patch=None)
-    out = check(*run_parity(sched, best.plan, tmp_path, x, y, 0.01, held, sanitizers=cfg.optimizer == "sgd"),
-                tmp_path)
+    out = check(*run_parity(sched, best.plan, tmp_path, x, y, 0.01, held, sanitizers=len(y)), tmp_path)
     assert out.int_share == 1.0  # this small case is exact in every integer
 
 
@@ -194,7 +196,7 @@ def test_zoo_host_parity(model, scheme, stream128, tmp_path):
     x, y, held = stream128
     _, sched, best = zoo_graph(model, scheme)
     assert sched.meta.get("patch_stage"), "the planner's patch stage is part of what is tested"
-    res, host, prog, c_state = run_parity(sched, best.plan, tmp_path, x, y, LR, held, sanitizers=False)
+    res, host, prog, c_state = run_parity(sched, best.plan, tmp_path, x, y, LR, held, sanitizers=3)
     agree = check(res, host, prog, c_state, tmp_path)
     assert agree.int_elements > 50_000
 
