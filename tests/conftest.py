@@ -1,10 +1,15 @@
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
+
+if os.environ.get("PYTEST_XDIST_WORKER"):  # one intra-op thread per worker: 2 workers x 2 threads thrash 2 cores
+    torch.set_num_threads(1)
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
