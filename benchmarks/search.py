@@ -10,7 +10,7 @@ For every zoo model with a shipped contribution file:
     python benchmarks/search.py [--samples 2000] [--seeds 0,1,2]
 
 Contributions are shrunk by their estimated noise level first, as `microtrain search` does by default.
-Writes benchmarks/results/search.json (with the command) and search.png (best score vs samples).
+Writes benchmarks/results/search.json (with the command) and search-<model>.png (best score vs samples).
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import os
 import shlex
 import sys
 import time
@@ -42,8 +43,8 @@ def main() -> int:
     seeds = [int(s) for s in args.seeds.split(",")]
     out: dict = {"command": shlex.join(["python", "benchmarks/search.py", *sys.argv[1:]]),
                  "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+                 "cpu_count": os.cpu_count(), "load_average_at_start": [round(x, 2) for x in os.getloadavg()],
                  "samples": args.samples, "random_samples": 4 * args.samples, "seeds": seeds, "models": {}}
-    curves = []
     for m in args.models:
         if not shipped_path(m).is_file():
             print(f"{m}: no shipped contribution file, skipped", flush=True)
@@ -53,6 +54,7 @@ def main() -> int:
         tau = contrib.noise()  # the CLI's default --shrink auto
         space = Space.build(g, contrib.shrunk(tau))
         peak = planner_peak(g)
+        curves = []
         res: dict = {"contributions": {"file": f"src/microtrain/sparse/contrib/{m}.json",
                                        "command": contrib.meta.get("command")},
                      "shrink_points": round(100 * tau, 4),
@@ -71,7 +73,7 @@ def main() -> int:
                              "planned_peak_bytes": peak(r.scheme), "search_seconds": round(wall, 3),
                              "evolution_samples": r.evolution.samples, "random_samples": r.random.samples})
                 if seed == seeds[0]:
-                    curves.append((f"{m} {extra} KB", r))
+                    curves.append((f"{extra} KB", r))
                     res.setdefault("paper_schemes", r.to_json(space)["paper_schemes"])
             res["extra_budgets"][f"{extra}KB"] = {"budget_bytes": extra * KB, "runs": runs,
                                                    "all_within_budget": all(x["analytic_extra_bytes"] <= extra * KB
@@ -97,12 +99,12 @@ def main() -> int:
                   f"{kb(r.analytic_extra_bytes)} KB, score {100 * r.score:.2f}, {r.planner_calls} planner calls, "
                   f"{wall:.1f} s", flush=True)
         out["models"][m] = res
+        RESULTS.mkdir(exist_ok=True)
+        plot_curves(curves, RESULTS / f"search-{m}.png", title=f"{m}: scheme search on the shipped contributions\n"
+                    f"evolution ({args.samples} samples, solid) vs random search ({4 * args.samples}, dashed), "
+                    f"seed {seeds[0]}")
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "search.json").write_text(json.dumps(out, indent=1) + "\n")
-    if curves:
-        plot_curves(curves, RESULTS / "search.png", title=f"scheme search on the shipped contributions: evolution "
-                                                          f"({args.samples} samples, solid) vs random "
-                                                          f"({4 * args.samples}, dashed)")
     print(f"wrote {RESULTS / 'search.json'}")
     return 0
 

@@ -414,14 +414,17 @@ def plot_curves(results: list[tuple[str, SearchResult]], path: str | Path, title
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.2))
+    fig, ax = plt.subplots(figsize=(7.5, 4.5))
+    floor = 0.0
     for k, (label, r) in enumerate(results):
-        colour = f"C{k}"
+        colour = f"C{k % 10}"
         for tr, style in ((r.evolution, "-"), (r.random, "--")):
             c = tr.best_curve()
             if len(c):
                 ax.plot(np.arange(1, len(c) + 1), 100 * c, style, color=colour,
                         label=f"{label} {tr.method} ({100 * c[-1]:.2f})")
+                floor = min(floor, 100 * c[min(9, len(c) - 1)])
+    ax.set_ylim(bottom=floor - 0.5)  # the first few random draws can be far below: not the interesting part
     ax.set_xscale("log")
     ax.set_xlabel("samples (distinct feasible schemes)")
     ax.set_ylabel("best summed contribution (accuracy points)")
