@@ -62,6 +62,7 @@ class GraphTrainStep:
     def __init__(self, graph: Graph, precision: str = "int8"):
         if precision not in ("int8", "fp32"):
             raise ValueError(precision)
+        torch.set_flush_denormal(True)  # a diverging float run otherwise crawls through denormal arithmetic
         self.g = graph
         self.precision = precision
         self.exact = precision == "int8"
