@@ -51,6 +51,15 @@ def test_peak_at_or_below_paper(model):
     assert report(model, PAPER_SCHEME[model]).peak_sram_bytes <= PAPER_PEAK_KB[model] * 1024
 
 
+@pytest.mark.parametrize("model,options", [("mbv2-w0.35", {}), ("mcunet-5fps", {}),
+                                           ("proxyless-w0.3", {"stream_input": True, "max_recompute": 3.0})])
+def test_peak_at_or_below_paper_with_int8_gradients(model, options):
+    """`--int8-grads` (and for proxyless the explicit --stream-input / --max-recompute 3 options) meet the paper."""
+    r = compile_memory(model, PAPER_SCHEME[model], cfg=TrainConfig(int8_grads=True), **options)
+    assert r.peak_sram_bytes <= PAPER_PEAK_KB[model] * 1024
+    assert any(t.dtype == "qint8" for t in r.graph.tensors.values())
+
+
 @pytest.mark.parametrize("model", [pytest.param("mbv2-w0.35", marks=miss(FP32_GRADS)), "proxyless-w0.3",
                                    pytest.param("mcunet-5fps", marks=miss(FP32_GRADS))])
 def test_reorder_ratio(model):
