@@ -60,8 +60,9 @@ def _grad_input_macs(g: Graph, op: Op) -> int:
 
 
 def _weight_grad_macs(g: Graph, op: Op) -> int:
+    """MACs of the trainable weight slice's gradient (a bias-only update is a plain sum: 0 MACs)."""
     o, h, w = g.tensors[op.inputs[0]].shape
-    ch = g.tensors[op.inputs[1]].shape[0]
+    ch = op.attrs["channels"]
     k = op.attrs["kernel"]
     return h * w * k * k * ch * (1 if op.attrs["depthwise"] else o)
 
