@@ -370,7 +370,7 @@ def search(space: Space, *, extra_budget: int | None = None, budget: int | None 
     for _ in range(max_rounds):
         evo = evolutionary_search(space, eff, samples, seed, population)
         if budget is None:
-            best = (evo, evo.best(), eff)
+            best = (evo, evo.ranked()[0], eff)
             break
         checked, fit = [], None
         for i in evo.ranked()[:check]:
