@@ -481,15 +481,20 @@ def run_trials(a: Analysis, *, workers: int = 1, ray_address: str | None = None,
                 done(run_trial(*a_))
         else:
             ctx = multiprocessing.get_context("spawn")  # the parent used torch threads: never fork it
-            with cf.ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
-                futures = [pool.submit(run_trial, *a_) for a_ in args]
-                try:
-                    for f in cf.as_completed(futures):
-                        done(f.result())
-                except BaseException:
-                    for f in futures:
-                        f.cancel()
-                    raise
+            pool = cf.ProcessPoolExecutor(max_workers=workers, mp_context=ctx)
+            futures = [pool.submit(run_trial, *a_) for a_ in args]
+            try:
+                for f in cf.as_completed(futures):
+                    done(f.result())
+            except BaseException:
+                # interrupted (or a trial failed): stop now instead of waiting for the running trials; finished
+                # ones are on disk and the next run resumes from them
+                procs = list(getattr(pool, "_processes", {}).values())  # no public way to stop running workers
+                pool.shutdown(wait=False, cancel_futures=True)
+                for proc in procs:
+                    proc.terminate()
+                raise
+            pool.shutdown()
     finally:
         bar.close()
     return results
