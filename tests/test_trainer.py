@@ -181,6 +181,33 @@ def test_divergence_stops_with_loadable_checkpoint(data, tmp_path):
         T.fit(LeastSquaresStep(), train, test, lr=50.0, out_dir=tmp_path, resume=True, **{**KW, "epochs": 6})
 
 
+class Saturating(LeastSquaresStep):
+    """Like int8 weights clamped at +-127: from step `after` on the loss is huge yet finite, forever."""
+
+    def __init__(self, after: int):
+        super().__init__()
+        self.after = after
+
+    def step(self, x, y, lr):
+        loss = super().step(x, y, lr)
+        self.after -= 1
+        return loss if self.after > 0 else 1e3
+
+
+def test_finite_blowup_counts_as_diverged(data, tmp_path, monkeypatch):
+    train, test = data
+    monkeypatch.setattr(T, "BLOWUP_WINDOW", 4)
+    with pytest.raises(T.DivergedError, match=r"loss blew up \(mean 1e\+03 over the last 4 iterations, above "
+                                              r"11 = 10x chance\) at epoch 2, iteration 10;") as ei:
+        T.fit(Saturating(after=7), train, test, lr=0.01, out_dir=tmp_path, **KW)
+    assert json.loads((tmp_path / "metrics.json").read_text())["status"] == "diverged" and ei.value.epoch == 2
+    # a short spike does not stop the run, and the guard can be switched off
+    m = T.fit(Saturating(after=10**9), train, test, lr=0.01, out_dir=tmp_path / "ok", **KW)
+    assert m["status"] == "completed"
+    m = T.fit(Saturating(after=7), train, test, lr=0.01, out_dir=tmp_path / "off", stop_on_blowup=False, **KW)
+    assert m["status"] == "completed" and m["train_loss"][-1] == 1e3
+
+
 def test_sweep_reports_every_lr_including_diverged(data, tmp_path):
     train, test = data
     torch.manual_seed(0)

@@ -50,6 +50,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-prefix-cache", action="store_true",
                    help="recompute the frozen prefix every step (it is cached per image when augmentation is "
                         "flip/none; results are identical)")
+    p.add_argument("--no-blowup-stop", action="store_true",
+                   help="keep training when the loss blows up without becoming non-finite (by default a run whose "
+                        "mean loss over 50 iterations exceeds 10x chance level stops as diverged)")
     p.add_argument("--eval-every", type=int, default=1, help="evaluate every N epochs (and after the last)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
@@ -99,7 +102,8 @@ def run(args: argparse.Namespace) -> int:
              "analytic_extra_bytes": analytic_extra_bytes(model, scheme), "classes": train_ds.classes}
     common = dict(epochs=epochs, batch_size=args.batch_size, warmup_epochs=warmup, augment=augment,
                   resolution=model.tensors[model.inputs[0]].shape[1], seed=args.seed, resume=args.resume,
-                  eval_every=args.eval_every, progress=progress, extra=extra)
+                  eval_every=args.eval_every, progress=progress, stop_on_blowup=not args.no_blowup_stop,
+                  extra=extra)
     if args.lr_sweep:
         result = sweep(make_step, parse_lrs(args.lr_sweep), train_ds, test_ds, out_dir=out, **common)
         summary = f"best lr {result['best_lr']:g}: test accuracy {result['best_test_accuracy']:.2%}"

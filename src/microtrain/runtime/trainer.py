@@ -31,6 +31,14 @@ from microtrain.data.datasets import AUGMENTS, ImageDataset, batches, num_batche
 from microtrain.errors import MicrotrainError
 
 SCHEDULES = ("cosine", "constant")
+# A run whose mean loss over the last BLOWUP_WINDOW iterations exceeds BLOWUP_FACTOR x chance level (ln classes)
+# has blown up: int8 weights saturate at +-127, so such runs stay finite yet sit at chance for the rest of the run.
+BLOWUP_WINDOW, BLOWUP_FACTOR = 50, 10.0
+
+
+def blowup_threshold(num_classes: int) -> float:
+    """Loss above which a (windowed mean) training loss counts as blown up: 10x the loss of a uniform guess."""
+    return BLOWUP_FACTOR * math.log(max(num_classes, 2))
 CHECKPOINT, STATE, METRICS, SWEEP = "checkpoint.npz", "checkpoint.json", "metrics.json", "sweep.json"
 
 
@@ -50,8 +58,8 @@ class TrainStep(Protocol):
 
 
 class DivergedError(MicrotrainError):
-    """The loss (or the weights) became non-finite. `checkpoint` is the last good checkpoint, already loaded back
-    into the step."""
+    """The loss (or the weights) became non-finite, or the loss blew up (see `BLOWUP_WINDOW`). `checkpoint` is the
+    last good checkpoint, already loaded back into the step."""
 
     def __init__(self, message: str, epoch: int, iteration: int, checkpoint: Path):
         super().__init__(message)
@@ -166,7 +174,8 @@ def fit(step: TrainStep, train_ds: ImageDataset, test_ds: ImageDataset, *, epoch
         batch_size: int = 64, warmup_epochs: float = 0, schedule: str = "cosine", augment: str = "paper",
         resolution: int = 128, seed: int = 0, out_dir: str | Path, eval_every: int = 1,
         eval_crop: float | None = None, eval_batch_size: int | None = None, drop_last: bool = False,
-        resume: bool = False, progress: bool = True, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+        resume: bool = False, progress: bool = True, stop_on_blowup: bool = True,
+        extra: dict[str, Any] | None = None) -> dict[str, Any]:
     """Trains `step` for `epochs` over `train_ds` and returns the metrics dict also written to out_dir/metrics.json.
 
     - lr: peak learning rate; per iteration, linear warm-up over `warmup_epochs` then `schedule` (cosine | constant).
@@ -177,7 +186,8 @@ def fit(step: TrainStep, train_ds: ImageDataset, test_ds: ImageDataset, *, epoch
     - A checkpoint is written before the first epoch and after every epoch; `resume=True` continues from it (same
       configuration required) and reproduces the uninterrupted run, including the global RNG states.
     - A non-finite loss, or non-finite weights at the end of an epoch, raises `DivergedError` ("loss became nan at
-      epoch E, iteration I; last good checkpoint: PATH") after loading that checkpoint back into `step`.
+      epoch E, iteration I; last good checkpoint: PATH") after loading that checkpoint back into `step`; so does a
+      blown-up loss (mean of the last BLOWUP_WINDOW iterations above `blowup_threshold`) unless stop_on_blowup=False.
     - metrics.json: status, test_accuracy (final, null if diverged), best_test_accuracy, best_epoch, train_loss
       (per-epoch mean), test_accuracy_per_epoch (null where not evaluated), images_per_second (training only,
       augmentation included, evaluation and checkpointing excluded), train_seconds, eval_seconds, epochs,
@@ -264,8 +274,10 @@ def fit(step: TrainStep, train_ds: ImageDataset, test_ds: ImageDataset, *, epoch
     log = (lambda s: tqdm.write(s, file=sys.stderr)) if progress else (lambda s: None)
     if st["epoch"]:
         log(f"resuming {run.dir} after epoch {st['epoch']}/{epochs}")
+    limit = blowup_threshold(train_ds.num_classes) if stop_on_blowup else math.inf
     for epoch in range(st["epoch"], epochs):
         loss_sum, seen, t0 = 0.0, 0, time.perf_counter()
+        window: list[float] = []
         bar = tqdm(batches(train_ds, batch_size, shuffle=True, seed=seed, epoch=epoch, augment=augment,
                            resolution=resolution, drop_last=drop_last),
                    total=ipe, desc=f"epoch {epoch + 1}/{epochs}", unit="batch", disable=not progress, leave=False)
@@ -275,6 +287,11 @@ def fit(step: TrainStep, train_ds: ImageDataset, test_ds: ImageDataset, *, epoch
             if not math.isfinite(loss):
                 bar.close()
                 raise stop(epoch, f"loss became {'nan' if math.isnan(loss) else 'inf'}") from None
+            window = [*window[-(BLOWUP_WINDOW - 1):], loss]
+            if len(window) == BLOWUP_WINDOW and sum(window) / BLOWUP_WINDOW > limit:
+                bar.close()
+                raise stop(epoch, f"loss blew up (mean {sum(window) / BLOWUP_WINDOW:.3g} over the last "
+                                  f"{BLOWUP_WINDOW} iterations, above {limit:.3g} = {BLOWUP_FACTOR:g}x chance)")
             loss_sum += loss * len(y)
             seen += len(y)
             st["iteration"] += 1
