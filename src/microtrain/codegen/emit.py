@@ -138,6 +138,7 @@ class Program:
     num_classes: int = 0
     patch: dict[str, Any] | None = None
     config: dict[str, int] = field(default_factory=dict)  # mt_config.h
+    stream_input: bool = False  # the patch stage reads its input tiles from the sensor callback
 
 
 # ---- the emitter -----------------------------------------------------------------------------------------------------
@@ -175,8 +176,7 @@ class Emitter:
         self.traces: list[dict[str, Any]] = []
         self.row_widths: list[int] = []  # output row widths of the convs (MT_ROW_MAX)
         self.stage = g.meta.get("patch_stage")
-        if self.stage and self.stage.get("stream_input"):
-            raise MicrotrainError("the C generator does not stream the input tile by tile yet (--stream-input)")
+        self.streaming = bool(self.stage and self.stage.get("stream_input"))
         phases = [op.attrs.get("phase") for op in g.ops]
         nf = phases.count("forward")
         if phases[:nf] != ["forward"] * nf:
@@ -364,13 +364,22 @@ class Emitter:
         tiles = make_stage(g, ops, st["output"], st["grid"]).tiles
         tp = st["tile_plan"]
         base = self.off("patch_stage.scratch")
-        outer = {g.inputs[0], st["output"]}
+        image = g.inputs[0]
+        outer = {st["output"]} if self.streaming else {image, st["output"]}
         code = [f"/* patch stage: {len(ops)} ops up to {st['output']}, {st['grid']}x{st['grid']} tiles, tile arena "
                 f"{tp['arena_bytes']} B at {base} */"]
         for ti, regions in enumerate(tiles):
             code.append(f"/* tile {ti}: {st['output']} rows {regions[st['output']][:2]} cols "
                         f"{regions[st['output']][2:]} */")
             views: dict[str, View] = {n: self.whole(n) for n in outer}
+            if self.streaming:  # the sensor writes this tile's input region into the tile arena
+                r0, r1, c0, c1 = want = regions[image]
+                c = g.tensors[image].shape[0]
+                if c * (r1 - r0) * (c1 - c0) > int(np.prod(tp["shapes"][image])):
+                    raise MicrotrainError(f"tile {ti}: the input region does not fit its tile buffer")
+                ptr = f"A({base + tp['offsets'][image]})"
+                views[image] = View(ptr, (r1 - r0) * (c1 - c0), c1 - c0, want, ptr)
+                code.append(f"read_region({ptr}, {c}, {r0}, {r1}, {c0}, {c1});")
             for op in ops:
                 y = op.outputs[0]
                 want = regions.get(y)
@@ -517,16 +526,18 @@ class Emitter:
         state_table = ",\n".join(f'  {{"{n}", {self.tensor(n)}, {g.tensors[n].nbytes}u}}' for n in self.state_names)
         header = HEADER.format(c=img.shape[0], h=img.shape[1], w=img.shape[2], image_bytes=img.nbytes,
                                classes=classes, arena=self.plan.arena_bytes, name=g.name,
-                               state_bytes=sum(s["nbytes"] for s in layout))
+                               state_bytes=sum(s["nbytes"] for s in layout), stream=int(self.streaming))
+        inputs = (STREAM_INPUT if self.streaming else SLOT_INPUT).format(image=self.off(image) if not self.streaming
+                                                                          else -1, image_bytes=img.nbytes)
         source = SOURCE.format(
             name=g.name, consts="\n".join(self.consts), sram="\n".join(self.sram), arena=self.plan.arena_bytes,
-            optimizer=opt, forward="\n  ".join(fwd), backward="\n  ".join(bwd), image=self.off(image),
-            loss=self.off("loss"), image_bytes=img.nbytes, label=self.off("label"), lr=self.off("lr"),
+            optimizer=opt, forward="\n  ".join(fwd), backward="\n  ".join(bwd), inputs=inputs,
+            loss=self.off("loss"), label=self.off("label"), lr=self.off("lr"),
             logits=self.off("logits"), classes=classes, step0=self.step0, state_table=state_table or '  {"", 0, 0u}',
             state_count=len(self.state_names), magic=STATE_MAGIC, fingerprint=fp)
         prog = Program(self.plan.arena_bytes, layout, fp, list(self.traces), tuple(img.shape), classes,
                        {k: v for k, v in self.stage.items() if k != "tile_plan"} if self.stage else None,
-                       self.config())
+                       self.config(), self.streaming)
         return header, source, prog
 
     def config(self) -> dict[str, int]:
@@ -553,12 +564,26 @@ HEADER = """\
 #define MT_ARENA_BYTES {arena}
 #define MT_STATE_BYTES {state_bytes}
 
-/* The image slot inside the arena: write an image here and pass this pointer to skip a copy. */
-int8_t *input_buffer(void);
+/* 1: the early stage runs patch by patch and reads each patch's input region from the image source, so the whole
+ * image never sits in SRAM (microtrain plan --stream-input); 0: the image is copied into its arena slot. */
+#define MT_STREAM_INPUT {stream}
+
+/* An image source (camera, file, memory): copy n pixels (int8, pixel - 128) of channel ch, row `row`, columns
+ * col .. col + n - 1 into dst; return 0 on success. */
+typedef int (*mt_input_fn)(void *ctx, int8_t *dst, int32_t ch, int32_t row, int32_t col, int32_t n);
+
 /* One SGD step on one image (int8 CHW, pixel - 128); returns the loss before the update. */
 float train_step(const int8_t *image, int label, float lr);
+/* The same, reading the image from a source; NAN and no update if the source failed. */
+float train_step_from(mt_input_fn read, void *ctx, int label, float lr);
 /* The predicted class; the fp32 logits too if `logits` is not NULL. */
 int predict(const int8_t *image, float *logits);
+/* The same from a source; -1 if the source failed. */
+int predict_from(mt_input_fn read, void *ctx, float *logits);
+#if !MT_STREAM_INPUT
+/* The image slot inside the arena: write an image here and pass this pointer to skip a copy. */
+int8_t *input_buffer(void);
+#endif
 /* Updates applied so far (the stochastic-rounding counter; saved with the state). */
 uint32_t trained_steps(void);
 
@@ -571,6 +596,31 @@ int load_state(mt_io_fn read, void *ctx);
 extern void (*mt_trace)(const char *name, const void *data, uint32_t nbytes);
 
 #endif
+"""
+
+SLOT_INPUT = """
+int8_t *input_buffer(void) {{ return A({image}); }}
+
+static void set_input(const int8_t *image) {{
+  input_failed = 0;
+  if (image != A({image})) memcpy(A({image}), image, {image_bytes});
+}}
+
+static void set_source(mt_input_fn read, void *ctx) {{
+  input_fn = read, input_ctx = ctx, input_failed = 0;
+  read_region(A({image}), MT_IMAGE_C, 0, MT_IMAGE_H, 0, MT_IMAGE_W);
+}}
+"""
+
+STREAM_INPUT = """
+static int read_memory(void *ctx, int8_t *dst, int32_t ch, int32_t row, int32_t col, int32_t n) {{
+  memcpy(dst, (const int8_t *)ctx + (ch * MT_IMAGE_H + row) * MT_IMAGE_W + col, (size_t)n);
+  return 0;
+}}
+
+static void set_source(mt_input_fn read, void *ctx) {{ input_fn = read, input_ctx = ctx, input_failed = 0; }}
+
+static void set_input(const int8_t *image) {{ set_source(read_memory, (void *)image); }}
 """
 
 SOURCE = """\
@@ -597,6 +647,18 @@ static uint8_t arena[{arena}] __attribute__((aligned(8)));
 
 {optimizer}
 
+/* ---- the image source ----------------------------------------------------------------------------------------- */
+static mt_input_fn input_fn;
+static void *input_ctx;
+static int input_failed;
+
+/* rows [r0, r1) x cols [c0, c1) of every channel, compact (channel, row, col), from the source */
+static void read_region(int8_t *dst, int32_t c, int32_t r0, int32_t r1, int32_t c0, int32_t c1) {{
+  for (int32_t ch = 0; ch < c; ch++)
+    for (int32_t r = r0; r < r1; r++, dst += c1 - c0)
+      if (!input_failed && input_fn(input_ctx, dst, ch, r, c0, c1 - c0)) input_failed = 1;
+}}
+{inputs}
 void (*mt_trace)(const char *name, const void *data, uint32_t nbytes) = 0;
 #define TRACE(name, ptr, n) do {{ if (mt_trace) mt_trace(name, ptr, n); }} while (0)
 
@@ -612,27 +674,21 @@ static void backward(float lr) {{
   {backward}
 }}
 
-int8_t *input_buffer(void) {{ return A({image}); }}
-
 uint32_t trained_steps(void) {{ return steps; }}
 
-static void set_input(const int8_t *image) {{
-  if (image != A({image})) memcpy(A({image}), image, {image_bytes});
-}}
-
-float train_step(const int8_t *image, int label, float lr) {{
-  set_input(image);
+static float run_step(int label, float lr) {{
   *(int32_t *)A({label}) = label;
   *F({lr}) = lr;
   forward();
+  if (input_failed) return NAN;
   backward(lr);
   steps++;
   return *F({loss});
 }}
 
-int predict(const int8_t *image, float *logits) {{
-  set_input(image);
+static int run_predict(float *logits) {{
   forward();
+  if (input_failed) return -1;
   const float *z = F({logits});
   int best = 0;
   for (int k = 0; k < {classes}; k++) {{
@@ -640,6 +696,26 @@ int predict(const int8_t *image, float *logits) {{
     if (logits) logits[k] = z[k];
   }}
   return best;
+}}
+
+float train_step(const int8_t *image, int label, float lr) {{
+  set_input(image);
+  return run_step(label, lr);
+}}
+
+int predict(const int8_t *image, float *logits) {{
+  set_input(image);
+  return run_predict(logits);
+}}
+
+float train_step_from(mt_input_fn read, void *ctx, int label, float lr) {{
+  set_source(read, ctx);
+  return run_step(label, lr);
+}}
+
+int predict_from(mt_input_fn read, void *ctx, float *logits) {{
+  set_source(read, ctx);
+  return run_predict(logits);
 }}
 
 /* ---- state: header (magic, fingerprint, step, bytes) then every state tensor, in the graph's order ------------ */

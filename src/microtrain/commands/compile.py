@@ -46,6 +46,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--classes", type=int, default=10, help="classes of the new head (default 10; ignored with --from)")
     p.add_argument("--optimizer", choices=OPTIMIZERS, default="sgd", help="sgd (default), sgd-m or adam")
     p.add_argument("--no-reorder", action="store_true", help="apply all updates after the backward pass")
+    p.add_argument("--stream-input", action="store_true",
+                   help="the early stage reads each patch's input region from the image source (camera, file): "
+                        "the whole image never sits in SRAM (as `microtrain plan --stream-input`)")
+    p.add_argument("--max-recompute", type=float, default=1.5,
+                   help="cap on the patch stage's MACs tiled / whole (default 1.5, as `plan`)")
     p.add_argument("--target", choices=("host", "cortex-m4"), default="host")
     p.add_argument("-o", "--out", required=True, metavar="OUT_DIR")
     p.add_argument("--build", action="store_true", help="compile the project")
@@ -93,13 +98,14 @@ def run(args: argparse.Namespace) -> int:
     if args.steps < 1:
         raise MicrotrainError(f"--steps must be >= 1, got {args.steps}")
     tg, state = training_graph(args)
-    sched, best = plan_training_graph(tg)
+    sched, best = plan_training_graph(tg, stream_input=args.stream_input, max_recompute=args.max_recompute)
     out = Path(args.out)
     prog = emit_project(sched, best.plan, out, args.target, state=state)
     stage = prog.patch
     print(f"{tg.name.removesuffix(':train')} {tg.meta['train']['scheme']['name']} -> {out} ({args.target}): arena "
           f"{_kb(prog.arena_bytes)}, state {_kb(sum(t['nbytes'] for t in prog.state))}"
           + (f", patch stage {stage['grid']}x{stage['grid']} up to {stage['output']}" if stage else "")
+          + (", input streamed tile by tile" if prog.stream_input else "")
           + (f", from {args.run_dir} (step {int(np.asarray(state.get('__step__', 0)))})" if state else ""))
     if not (args.build or args.train_run):
         return 0
@@ -118,7 +124,9 @@ def run(args: argparse.Namespace) -> int:
     result = (run_qemu if args.target == "cortex-m4" else run_host)(out, hargs)
     mem = measure_memory(out, result, best.plan, {"command": "microtrain compile " + " ".join(
         f"{k} {v}" for k, v in (("--model", args.model), ("--scheme", args.scheme), ("--from", args.run_dir),
-                                ("--target", args.target), ("-o", args.out)) if v) + " --run"})
+                                ("--target", args.target), ("-o", args.out)) if v)
+        + (" --stream-input" if args.stream_input else "")
+        + (f" --max-recompute {args.max_recompute:g}" if args.max_recompute != 1.5 else "") + " --run"})
     losses = result["losses"]
     k = max(1, len(losses) // 4)
     print(f"trained {len(losses)} {source} images: loss {np.mean(losses[:k]):.3f} (first {k}) -> "

@@ -27,6 +27,7 @@ int io_open(const char *path, int write) {
 
 int io_read(int h, void *data, uint32_t n) { return fread(data, 1, n, files[h]) == n ? 0 : -1; }
 int io_write(int h, const void *data, uint32_t n) { return fwrite(data, 1, n, files[h]) == n ? 0 : -1; }
+int io_seek(int h, uint32_t pos) { return fseek(files[h], (long)pos, SEEK_SET) ? -1 : 0; }
 
 void io_close(int h) {
   fclose(files[h]);

@@ -4,7 +4,7 @@
 
 #include "mt_io.h"
 
-enum { SYS_OPEN = 0x01, SYS_CLOSE = 0x02, SYS_WRITE0 = 0x04, SYS_WRITE = 0x05, SYS_READ = 0x06,
+enum { SYS_OPEN = 0x01, SYS_CLOSE = 0x02, SYS_WRITE0 = 0x04, SYS_WRITE = 0x05, SYS_READ = 0x06, SYS_SEEK = 0x0A,
        SYS_GET_CMDLINE = 0x15, SYS_EXIT_EXTENDED = 0x20 };
 
 static int semihost(int op, void *arg) {
@@ -27,6 +27,11 @@ int io_read(int h, void *data, uint32_t n) {
 int io_write(int h, const void *data, uint32_t n) {
   uint32_t args[3] = {(uint32_t)h, (uint32_t)data, n};
   return semihost(SYS_WRITE, args) == 0 ? 0 : -1;
+}
+
+int io_seek(int h, uint32_t pos) {
+  uint32_t args[2] = {(uint32_t)h, pos};
+  return semihost(SYS_SEEK, args) == 0 ? 0 : -1;
 }
 
 void io_close(int h) {

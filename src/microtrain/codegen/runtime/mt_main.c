@@ -87,6 +87,50 @@ static void trace(const char *name, const void *data, uint32_t nbytes) {
   io_write(trace_file, data, nbytes);
 }
 
+/* One record's image, read where it lies in the record file: with MT_STREAM_INPUT the program asks for each patch's
+ * input region (seek + read per row segment), so the harness holds no image either; otherwise the whole image is
+ * read into the program's input slot. */
+#define RECORD_HEAD 12u
+#define RECORD_BYTES (8u + MT_IMAGE_BYTES)
+typedef struct { int h; uint32_t pos; } file_image;
+
+#if MT_STREAM_INPUT
+static int read_file_image(void *ctx, int8_t *dst, int32_t ch, int32_t row, int32_t col, int32_t n) {
+  const file_image *f = (const file_image *)ctx;
+  return io_seek(f->h, f->pos + (uint32_t)((ch * MT_IMAGE_H + row) * MT_IMAGE_W + col)) || io_read(f->h, dst, (uint32_t)n);
+}
+#endif
+
+/* Reads record i's label and lr and positions `img` on its image; then train / predict from it. */
+static int read_record(int h, uint32_t i, int32_t *label, float *lr, file_image *img) {
+  img->h = h;
+  img->pos = RECORD_HEAD + i * RECORD_BYTES + 8u;
+  if (io_seek(h, img->pos - 8u) || io_read(h, label, 4) || io_read(h, lr, 4)) return -1;
+#if MT_STREAM_INPUT
+  return 0;
+#else
+  return io_read(h, input_buffer(), MT_IMAGE_BYTES);
+#endif
+}
+
+static float train_record(file_image *img, int32_t label, float lr) {
+#if MT_STREAM_INPUT
+  return train_step_from(read_file_image, img, label, lr);
+#else
+  (void)img;
+  return train_step(input_buffer(), label, lr);
+#endif
+}
+
+static int predict_record(file_image *img, float *logits) {
+#if MT_STREAM_INPUT
+  return predict_from(read_file_image, img, logits);
+#else
+  (void)img;
+  return predict(input_buffer(), logits);
+#endif
+}
+
 static int open_records(const char *path, uint32_t *count) {
   uint32_t head[3];
   int h = io_open(path, 0);
@@ -132,6 +176,7 @@ int harness_main(int argc, char **argv) {
   }
   uint64_t train_ns = 0;
   uint32_t done = 0;
+  const uint32_t steps_before = trained_steps();
   if (stream) {
     uint32_t count;
     int h = open_records(stream, &count);
@@ -144,11 +189,13 @@ int harness_main(int argc, char **argv) {
       if (trace_file >= 0 && done + 1 == trace_step) mt_trace = trace;
       int32_t label;
       float lr;
-      if (io_read(h, &label, 4) || io_read(h, &lr, 4) || io_read(h, input_buffer(), MT_IMAGE_BYTES))
-        return fail("truncated record file ", stream);
+      file_image img;
+      if (read_record(h, done, &label, &lr, &img)) return fail("truncated record file ", stream);
       const uint64_t t0 = io_time_ns();
-      const float loss = train_step(input_buffer(), label, lr);
+      const float loss = train_record(&img, label, lr);
       train_ns += io_time_ns() - t0;
+      if (MT_STREAM_INPUT && loss != loss && trained_steps() == steps_before + done)
+        return fail("truncated record file ", stream);
       if (mt_trace) {
         mt_trace = 0;
         io_close(trace_file);
@@ -179,9 +226,10 @@ int harness_main(int argc, char **argv) {
     for (uint32_t i = 0; i < count; i++) {
       int32_t label;
       float lr, logits[MT_NUM_CLASSES];
-      if (io_read(h, &label, 4) || io_read(h, &lr, 4) || io_read(h, input_buffer(), MT_IMAGE_BYTES))
-        return fail("truncated record file ", eval_in);
-      const int32_t cls = predict(input_buffer(), logits);
+      file_image img;
+      if (read_record(h, i, &label, &lr, &img)) return fail("truncated record file ", eval_in);
+      const int32_t cls = predict_record(&img, logits);
+      if (cls < 0) return fail("truncated record file ", eval_in);
       io_write(o, &cls, 4);
       io_write(o, logits, sizeof logits);
     }
