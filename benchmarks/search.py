@@ -7,7 +7,7 @@ For every zoo model with a shipped contribution file:
 - device budgets 256 / 192 KB (the planner's peak SRAM of the whole training step, no extra budget): the found
   scheme's planned peak.
 
-    python benchmarks/search.py [--samples 2000] [--seeds 0,1,2]
+    python benchmarks/search.py [--samples 2000] [--seeds 0,1,2] [--out search.json]
 
 Contributions are shrunk by their estimated noise level first, as `microtrain search` does by default.
 Writes benchmarks/results/search.json (with the command) and search-<model>.png (best score vs samples).
@@ -39,6 +39,8 @@ def main() -> int:
     ap.add_argument("--samples", type=int, default=2000)
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--models", nargs="*", default=list(ZOO_MODELS))
+    ap.add_argument("--out", default="search.json", help="file name under benchmarks/results (plots: search-<model>"
+                                                          "<suffix>.png, the suffix taken from this name)")
     args = ap.parse_args()
     seeds = [int(s) for s in args.seeds.split(",")]
     out: dict = {"command": shlex.join(["python", "benchmarks/search.py", *sys.argv[1:]]),
@@ -100,12 +102,13 @@ def main() -> int:
                   f"{wall:.1f} s", flush=True)
         out["models"][m] = res
         RESULTS.mkdir(exist_ok=True)
-        plot_curves(curves, RESULTS / f"search-{m}.png", title=f"{m}: scheme search on the shipped contributions\n"
+        suffix = Path(args.out).stem.removeprefix("search")
+        plot_curves(curves, RESULTS / f"search-{m}{suffix}.png", title=f"{m}: scheme search on the shipped contributions\n"
                     f"evolution ({args.samples} samples, solid) vs random search ({4 * args.samples}, dashed), "
                     f"seed {seeds[0]}")
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "search.json").write_text(json.dumps(out, indent=1) + "\n")
-    print(f"wrote {RESULTS / 'search.json'}")
+    (RESULTS / args.out).write_text(json.dumps(out, indent=1) + "\n")
+    print(f"wrote {RESULTS / args.out}")
     return 0
 
 

@@ -16,7 +16,30 @@ import torch
 from microtrain.runtime.trainstep import GraphTrainStep
 
 
-class PrefixCache:
+class PrefixStep:
+    """A TrainStep that feeds `inner` its frozen prefix's boundary tensors from somewhere cheaper than recomputing
+    them (subclasses implement `_prefix`; `useful` False passes the images through)."""
+
+    inner: GraphTrainStep
+    useful: bool = True
+
+    def _prefix(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def step(self, x: torch.Tensor, y: torch.Tensor, lr: float) -> float:
+        return self.inner.step(self._prefix(x) if self.useful else x, y, lr)
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        return self.inner.logits(self._prefix(x) if self.useful else x)
+
+    def state_dict(self) -> dict[str, np.ndarray]:
+        return self.inner.state_dict()
+
+    def load_state_dict(self, state: dict[str, np.ndarray]) -> None:
+        self.inner.load_state_dict(state)
+
+
+class PrefixCache(PrefixStep):
     """Wraps a GraphTrainStep; same TrainStep protocol. `max_bytes` bounds the cache (LRU-free: stops adding)."""
 
     def __init__(self, step: GraphTrainStep, max_bytes: int = 4 << 30,
@@ -45,15 +68,3 @@ class PrefixCache:
                     self.nbytes += size
         rows = [fresh[i] if i in fresh else self.entries[k] for i, k in enumerate(keys)]
         return {n: torch.stack([r[j] for r in rows]) for j, n in enumerate(self.inner.boundary)}
-
-    def step(self, x: torch.Tensor, y: torch.Tensor, lr: float) -> float:
-        return self.inner.step(self._prefix(x) if self.useful else x, y, lr)
-
-    def logits(self, x: torch.Tensor) -> torch.Tensor:
-        return self.inner.logits(self._prefix(x) if self.useful else x)
-
-    def state_dict(self) -> dict[str, np.ndarray]:
-        return self.inner.state_dict()
-
-    def load_state_dict(self, state: dict[str, np.ndarray]) -> None:
-        self.inner.load_state_dict(state)

@@ -46,7 +46,7 @@ from microtrain.data.datasets import ImageDataset, open_dataset, resize_batch
 from microtrain.errors import MicrotrainError
 from microtrain.frontends.zoo import ZOO_MODELS, load_model
 from microtrain.ir.graph import Graph
-from microtrain.runtime.prefix_cache import PrefixCache
+from microtrain.runtime.prefix_cache import PrefixCache, PrefixStep
 from microtrain.runtime.trainer import DivergedError, fit
 from microtrain.runtime.trainstep import GraphTrainStep
 from microtrain.sparse.cost import analytic_extra_bytes
@@ -218,7 +218,7 @@ class Table:
                    arrays)
 
 
-class TablePrefix:
+class TablePrefix(PrefixStep):
     """A TrainStep wrapper: the boundary of `step` from a table cut (exact), via the frozen ops after the cut.
     Images missing from the table (none when the protocol built it) fall back to the step's own prefix."""
 
@@ -236,18 +236,6 @@ class TablePrefix:
         env = {n: torch.from_numpy(np.ascontiguousarray(a[rows])) for n, a in self.table.arrays.items()}
         env = self.inner.run(self.ops, env, train=True)
         return {n: env[n] for n in self.inner.boundary}
-
-    def step(self, x: torch.Tensor, y: torch.Tensor, lr: float) -> float:
-        return self.inner.step(self._prefix(x), y, lr)
-
-    def logits(self, x: torch.Tensor) -> torch.Tensor:
-        return self.inner.logits(self._prefix(x))
-
-    def state_dict(self) -> dict[str, np.ndarray]:
-        return self.inner.state_dict()
-
-    def load_state_dict(self, state: dict[str, np.ndarray]) -> None:
-        self.inner.load_state_dict(state)
 
 
 def usable_table(step: GraphTrainStep, tables: Iterable[Table]) -> Table | None:
