@@ -83,6 +83,10 @@ def test_resume_reuses_cached_trials(tiny, tmp_path, monkeypatch):
     # a changed protocol gets its own trials (same decoded data and tables)
     b = C.prepare(tiny, protocol(tiny, lr=0.02), tmp_path, progress=False)
     assert b.workdir != a.workdir and b.workdir.parent == a.workdir.parent
+    # so does other code (a cache written by an older microtrain is never reused)
+    monkeypatch.setattr(C, "code_fingerprint", lambda: "other-code")
+    c = C.prepare(tiny, p, tmp_path, progress=False)
+    assert c.workdir.parent != a.workdir.parent and not list((c.workdir / "trials").glob("*.json"))
 
 
 def test_parallel_workers_give_the_same_numbers(tiny, tmp_path):

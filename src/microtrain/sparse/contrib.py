@@ -156,6 +156,20 @@ def model_fingerprint(g: Graph) -> str:
     return h.hexdigest()[:12]
 
 
+# the packages whose code decides a trial's number (graph, autodiff, executor, trainer, data pipeline)
+SEMANTIC_PACKAGES = ("ir", "autodiff", "runtime", "data")
+
+
+def code_fingerprint() -> str:
+    """Hash of the source that computes a trial, so a cache written by other code is not reused."""
+    root = Path(__file__).resolve().parent.parent
+    h = hashlib.sha1()
+    for pkg in SEMANTIC_PACKAGES:
+        for f in sorted((root / pkg).glob("*.py")):
+            h.update(f.name.encode() + f.read_bytes())
+    return h.hexdigest()[:12]
+
+
 def _data_id(data: str) -> str:
     p = Path(data)
     return str(p.resolve()) if p.is_dir() and os.sep in data else data
@@ -163,12 +177,14 @@ def _data_id(data: str) -> str:
 
 def workdir_for(cache_root: str | Path, graph: Graph, p: Protocol) -> Path:
     """`<cache>/<model>-<data>-<hash>/protocol-<hash>`: the outer directory (decoded subsets, prefix tables) is keyed
-    by what the images and activations depend on, the inner one (probe head, trials) by the whole protocol, so
-    trials of a changed protocol never mix and a new learning rate reuses the tables."""
+    by what the images and activations depend on (including the code that computes them), the inner one (probe head,
+    trials) by the whole protocol, so trials of a changed protocol or code never mix and a new learning rate reuses
+    the tables."""
     def h(obj: Any) -> str:
         return hashlib.sha1(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:12]
     data = {"model": model_fingerprint(graph), "data": _data_id(p.data), "train": p.train_images,
-            "test": p.test_images, "seed": p.seed, "augment": p.augment, "precision": p.precision}
+            "test": p.test_images, "seed": p.seed, "augment": p.augment, "precision": p.precision,
+            "code": code_fingerprint()}
     outer = Path(cache_root) / f"{graph.name}-{Path(p.data).name}-{h(data)}"
     return outer / f"protocol-{h({**data, 'protocol': p.to_dict()})}"
 
