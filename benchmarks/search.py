@@ -103,7 +103,8 @@ def main() -> int:
         out["models"][m] = res
         RESULTS.mkdir(exist_ok=True)
         suffix = Path(args.out).stem.removeprefix("search")
-        plot_curves(curves, RESULTS / f"search-{m}{suffix}.png", title=f"{m}: scheme search on the shipped contributions\n"
+        plot_curves(curves, RESULTS / f"search-{m}{suffix}.png",
+                    title=f"{m}: scheme search on the shipped contributions\n"
                     f"evolution ({args.samples} samples, solid) vs random search ({4 * args.samples}, dashed), "
                     f"seed {seeds[0]}")
     RESULTS.mkdir(exist_ok=True)
