@@ -62,7 +62,18 @@ def test_run_writes_memory_json(tmp_path, capsys):
 
 
 @needs_gcc
-def test_from_run_dir_starts_from_the_checkpoint(tmp_path, capsys):
+def test_run_int8_grads(tmp_path, capsys):
+    assert main(["compile", "--model", "mcunet-5fps", "--scheme", "paper-49kb", "--int8-grads", "-o", str(tmp_path),
+                 "--run", "--steps", "3", "--data", "skimage"]) == 0
+    assert "int8 activation gradients" in capsys.readouterr().out
+    assert "mt_conv2d_grad_input_q8(" in (tmp_path / "model.c").read_text()
+    assert json.loads((tmp_path / "memory.json").read_text())["command"].endswith("--int8-grads --run")
+
+
+@needs_gcc
+@pytest.mark.parametrize("int8_grads", [False, True], ids=["fp32-grads", "int8-grads"])
+def test_from_run_dir_starts_from_the_checkpoint(int8_grads, tmp_path, capsys):
+    """The device starts from the run's checkpoint and trains its graph (with --int8-grads if the run had it)."""
     if not CIFAR.is_dir():
         pytest.skip("../shared/datasets/cifar10 not present")
     data = tmp_path / "data"
@@ -73,10 +84,15 @@ def test_from_run_dir_starts_from_the_checkpoint(tmp_path, capsys):
                 shutil.copy(f, data / split / c / f.name)
     run = tmp_path / "run"
     assert main(["train", "--model", "mcunet-5fps", "--data", str(data), "--scheme", "paper-49kb", "--epochs", "1",
-                 "--warmup-epochs", "0", "--batch-size", "12", "--augment", "none", "--quiet", "--out", str(run)]) == 0
+                 "--warmup-epochs", "0", "--batch-size", "12", "--augment", "none", "--quiet", "--out", str(run)]
+                + ["--int8-grads"] * int8_grads) == 0
     out = tmp_path / "c"
     assert main(["compile", "--from", str(run), "-o", str(out), "--build"]) == 0
-    assert "from " in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "from " in printed and ("int8 activation gradients" in printed) == int8_grads
+    if not int8_grads:
+        assert main(["compile", "--from", str(run), "--int8-grads", "-o", str(tmp_path / "x")]) == 2
+        assert "--int8-grads does not match the run" in capsys.readouterr().err
     ckpt = load_checkpoint(run / "checkpoint.npz")
     assert int(ckpt["__step__"]) == 3
     prog = load_program(out)

@@ -209,28 +209,34 @@ def test_resizing_depthwise_kernel_contract(c, a, b, seed):
     np.testing.assert_array_equal(buf[: c * b].reshape(c, b), want)
 
 
-def test_backward_inplace_rules():
+@pytest.mark.parametrize("dtype", ["float32", "qint8"])
+def test_backward_inplace_rules(dtype):
     """grad_acc on its gradient, add_grad (one output takes g), depthwise grad_input of stride 2 (grows, same offset,
-    one-channel scratch), pointwise grad_input never in place."""
+    one-channel float32 scratch), pointwise grad_input never in place. qint8 (--int8-grads): the same aliases, and
+    the float32 channel each grad_input declares (as autodiff does) is one buffer with the in-place scratch."""
+    q8 = dtype == "qint8"
     g = Graph("bw", inputs=["g", "m", "m2"])
-    g.add_tensor(Tensor("g", (4, 4, 4), "float32", "grad"))
+    g.add_tensor(Tensor("g", (4, 4, 4), dtype, "grad"))
     g.add_tensor(Tensor("m", (4, 4, 4), "bit", "mask"))
     g.add_tensor(Tensor("m2", (4, 8, 8), "bit", "mask"))
     g.add_tensor(Tensor("w", (4, 1, 3, 3), "int8", "weight"))
     g.add_tensor(Tensor("w2", (4, 2, 1, 1), "int8", "weight"))
     for t, shape in [("acc", (4, 4, 4)), ("gx", (4, 8, 8)), ("ga", (4, 8, 8)), ("gb", (4, 8, 8)), ("gs", (4, 8, 8)),
                      ("gp", (2, 8, 8))]:
-        g.add_tensor(Tensor(t, shape, "float32", "grad"))
+        g.add_tensor(Tensor(t, shape, dtype, "grad"))
+    plane = {"scratch_bytes": 8 * 8 * 4} if q8 else {}
     g.add_op(Op("acc", "conv2d_grad_acc", ["g", "m"], ["acc"]))
-    g.add_op(Op("dwgi", "conv2d_grad_input", ["acc", "w"], ["gx"], {"stride": 2, "padding": 1, "groups": 4}))
+    g.add_op(Op("dwgi", "conv2d_grad_input", ["acc", "w"], ["gx"], {"stride": 2, "padding": 1, "groups": 4, **plane}))
     g.add_op(Op("addg", "add_grad", ["gx", "m2"], ["ga", "gb"]))
     g.add_op(Op("sum", "grad_add", ["ga", "gb"], ["gs"]))
-    g.add_op(Op("pwgi", "conv2d_grad_input", ["gs", "w2"], ["gp"], {"stride": 1, "padding": 0, "groups": 1}))
+    g.add_op(Op("pwgi", "conv2d_grad_input", ["gs", "w2"], ["gp"], {"stride": 1, "padding": 0, "groups": 1, **plane}))
     g.outputs = ["gp"]
     p = plan_memory(g)
     assert p.aliases == {"acc": "g", "gx": "acc", "ga": "gx", "gs": "ga"}
-    assert next(lt.nbytes for lt in p.lifetimes if lt.tensor == "dwgi.scratch") == 8 * 8 * 4
-    assert next(lt.nbytes for lt in p.lifetimes if lt.tensor == "g") == 4 * 8 * 8 * 4  # the chain's largest member
+    scratch = {lt.tensor: lt.nbytes for lt in p.lifetimes if lt.tensor not in g.tensors}
+    assert scratch == ({"dwgi.scratch": 8 * 8 * 4, "pwgi.scratch": 8 * 8 * 4} if q8 else {"dwgi.scratch": 8 * 8 * 4})
+    chain = 4 * 8 * 8 + 4 * 4 if q8 else 4 * 8 * 8 * 4  # the chain's largest member (qint8: values + scales)
+    assert next(lt.nbytes for lt in p.lifetimes if lt.tensor == "g") == chain
     check_plan(g, p, 4)
     simulate(g, p)
 

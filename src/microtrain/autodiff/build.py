@@ -131,6 +131,11 @@ def build_training_graph(fwd: Graph, scheme, num_classes: int, cfg: TrainConfig 
         emit(Op(f"{acc}.add", "grad_add", [grad[tensor], gname], [acc]))
         grad[tensor] = acc
 
+    def plane(tensor: str) -> dict[str, int]:
+        """qint8 gradients: the C kernel of an op that needs one float32 channel of `tensor` whole (a conv's input
+        gradient before it is quantized, g_acc dequantized for a weight gradient) declares it as workspace."""
+        return {"scratch_bytes": 4 * g.tensors[tensor].numel // g.tensors[tensor].shape[0]} if cfg.int8_grads else {}
+
     def new_grad(tensor: str, suffix: str = "") -> str:
         name = f"grad:{tensor}{suffix}"
         g.add_tensor(Tensor(name, g.tensors[tensor].shape, gdtype, "grad"))
@@ -189,7 +194,7 @@ def build_training_graph(fwd: Graph, scheme, num_classes: int, cfg: TrainConfig 
                 gx = new_grad(x, f"@{op.name}")
                 emit(Op(f"{op.name}.grad_input", "conv2d_grad_input", [gacc, *_weight_parts(g, op.name)], [gx],
                         {"conv": op.name, "stride": op.attrs["stride"], "padding": op.attrs["padding"],
-                         "groups": op.attrs["groups"]}))
+                         "groups": op.attrs["groups"], **plane(x)}))
             i = op.attrs["conv_index"]
             params = ([f"{op.name}.w_train"] if channels[i] else []) + ([f"{op.name}.b"] if i in bias_set else [])
             if params:
@@ -197,7 +202,7 @@ def build_training_graph(fwd: Graph, scheme, num_classes: int, cfg: TrainConfig 
                 ins = [gacc] + ([saved[op.name]] if channels[i] else [])
                 update(f"{op.name}.update", params, ins, "conv2d_update",
                        {"conv": op.name, "stride": op.attrs["stride"], "padding": op.attrs["padding"],
-                        "depthwise": op.attrs["groups"] > 1, "kernel": k, "channels": channels[i]})
+                        "depthwise": op.attrs["groups"] > 1, "kernel": k, "channels": channels[i], **plane(gacc)})
             if x in needs:
                 contribute(x, gx)
     for op in deferred:

@@ -37,7 +37,8 @@ TARGETS = ("host", "cortex-m4")
 KERNEL_FILES = ("mt_dot_tree.c", "mt_conv2d.c", "mt_depthwise_conv2d.c", "mt_add.c", "mt_avgpool.c",
                 "mt_slice_channels.c", "mt_linear.c", "mt_softmax_ce.c", "mt_linear_grad_input.c", "mt_avgpool_grad.c",
                 "mt_add_grad.c", "mt_grad_add.c", "mt_conv2d_grad_acc.c", "mt_conv2d_grad_input.c",
-                "mt_depthwise_grad_input.c", "mt_conv2d_update.c", "mt_linear_update.c", "mt_update.c", "mt_math.c")
+                "mt_depthwise_grad_input.c", "mt_conv2d_update.c", "mt_linear_update.c", "mt_update.c", "mt_math.c",
+                "mt_q8.c")
 HARNESS_FILES = {"host": ("mt_main.c", "mt_io.h", "mt_io_host.c"),
                  "cortex-m4": ("mt_main.c", "mt_io.h", "mt_io_semihost.c", "mt_startup_m4.c", "mt_m4.ld")}
 STATE_MAGIC = 0x3153544D  # "MTS1"
@@ -151,8 +152,6 @@ class Emitter:
         self.cfg = TrainConfig(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in tr["config"].items()})
         if self.cfg.update_storage != "int8":
             raise MicrotrainError("the C generator supports int8 update storage only (--update-storage int8)")
-        if getattr(self.cfg, "int8_grads", False):
-            raise MicrotrainError("the C generator keeps activation gradients in float32 (no --int8-grads yet)")
         self.state_names: list[str] = list(tr["state"])
         self.stream = {n: i for i, n in enumerate(sorted(self.state_names))}
         self.values = {n: t.data for n, t in g.tensors.items() if t.data is not None}
@@ -190,8 +189,9 @@ class Emitter:
         return self.plan.offsets[name]
 
     def act(self, name: str) -> str:
+        """A tensor's arena pointer; a qint8 gradient's is its float32 scales (its int8 values follow them)."""
         t = self.g.tensors[name]
-        return f"{'F' if t.dtype == 'float32' else 'B' if t.dtype == 'bit' else 'A'}({self.off(name)})"
+        return f"{'F' if t.dtype in ('float32', 'qint8') else 'B' if t.dtype == 'bit' else 'A'}({self.off(name)})"
 
     def whole(self, name: str) -> View:
         c, h, w = self.g.tensors[name].shape
@@ -419,9 +419,24 @@ class Emitter:
     def conv_of(self, name: str) -> Op | None:
         return None if name == "head" else self.g.op(name)
 
+    def q8(self, op: Op) -> str:
+        """The kernel suffix of a backward op: "_q8" when its activation gradients are qint8 (--int8-grads: autodiff
+        makes every activation gradient qint8; parameter gradients and the loss's stay float32)."""
+        return "_q8" if any(self.g.tensors[n].dtype == "qint8" for n in (*op.inputs, *op.outputs)) else ""
+
+    def extent(self, op: Op, q8: str) -> str:
+        """The size arguments of a per-element gradient kernel: elements, or channels and elements per channel."""
+        t = self.g.tensors[op.inputs[0]]
+        return f"{t.shape[0]}, {t.numel // t.shape[0]}" if q8 else str(t.numel)
+
+    def workspace(self, op: Op) -> str:
+        """The op's planned float32 workspace (`attrs["scratch_bytes"]` or its in-place rule's, `<op>.scratch`)."""
+        return f"F({self.off(op.name + '.scratch')})"
+
     def backward_op(self, op: Op) -> list[str]:
         g, a = self.g, op.attrs
         t = g.tensors
+        q8 = self.q8(op)
         if op.kind == "softmax_ce":
             z, _ = op.inputs
             return [f"*F({self.off(op.outputs[0])}) = mt_softmax_ce({self.act(z)}, {t[z].shape[0]}, "
@@ -429,7 +444,7 @@ class Emitter:
         if op.kind == "linear_grad_input":
             gz, w = op.inputs
             pooled = t[g.meta["train"]["pooled"]]
-            return [f"mt_linear_grad_input({self.act(gz)}, {self.tensor(w)}, {t[w].shape[0]}, {t[w].shape[1]}, "
+            return [f"mt_linear_grad_input{q8}({self.act(gz)}, {self.tensor(w)}, {t[w].shape[0]}, {t[w].shape[1]}, "
                     f"{c_float(pooled.scale)}, {self.act(op.outputs[0])}, "
                     f"{self.trees('grad_input', t[w].shape[1], t[w].shape[0])});"]
         if op.kind in ("linear_update", "linear_weight_grad"):
@@ -443,21 +458,21 @@ class Emitter:
             return [f"mt_linear_update(&st, {head}, &{pw}, &{pb});"]
         if op.kind == "avgpool_grad":
             c, h, w = t[op.outputs[0]].shape
-            return [f"mt_avgpool_grad({self.act(op.inputs[0])}, {c}, {h * w}, {self.act(op.outputs[0])});"]
+            return [f"mt_avgpool_grad{q8}({self.act(op.inputs[0])}, {c}, {h * w}, {self.act(op.outputs[0])});"]
         if op.kind == "add_grad":
             fwd = g.op(op.name.removesuffix(".grad"))
             at, bt, yt = (t[n] for n in (*fwd.inputs, fwd.outputs[0]))
             ra, rb = add_ratios(at.scale, bt.scale, yt.scale)
             outs = iter(op.outputs)
             ga, gb = (self.act(next(outs)) if want else "0" for want in a["which"])
-            return [f"mt_add_grad({self.act(op.inputs[0])}, {self.act(op.inputs[1])}, {t[op.inputs[0]].numel}, "
+            return [f"mt_add_grad{q8}({self.act(op.inputs[0])}, {self.act(op.inputs[1])}, {self.extent(op, q8)}, "
                     f"{c_float(ra)}, {c_float(rb)}, {ga}, {gb});"]
         if op.kind == "grad_add":
-            return [f"mt_grad_add({self.act(op.inputs[0])}, {self.act(op.inputs[1])}, {t[op.inputs[0]].numel}, "
+            return [f"mt_grad_add{q8}({self.act(op.inputs[0])}, {self.act(op.inputs[1])}, {self.extent(op, q8)}, "
                     f"{self.act(op.outputs[0])});"]
         if op.kind == "conv2d_grad_acc":
             c, h, w = t[op.inputs[0]].shape
-            return [f"mt_conv2d_grad_acc({self.act(op.inputs[0])}, {self.act(op.inputs[1])}, {c}, {h * w}, "
+            return [f"mt_conv2d_grad_acc{q8}({self.act(op.inputs[0])}, {self.act(op.inputs[1])}, {c}, {h * w}, "
                     f"{self.mult(g.op(a['conv']))}, {self.act(op.outputs[0])});"]
         if op.kind == "conv2d_grad_input":
             conv = g.op(a["conv"])
@@ -465,6 +480,9 @@ class Emitter:
             gd, xd = chw(t[gacc].shape), chw(t[gx].shape)
             wt = self.define("mt_weights", "WT", conv.name, self.weights(conv))
             head = f"{self.act(gacc)}, {gd}, {wt}, {a['stride']}, {a['padding']}"
+            if q8:  # in place or not, each channel goes through the float32 workspace
+                kernel = "mt_depthwise_grad_input" if conv.attrs["groups"] > 1 else "mt_conv2d_grad_input"
+                return [f"{kernel}_q8({head}, {self.act(gx)}, {xd}, {self.workspace(op)});"]
             if conv.attrs["groups"] > 1:
                 scratch = f"(float *)A({self.off(op.name + '.scratch')})" if self.plan.aliases.get(gx) == gacc else "0"
                 return [f"mt_depthwise_grad_input({head}, {self.act(gx)}, {xd}, {scratch});"]
@@ -480,15 +498,16 @@ class Emitter:
             else:
                 xsv, xd, xz = "0", chw((0, 0, 0)), 0
             geo = f"{a['kernel']}, {a['stride']}, {a['padding']}, {int(a['depthwise'])}"
+            plane = f", {self.workspace(op)}" if q8 else ""
             if op.kind == "conv2d_weight_grad":
                 outs = dict(zip(a["params"], op.outputs, strict=True))
                 gw = next((self.act(o) for p, o in outs.items() if p.endswith(".w_train")), "0")
                 gb = next((self.act(o) for p, o in outs.items() if p.endswith(".b")), "0")
-                return [f"mt_conv2d_weight_grad({self.act(gacc)}, {gd}, {xsv}, {xd}, {xz}, {geo}, {a['channels']}, "
-                        f"{gw}, {gb});"]
+                return [f"mt_conv2d_weight_grad{q8}({self.act(gacc)}, {gd}, {xsv}, {xd}, {xz}, {geo}, "
+                        f"{a['channels']}, {gw}, {gb}{plane});"]
             w = next((f"&{self.param(p, conv)}" for p in a["params"] if p.endswith(".w_train")), "0")
             b = next((f"&{self.param(p, conv)}" for p in a["params"] if p.endswith(".b")), "0")
-            return [f"mt_conv2d_update(&st, {self.act(gacc)}, {gd}, {xsv}, {xd}, {xz}, {geo}, {w}, {b});"]
+            return [f"mt_conv2d_update{q8}(&st, {self.act(gacc)}, {gd}, {xsv}, {xd}, {xz}, {geo}, {w}, {b}{plane});"]
         if op.kind == "apply_update":
             p = a["param"]
             conv = self.conv_of(a["of"].removesuffix(".update"))

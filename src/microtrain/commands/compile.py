@@ -46,6 +46,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--classes", type=int, default=10, help="classes of the new head (default 10; ignored with --from)")
     p.add_argument("--optimizer", choices=OPTIMIZERS, default="sgd", help="sgd (default), sgd-m or adam")
     p.add_argument("--no-reorder", action="store_true", help="apply all updates after the backward pass")
+    p.add_argument("--int8-grads", action="store_true",
+                   help="activation gradients as per-channel quantized int8, as `microtrain plan --int8-grads` (taken "
+                        "from --from when omitted)")
     p.add_argument("--stream-input", action="store_true",
                    help="the early stage reads each patch's input region from the image source (camera, file): "
                         "the whole image never sits in SRAM (as `microtrain plan --stream-input`)")
@@ -79,6 +82,8 @@ def training_graph(args: argparse.Namespace) -> tuple[Graph, dict[str, np.ndarra
             raise MicrotrainError(f"--model {args.model} does not match the run's model {name}")
         if args.scheme and args.scheme != tr["scheme"]["name"]:
             raise MicrotrainError(f"--scheme {args.scheme} does not match the run's scheme {tr['scheme']['name']}")
+        if args.int8_grads and not tr["config"].get("int8_grads"):
+            raise MicrotrainError("--int8-grads does not match the run (trained with float32 activation gradients)")
         state = load_checkpoint(run_dir / CHECKPOINT) if (run_dir / CHECKPOINT).is_file() else None
         return tg, state
     if not (args.model and args.scheme):
@@ -86,7 +91,7 @@ def training_graph(args: argparse.Namespace) -> tuple[Graph, dict[str, np.ndarra
     if args.classes < 1:
         raise MicrotrainError(f"--classes must be >= 1, got {args.classes}")
     model = load_model(args.model)
-    cfg = TrainConfig(optimizer=args.optimizer, reorder=not args.no_reorder, seed=args.seed)
+    cfg = TrainConfig(optimizer=args.optimizer, reorder=not args.no_reorder, int8_grads=args.int8_grads, seed=args.seed)
     return build_training_graph(model, resolve_scheme(args.scheme, model), args.classes, cfg), None
 
 
@@ -106,6 +111,7 @@ def run(args: argparse.Namespace) -> int:
           f"{_kb(prog.arena_bytes)}, state {_kb(sum(t['nbytes'] for t in prog.state))}"
           + (f", patch stage {stage['grid']}x{stage['grid']} up to {stage['output']}" if stage else "")
           + (", input streamed tile by tile" if prog.stream_input else "")
+          + (", int8 activation gradients" if tg.meta["train"]["config"].get("int8_grads") else "")
           + (f", from {args.run_dir} (step {int(np.asarray(state.get('__step__', 0)))})" if state else ""))
     if not (args.build or args.train_run):
         return 0
@@ -125,7 +131,7 @@ def run(args: argparse.Namespace) -> int:
     mem = measure_memory(out, result, best.plan, {"command": "microtrain compile " + " ".join(
         f"{k} {v}" for k, v in (("--model", args.model), ("--scheme", args.scheme), ("--from", args.run_dir),
                                 ("--target", args.target), ("-o", args.out)) if v)
-        + (" --stream-input" if args.stream_input else "")
+        + (" --stream-input" if args.stream_input else "") + (" --int8-grads" if args.int8_grads else "")
         + (f" --max-recompute {args.max_recompute:g}" if args.max_recompute != 1.5 else "") + " --run"})
     losses = result["losses"]
     k = max(1, len(losses) // 4)

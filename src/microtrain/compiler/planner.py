@@ -50,8 +50,14 @@ def _depthwise_pairs(g: Graph, op: Op) -> list[tuple[int, int]]:
 
 
 def _one_channel(g: Graph, op: Op) -> int:
+    """One output channel as the kernel computes it: int8 forward, float32 backward (a qint8 gradient too: its
+    channel is quantized from float32)."""
     y = g.tensors[op.outputs[0]]
-    return int(y.shape[1] * y.shape[2] * DTYPE_BYTES[y.dtype])
+    return int(y.shape[1] * y.shape[2] * (4 if y.dtype == "qint8" else DTYPE_BYTES[y.dtype]))
+
+
+def _declared(op: Op) -> int:
+    return int(op.attrs.get("scratch_bytes", 0))
 
 
 def _depthwise_grad_pairs(g: Graph, op: Op) -> list[tuple[int, int]]:
@@ -161,7 +167,7 @@ def _find_aliases(g: Graph, lts: dict[str, Lifetime], rules: Mapping[str, Inplac
                 continue
             aliases[out] = inp
             taken.add(inp)
-            if (sb := rule.scratch(g, op)) > 0:
+            if (sb := max(rule.scratch(g, op), _declared(op))) > 0:  # one workspace serves both
                 scratch[i] = Lifetime(f"{op.name}.scratch", i, i, sb)
     if not resizable:
         return aliases, list(scratch.values())
@@ -173,7 +179,7 @@ def _find_aliases(g: Graph, lts: dict[str, Lifetime], rules: Mapping[str, Inplac
         bufs = {b.tensor: b for b in _buffers(lts, aliases)}
         a, b = bufs[_root(aliases, inp)], bufs[out]  # out is still a root: nothing aliased it yet
         big = max(a.nbytes, b.nbytes)
-        sb = 0 if i in scratch else rules[op.kind].scratch(g, op)
+        sb = 0 if i in scratch else max(rules[op.kind].scratch(g, op) - _declared(op), 0)  # beyond the declared
         new = list(curve)
         for s in range(max(a.first, 0), min(b.last, len(curve) - 1) + 1):
             new[s] += big - (a.nbytes if s <= a.last else 0) - (b.nbytes if s >= b.first else 0) + (sb if s == i else 0)
@@ -183,14 +189,15 @@ def _find_aliases(g: Graph, lts: dict[str, Lifetime], rules: Mapping[str, Inplac
             taken.add(inp)
             curve = new
             if sb > 0:
-                scratch[i] = Lifetime(f"{op.name}.scratch", i, i, sb)
+                scratch[i] = Lifetime(f"{op.name}.scratch", i, i, sb + _declared(op))
     return aliases, list(scratch.values())
 
 
 def _declared_scratch(g: Graph, have: set[str]) -> list[Lifetime]:
-    """Workspace an op declares itself (`attrs["scratch_bytes"]`, e.g. a patch stage's tile arena), live for that op."""
-    return [Lifetime(f"{op.name}.scratch", i, i, int(op.attrs["scratch_bytes"])) for i, op in enumerate(g.ops)
-            if op.attrs.get("scratch_bytes") and f"{op.name}.scratch" not in have]
+    """Workspace an op declares itself (`attrs["scratch_bytes"]`: a patch stage's tile arena, a qint8 gradient
+    kernel's float32 channel), live for that op; an in-place op's scratch (`have`) already covers it."""
+    return [Lifetime(f"{op.name}.scratch", i, i, _declared(op)) for i, op in enumerate(g.ops)
+            if _declared(op) and f"{op.name}.scratch" not in have]
 
 
 def _greedy(buffers: list[Lifetime], align: int) -> dict[str, int]:

@@ -10,14 +10,23 @@ static inline float weight(const mt_weights *w, int32_t cin, int32_t o, int32_t 
   return c < w->ch ? (float)w->w_train[(o * w->ch + c) * kk + t] : (float)w->w_frozen[(o * (cin - w->ch) + c - w->ch) * kk + t];
 }
 
+/* Element i of gacc channel o: float32 (gq == NULL), or qint8 (float)gq[i] * gacc[o] (gacc: the scales). */
+MT_INLINE float grad(const float *gacc, const int8_t *gq, int32_t o, int32_t i) {
+  return gq ? (float)gq[i] * gacc[o] : gacc[i];
+}
+
+/* The kernel for both storages: with plane == NULL gx is float32; else gx is qint8 and each channel is computed into
+ * plane, then quantized. */
 #define PW_BLOCK 16
-void mt_conv2d_grad_input(const float *gacc, mt_dims gd, const mt_weights *w, int32_t stride, int32_t pad,
-                          float *gx, mt_dims xd) {
-  const int32_t k = w->k, cin = xd.c;
+MT_INLINE void grad_input(const float *gacc, const int8_t *gq, mt_dims gd, const mt_weights *w, int32_t stride,
+                          int32_t pad, float *gx, mt_dims xd, float *plane) {
+  const int32_t k = w->k, cin = xd.c, hw = xd.h * xd.w;
+  int8_t *xq = plane ? (int8_t *)(gx + cin) : 0;
   if (k == 1 && stride == 1 && pad == 0) {  /* pointwise: gx[c, p] = sum_o gacc[o, p] * w[o, c] */
-    const int32_t hw = xd.h * xd.w, blocks = (gd.c + MT_KBLOCK - 1) / MT_KBLOCK;
+    const int32_t blocks = (gd.c + MT_KBLOCK - 1) / MT_KBLOCK;
     const int32_t kb = (gd.c + blocks - 1) / blocks;
     for (int32_t c = 0; c < cin; c++) {
+      float *out = plane ? plane : gx + c * hw;
       for (int32_t p0 = 0; p0 < hw; p0 += PW_BLOCK) {
         const int32_t n = hw - p0 < PW_BLOCK ? hw - p0 : PW_BLOCK;
         float sum[PW_BLOCK], acc[PW_BLOCK];
@@ -26,6 +35,16 @@ void mt_conv2d_grad_input(const float *gacc, mt_dims gd, const mt_weights *w, in
           for (int32_t o = o0; o < o0 + kb && o < gd.c; o++) {
             const float wv = weight(w, cin, o, c, 0);
             const float *gp = gacc + o * hw + p0;
+            float gv[PW_BLOCK];
+            if (gq) {  /* qint8: the block of channel o dequantized first (a loop of its own: it vectorizes too) */
+              const int8_t *qp = gq + o * hw + p0;
+              if (n == PW_BLOCK) {
+                for (int32_t q = 0; q < PW_BLOCK; q++) gv[q] = (float)qp[q] * gacc[o];
+              } else {
+                for (int32_t q = 0; q < n; q++) gv[q] = (float)qp[q] * gacc[o];
+              }
+              gp = gv;
+            }
             if (n == PW_BLOCK) {  /* a fixed trip count: vectorized (each element stays its own chain) */
               for (int32_t q = 0; q < PW_BLOCK; q++) acc[q] = mt_fma(gp[q], wv, acc[q]);
             } else {
@@ -34,12 +53,14 @@ void mt_conv2d_grad_input(const float *gacc, mt_dims gd, const mt_weights *w, in
           }
           for (int32_t q = 0; q < n; q++) sum[q] = o0 ? sum[q] + acc[q] : acc[q];
         }
-        for (int32_t q = 0; q < n; q++) gx[c * hw + p0 + q] = sum[q];
+        for (int32_t q = 0; q < n; q++) out[p0 + q] = sum[q];
       }
+      if (plane) gx[c] = mt_q8_quantize(plane, hw, xq + c * hw);
     }
     return;
   }
   for (int32_t c = 0; c < cin; c++) {
+    float *out = plane ? plane : gx + c * xd.cs;
     for (int32_t y = 0; y < xd.h; y++) {
       for (int32_t x = 0; x < xd.w; x++) {
         float acc = 0.0f;
@@ -50,11 +71,24 @@ void mt_conv2d_grad_input(const float *gacc, mt_dims gd, const mt_weights *w, in
             const int32_t tx = x + pad - j;
             if (tx < 0 || tx % stride || tx / stride >= gd.w) continue;
             for (int32_t o = 0; o < gd.c; o++)
-              acc = mt_fma(gacc[o * gd.cs + (ty / stride) * gd.w + tx / stride], weight(w, cin, o, c, i * k + j), acc);
+              acc = mt_fma(grad(gacc, gq, o, o * gd.cs + (ty / stride) * gd.w + tx / stride),
+                           weight(w, cin, o, c, i * k + j), acc);
           }
         }
-        gx[c * xd.cs + y * xd.w + x] = acc;
+        out[y * xd.w + x] = acc;
       }
     }
+    if (plane) gx[c] = mt_q8_quantize(plane, hw, xq + c * hw);
   }
+}
+
+void mt_conv2d_grad_input(const float *gacc, mt_dims gd, const mt_weights *w, int32_t stride, int32_t pad,
+                          float *gx, mt_dims xd) {
+  grad_input(gacc, 0, gd, w, stride, pad, gx, xd, 0);
+}
+
+/* qint8 gacc and gx; plane: one float32 channel of gx (xd.h * xd.w). */
+void mt_conv2d_grad_input_q8(const float *gacc, mt_dims gd, const mt_weights *w, int32_t stride, int32_t pad,
+                             float *gx, mt_dims xd, float *plane) {
+  grad_input(gacc, (const int8_t *)(gacc + gd.c), gd, w, stride, pad, gx, xd, plane);
 }

@@ -2,7 +2,8 @@
  *   G_w[o, c, i, j] = sum_{oy, ox} gacc[o, oy, ox] * (x_saved[c, oy * s - p + i, ox * s - p + j] - x.zero)
  *   G_b[o] = sum_{oy, ox} gacc[o, oy, ox]
  * over the trainable channels c < ch (depthwise: channel c of gacc with channel c of x_saved). Each G_w element is a
- * chain of fused multiply-adds over the output pixels in row-major order; G_b uses the host's summation order. */
+ * chain of fused multiply-adds over the output pixels in row-major order; G_b uses the host's summation order. A qint8
+ * gacc (the _q8 variants) is read one channel at a time, dequantized into `plane`, and then summed the same way. */
 #include "mt_runtime.h"
 
 static float weight_grad(const float *g, mt_dims gd, const int8_t *x, mt_dims xd, int32_t x_zero, int32_t i,
@@ -19,13 +20,19 @@ static float weight_grad(const float *g, mt_dims gd, const int8_t *x, mt_dims xd
   return acc;
 }
 
-/* Visit every gradient element once: emit(index, value) into a buffer or straight into the update. */
+/* Visit every gradient element once: emit(index, value) into a buffer or straight into the update. gacc is float32,
+ * or with plane != NULL qint8 (scales, then values). */
 static void grads(const float *gacc, mt_dims gd, const int8_t *x_saved, mt_dims xd, int32_t x_zero, int32_t k,
                   int32_t stride, int32_t pad, int32_t depthwise, int32_t ch, const mt_step *s, const mt_param *w,
-                  const mt_param *b, float *gw, float *gb) {
+                  const mt_param *b, float *gw, float *gb, float *plane) {
   const int32_t hw = gd.h * gd.w, kk = k * k;
+  const int8_t *gq = (const int8_t *)(gacc + gd.c);
   for (int32_t o = 0; o < gd.c; o++) {
     const float *g = gacc + o * hw;
+    if (plane) {
+      for (int32_t i = 0; i < hw; i++) plane[i] = (float)gq[o * hw + i] * gacc[o];
+      g = plane;
+    }
     if (b || gb) {
       const float v = mt_sum(g, hw);
       if (gb) gb[o] = v;
@@ -48,11 +55,24 @@ void mt_conv2d_update(const mt_step *s, const float *gacc, mt_dims gd, const int
                       int32_t x_zero, int32_t k, int32_t stride, int32_t pad, int32_t depthwise,
                       const mt_param *w, const mt_param *b) {
   const int32_t ch = w ? (depthwise ? w->n / (k * k) : w->n / (gd.c * k * k)) : 0;
-  grads(gacc, gd, x_saved, xd, x_zero, k, stride, pad, depthwise, ch, s, w, b, 0, 0);
+  grads(gacc, gd, x_saved, xd, x_zero, k, stride, pad, depthwise, ch, s, w, b, 0, 0, 0);
 }
 
 void mt_conv2d_weight_grad(const float *gacc, mt_dims gd, const int8_t *x_saved, mt_dims xd, int32_t x_zero,
                            int32_t k, int32_t stride, int32_t pad, int32_t depthwise, int32_t ch, float *gw,
                            float *gb) {
-  grads(gacc, gd, x_saved, xd, x_zero, k, stride, pad, depthwise, ch, 0, 0, 0, gw, gb);
+  grads(gacc, gd, x_saved, xd, x_zero, k, stride, pad, depthwise, ch, 0, 0, 0, gw, gb, 0);
+}
+
+void mt_conv2d_update_q8(const mt_step *s, const float *gacc, mt_dims gd, const int8_t *x_saved, mt_dims xd,
+                         int32_t x_zero, int32_t k, int32_t stride, int32_t pad, int32_t depthwise,
+                         const mt_param *w, const mt_param *b, float *plane) {
+  const int32_t ch = w ? (depthwise ? w->n / (k * k) : w->n / (gd.c * k * k)) : 0;
+  grads(gacc, gd, x_saved, xd, x_zero, k, stride, pad, depthwise, ch, s, w, b, 0, 0, plane);
+}
+
+void mt_conv2d_weight_grad_q8(const float *gacc, mt_dims gd, const int8_t *x_saved, mt_dims xd, int32_t x_zero,
+                              int32_t k, int32_t stride, int32_t pad, int32_t depthwise, int32_t ch, float *gw,
+                              float *gb, float *plane) {
+  grads(gacc, gd, x_saved, xd, x_zero, k, stride, pad, depthwise, ch, 0, 0, 0, gw, gb, plane);
 }

@@ -105,6 +105,45 @@ void mt_conv2d_grad_input(const float *gacc, mt_dims gd, const mt_weights *w, in
 void mt_depthwise_grad_input(const float *gacc, mt_dims gd, const mt_weights *w, int32_t stride, int32_t pad,
                              float *gx, mt_dims xd, float *scratch);
 
+/* ---- qint8 activation gradients (--int8-grads) ------------------------------------------------------------------
+ * A qint8 tensor of C channels lives at its planned offset as float32 s[C] (one scale per channel, first so that it
+ * is aligned) followed by int8 q[C][n]: element (c, i) is (float)q[c][i] * s[c], the float32 value the host trains
+ * with. The *_q8 kernels take such tensors by that base pointer, read every element as its value, compute float32
+ * results exactly as the float kernels do, and quantize each output channel v[n] as the host does
+ * (runtime/trainstep.py: quantize_per_channel): s = max|v| / 127 (1 when that is 0), q = clamp(rint(v / s), +-127).
+ * Per-element kernels compute a channel twice (its maximum, then its values); the conv kernels keep one float32
+ * channel in `plane`, a workspace the planner counts (`<op>.scratch`). In place (the planner's aliases) every
+ * channel's scale and values are read before that channel is written. */
+void mt_linear_grad_input_q8(const float *g, const float *w, int32_t k, int32_t c, float x_scale, float *gx,
+                             const mt_tree *trees);
+void mt_avgpool_grad_q8(const float *g, int32_t c, int32_t hw, float *gx);
+void mt_add_grad_q8(const float *g, const uint8_t *mask, int32_t c, int32_t hw, float ra, float rb, float *ga,
+                    float *gb);
+void mt_grad_add_q8(const float *a, const float *b, int32_t c, int32_t hw, float *y);
+void mt_conv2d_grad_acc_q8(const float *g, const uint8_t *mask, int32_t c, int32_t hw, const float *mult, float *y);
+void mt_conv2d_grad_input_q8(const float *gacc, mt_dims gd, const mt_weights *w, int32_t stride, int32_t pad,
+                             float *gx, mt_dims xd, float *plane);
+/* gx may be gacc (in place): channels in the planner's order. */
+void mt_depthwise_grad_input_q8(const float *gacc, mt_dims gd, const mt_weights *w, int32_t stride, int32_t pad,
+                                float *gx, mt_dims xd, float *plane);
+/* Quantize one channel v[n] into q[n]; returns its scale. */
+float mt_q8_quantize(const float *v, int32_t n, int8_t *q);
+
+static inline float mt_q8_scale(float maxabs) {
+  const float s = maxabs / 127.0f;
+  return s > 0.0f ? s : 1.0f;
+}
+
+static inline int8_t mt_q8(float v, float s) {
+  const float r = __builtin_rintf(v / s);
+  return (int8_t)(r >= -127.0f ? (r <= 127.0f ? r : 127.0f) : -127.0f);  /* NaN: -127, never an undefined cast */
+}
+
+static inline float mt_absmax(float m, float v) {
+  const float a = __builtin_fabsf(v);
+  return a > m ? a : m;
+}
+
 /* ---- updates --------------------------------------------------------------------------------------------- */
 enum { MT_SGD = 0, MT_SGDM = 1, MT_ADAM = 2 };
 enum { MT_I8 = 0, MT_I32 = 1, MT_F32 = 2 };
@@ -151,8 +190,17 @@ void mt_linear_update(const mt_step *s, const float *g, const int8_t *x, int32_t
                       int32_t k, const mt_param *w, const mt_param *b);
 void mt_linear_weight_grad(const float *g, const int8_t *x, int32_t c, int32_t x_zero, float x_scale, int32_t k,
                            float *gw, float *gb);
+/* The same from a qint8 g_acc (its channel o dequantized into plane[gd.h * gd.w] first). */
+void mt_conv2d_update_q8(const mt_step *s, const float *gacc, mt_dims gd, const int8_t *x_saved, mt_dims xd,
+                         int32_t x_zero, int32_t k, int32_t stride, int32_t pad, int32_t depthwise,
+                         const mt_param *w, const mt_param *b, float *plane);
+void mt_conv2d_weight_grad_q8(const float *gacc, mt_dims gd, const int8_t *x_saved, mt_dims xd, int32_t x_zero,
+                              int32_t k, int32_t stride, int32_t pad, int32_t depthwise, int32_t ch, float *gw,
+                              float *gb, float *plane);
 
 /* ---- helpers shared by the kernels ------------------------------------------------------------------------- */
+/* Inlined into each caller, so that a kernel shared by the float32 and the qint8 variants is specialised. */
+#define MT_INLINE static inline __attribute__((always_inline))
 float mt_expf(float x);
 float mt_logf(float x);
 float mt_sum(const float *x, int32_t n);  /* the host's (torch's) float32 summation order */
