@@ -263,13 +263,15 @@ def test_zoo_int8_grads_host_parity(stream128, tmp_path):
 
 
 @M4
-def test_cortex_m4_stream_input(stream128, tmp_path):
-    """proxyless-w0.3 paper-98kb with --stream-input --max-recompute 3 (its lowest planned peak): the image is read
-    patch by patch from the record file, the program links and runs in QEMU, and its state after 20 steps is the
-    host trainer's (the host does not stream: streaming changes where pixels come from, not what is computed)."""
+@pytest.mark.parametrize("int8_grads", [False, True], ids=["fp32-grads", "int8-grads"])
+def test_cortex_m4_stream_input(int8_grads, stream128, tmp_path):
+    """proxyless-w0.3 paper-98kb with --stream-input --max-recompute 3 (with --int8-grads: its lowest planned peak):
+    the image is read patch by patch from the record file, the program links and runs in QEMU, and its state after
+    20 steps is the host trainer's (the host does not stream: streaming changes where pixels come from, not what is
+    computed)."""
     x, y, held = stream128[0][:20], stream128[1][:20], stream128[2][:2]
     g = load_model("proxyless-w0.3")
-    tg = build_training_graph(g, resolve_scheme("paper-98kb", g), 10)
+    tg = build_training_graph(g, resolve_scheme("paper-98kb", g), 10, TrainConfig(int8_grads=int8_grads))
     sched, best = plan_training_graph(tg, stream_input=True, max_recompute=3)
     assert g.inputs[0] not in best.plan.offsets
     res, host, prog, c_state = run_parity(sched, best.plan, tmp_path, x, y, LR, held, target="cortex-m4")
