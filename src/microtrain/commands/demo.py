@@ -34,6 +34,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--lr", type=float, default=0.03)
     p.add_argument("--steps", type=int, default=20, help="images the C program trains on (host; QEMU gets 5)")
+    p.add_argument("--int8-grads", action="store_true", help="per-channel int8 activation gradients (less SRAM)")
+    p.add_argument("--stream-input", action="store_true",
+                   help="read each patch's input region from the image source (no whole image in SRAM; patch "
+                        "recompute capped at 3x)")
     p.add_argument("--out", help="keep the run and the C projects here (default: a temporary directory)")
     p.set_defaults(run=run)
 
@@ -55,7 +59,10 @@ def run(args: argparse.Namespace) -> int:
     scheme = resolve_scheme(args.scheme, model)
     train_ds, test_ds = _datasets(args.subset)
     print(f"== 1. plan: {model.name}, scheme {scheme.name}, {train_ds.num_classes} classes")
-    mem = compile_memory(model, scheme, num_classes=train_ds.num_classes)
+    cfg = TrainConfig(int8_grads=args.int8_grads)
+    stream = {"stream_input": True, "max_recompute": 3.0} if args.stream_input else {}
+    stream_args = ["--stream-input", "--max-recompute", "3"] if args.stream_input else []
+    mem = compile_memory(model, scheme, num_classes=train_ds.num_classes, cfg=cfg, **stream)
     fits = mem.peak_sram_bytes <= SRAM_BUDGET and mem.flash_bytes <= FLASH_BUDGET
     print(f"   peak SRAM {_kb(mem.peak_sram_bytes)} (arena {_kb(mem.arena_bytes)} + state {_kb(mem.state_bytes)}) of "
           f"{_kb(SRAM_BUDGET)}, flash {_kb(mem.flash_bytes)} of {_kb(FLASH_BUDGET)}: {'fits' if fits else 'too big'}")
@@ -63,7 +70,7 @@ def run(args: argparse.Namespace) -> int:
         root = Path(args.out or tmp)
         run_dir = root / "run"
         run_dir.mkdir(parents=True, exist_ok=True)
-        graph = build_training_graph(model, scheme, train_ds.num_classes, TrainConfig())
+        graph = build_training_graph(model, scheme, train_ds.num_classes, cfg)
         graph.save(run_dir / GRAPH)
         step = PrefixCache(GraphTrainStep(graph))
         res = model.tensors[model.inputs[0]].shape[1]
@@ -71,17 +78,18 @@ def run(args: argparse.Namespace) -> int:
         print(f"== 2. fine-tune on {len(train_ds)} {train_ds.name} images ({args.epochs} epochs, int8 graph, QAS)")
         m = fit(step, train_ds, test_ds, epochs=args.epochs, lr=args.lr, batch_size=32, warmup_epochs=0.5,
                 augment="flip", resolution=res, out_dir=run_dir, progress=True,
-                extra={"model": model.name, "scheme": scheme.to_dict(), "precision": "int8"})
+                extra={"model": model.name, "scheme": scheme.to_dict(), "precision": "int8",
+                       "int8_grads": args.int8_grads})
         print(f"   test accuracy {before:.1%} (new zero head) -> {m['test_accuracy']:.1%} on {len(test_ds)} images")
         print("== 3. compile the trained step to C and train on the host")
         rc = cli_main(["compile", "--from", str(run_dir), "--target", "host", "-o", str(root / "host"), "--run",
-                       "--steps", str(args.steps), "--lr", str(args.lr / 10)])
+                       "--steps", str(args.steps), "--lr", str(args.lr / 10), *stream_args])
         if rc:
             return rc
         if toolchain("cortex-m4") is None:
             print("== 4. the same program on an emulated Cortex-M4 (256 KB SRAM / 1 MB flash linker script, QEMU)")
             rc = cli_main(["compile", "--from", str(run_dir), "--target", "cortex-m4", "-o", str(root / "m4"),
-                           "--run", "--steps", "5", "--lr", str(args.lr / 10)])
+                           "--run", "--steps", "5", "--lr", str(args.lr / 10), *stream_args])
         else:
             print(f"== 4. skipped: {toolchain('cortex-m4')} is not installed (make install brings it)")
     return rc
