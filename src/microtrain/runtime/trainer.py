@@ -19,6 +19,7 @@ import os
 import random
 import sys
 import time
+from collections import deque
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
@@ -31,6 +32,7 @@ from microtrain.data.datasets import AUGMENTS, ImageDataset, batches, num_batche
 from microtrain.errors import MicrotrainError
 
 SCHEDULES = ("cosine", "constant")
+CHECKPOINT, STATE, METRICS, SWEEP = "checkpoint.npz", "checkpoint.json", "metrics.json", "sweep.json"
 # A run whose mean loss over the last BLOWUP_WINDOW iterations exceeds BLOWUP_FACTOR x chance level (ln classes)
 # has blown up: int8 weights saturate at +-127, so such runs stay finite yet sit at chance for the rest of the run.
 BLOWUP_WINDOW, BLOWUP_FACTOR = 50, 10.0
@@ -39,7 +41,6 @@ BLOWUP_WINDOW, BLOWUP_FACTOR = 50, 10.0
 def blowup_threshold(num_classes: int) -> float:
     """Loss above which a (windowed mean) training loss counts as blown up: 10x the loss of a uniform guess."""
     return BLOWUP_FACTOR * math.log(max(num_classes, 2))
-CHECKPOINT, STATE, METRICS, SWEEP = "checkpoint.npz", "checkpoint.json", "metrics.json", "sweep.json"
 
 
 @runtime_checkable
@@ -277,7 +278,7 @@ def fit(step: TrainStep, train_ds: ImageDataset, test_ds: ImageDataset, *, epoch
     limit = blowup_threshold(train_ds.num_classes) if stop_on_blowup else math.inf
     for epoch in range(st["epoch"], epochs):
         loss_sum, seen, t0 = 0.0, 0, time.perf_counter()
-        window: list[float] = []
+        window: deque[float] = deque(maxlen=BLOWUP_WINDOW)
         bar = tqdm(batches(train_ds, batch_size, shuffle=True, seed=seed, epoch=epoch, augment=augment,
                            resolution=resolution, drop_last=drop_last),
                    total=ipe, desc=f"epoch {epoch + 1}/{epochs}", unit="batch", disable=not progress, leave=False)
@@ -287,7 +288,7 @@ def fit(step: TrainStep, train_ds: ImageDataset, test_ds: ImageDataset, *, epoch
             if not math.isfinite(loss):
                 bar.close()
                 raise stop(epoch, f"loss became {'nan' if math.isnan(loss) else 'inf'}") from None
-            window = [*window[-(BLOWUP_WINDOW - 1):], loss]
+            window.append(loss)
             if len(window) == BLOWUP_WINDOW and sum(window) / BLOWUP_WINDOW > limit:
                 bar.close()
                 raise stop(epoch, f"loss blew up (mean {sum(window) / BLOWUP_WINDOW:.3g} over the last "
