@@ -251,11 +251,13 @@ def test_zoo_host_parity(model, scheme, stream128, tmp_path):
 
 
 def test_zoo_int8_grads_host_parity(stream128, tmp_path):
-    """mcunet-5fps paper-99kb with --int8-grads (patch stage, qint8 gradients in place, one over a smaller g_acc):
-    100 steps on real images end with the host trainer's state and losses, bit for bit."""
+    """mcunet-5fps paper-99kb with --int8-grads (patch stage, qint8 gradients in place, the blocks' backward channel
+    by channel, one of them over 576 channels: pw1's input gradient summed in two blocks): 100 steps on real images
+    end with the host trainer's state and losses, bit for bit."""
     x, y, held = stream128
     _, sched, best = zoo_graph("mcunet-5fps", "paper-99kb", Q8)
-    assert sched.meta.get("patch_stage") and "conv2d_grad_input/resize" in qint8_inplace(sched, best.plan)
+    assert sched.meta.get("patch_stage") and "add_grad" in qint8_inplace(sched, best.plan)
+    assert max(grp["channels"] for grp in sched.meta["block_grads"]) > 384
     res, host, prog, c_state = run_parity(sched, best.plan, tmp_path, x, y, LR, held, sanitizers=3)
     agree = check(res, host, prog, c_state, tmp_path)
     assert agree.int_elements > 50_000

@@ -38,7 +38,7 @@ KERNEL_FILES = ("mt_dot_tree.c", "mt_conv2d.c", "mt_depthwise_conv2d.c", "mt_add
                 "mt_slice_channels.c", "mt_linear.c", "mt_softmax_ce.c", "mt_linear_grad_input.c", "mt_avgpool_grad.c",
                 "mt_add_grad.c", "mt_grad_add.c", "mt_conv2d_grad_acc.c", "mt_conv2d_grad_input.c",
                 "mt_depthwise_grad_input.c", "mt_conv2d_update.c", "mt_linear_update.c", "mt_update.c", "mt_math.c",
-                "mt_q8.c")
+                "mt_q8.c")  # the channel-serial block backward's helpers live in the kernels they share code with
 HARNESS_FILES = {"host": ("mt_main.c", "mt_io.h", "mt_io_host.c"),
                  "cortex-m4": ("mt_main.c", "mt_io.h", "mt_io_semihost.c", "mt_startup_m4.c", "mt_m4.ld")}
 STATE_MAGIC = 0x3153544D  # "MTS1"
@@ -514,6 +514,99 @@ class Emitter:
             return [f"mt_apply_update(&st, &{self.param(p, conv)}, {self.act(op.inputs[1])});"]
         raise MicrotrainError(f"op kind {op.kind!r} is not supported by the C generator")
 
+    def grads_row(self, op: Op, plane: str, channel: str) -> str:
+        """One output channel of a conv's fused update (or, reorder off, of its materialised gradients)."""
+        a, t = op.attrs, self.g.tensors
+        conv = self.g.op(a["conv"])
+        gd = chw(t[op.inputs[0]].shape)
+        if a["channels"]:
+            xt = t[op.inputs[1]]
+            xsv, xd, xz = self.act(op.inputs[1]), chw(xt.shape), xt.zero
+        else:
+            xsv, xd, xz = "0", chw((0, 0, 0)), 0
+        geo = f"{a['kernel']}, {a['stride']}, {a['padding']}, {int(a['depthwise'])}, {a['channels']}"
+        if op.kind == "conv2d_weight_grad":
+            outs = dict(zip(a["params"], op.outputs, strict=True))
+            gw = next((self.act(o) for p, o in outs.items() if p.endswith(".w_train")), "0")
+            gb = next((self.act(o) for p, o in outs.items() if p.endswith(".b")), "0")
+            sw = "0, 0, 0"
+        else:
+            gw = gb = "0"
+            w = next((f"&{self.param(p, conv)}" for p in a["params"] if p.endswith(".w_train")), "0")
+            b = next((f"&{self.param(p, conv)}" for p in a["params"] if p.endswith(".b")), "0")
+            sw = f"&st, {w}, {b}"
+        s, w, b = sw.split(", ")
+        return (f"mt_conv2d_grads_row({s}, {plane}, {channel}, {gd}, {xsv}, {xd}, {xz}, {geo}, {w}, {b}, {gw}, "
+                f"{gb});")
+
+    def block_grad(self, grp: dict[str, Any]) -> str:
+        """An inverted-residual block's backward one expanded channel e at a time (compiler/blockgrad.py): each
+        member's per-channel body in schedule order, through two float32 planes, pw1's input gradient accumulated."""
+        g, t = self.g, self.g.tensors
+        r = {k: g.op(v) for k, v in grp["roles"].items()}
+        by_name = {v: k for k, v in grp["roles"].items()}
+        e_count = grp["channels"]
+        x = r["pw2_gi"]
+        pw2, dw = g.op(x.attrs["conv"]), g.op(r["dw_acc"].attrs["conv"])
+        hw2 = int(np.prod(t[x.outputs[0]].shape[1:]))
+        hw1 = int(np.prod(t[dw.inputs[0]].shape[1:]))
+        out = grp["output"]
+        scratch = f"F({self.off(grp['block'] + '.block_grad.scratch')})"
+        q8 = {n: t[n].dtype == "qint8" for m in r.values() for n in m.outputs if n in t}
+        pre, body, post = [f"float *pa = {scratch}, *pb = pa + {hw2};", "(void)pb;"], [], []
+
+        def rounded(name: str, plane: str, n: int) -> list[str]:
+            return [f"mt_q8_round({plane}, {n});"] if q8.get(name) else []
+
+        if "pw1_gi" in r:
+            cin = t[out].shape[0]
+            blocks = -(-e_count // self.config()["MT_KBLOCK"])
+            need = 4 * (hw1 + hw2) + 4 * cin * hw1 * (q8[out] + (blocks > 1))
+            if need > grp["scratch_bytes"]:
+                raise MicrotrainError(f"{grp['block']}: the plan reserved {grp['scratch_bytes']} bytes of block "
+                                      f"scratch, this machine's reduction blocks need {need}")
+            total = "pb + " + str(hw1) if q8[out] else self.act(out)
+            part = f"total + {cin * hw1}" if q8[out] else f"pb + {hw1}"
+            pre += [f"float *total = {total}, *part = {part};", "(void)part;",
+                    f"for (int32_t i = 0; i < {cin * hw1}; i++) total[i] = 0.0f;"]
+            if q8[out]:
+                post += [f"for (int32_t c = 0; c < {cin}; c++) {self.act(out)}[c] = mt_q8_quantize(total + c * {hw1}, "
+                         f"{hw1}, (int8_t *)({self.act(out)} + {cin}) + c * {hw1});"]
+        for name in grp["members"]:
+            role, op = by_name[name], g.op(name)
+            if role == "pw2_gi":
+                gacc = op.inputs[0]
+                wt = self.define("mt_weights", "WT", pw2.name, self.weights(pw2))
+                body += [f"mt_pw_grad_input_channel({self.act(gacc)}, {chw(t[gacc].shape)}, {wt}, {e_count}, e, "
+                         f"{hw2}, {int(t[gacc].dtype == 'qint8')}, pa);", *rounded(op.outputs[0], "pa", hw2)]
+            elif role in ("dw_acc", "pw1_acc"):
+                plane, n = ("pa", hw2) if role == "dw_acc" else ("pb", hw1)
+                body += [f"mt_conv2d_grad_acc_plane({plane}, {self.act(op.inputs[1])}, e, {n}, "
+                         f"{self.mult(g.op(op.attrs['conv']))}[e]);", *rounded(op.outputs[0], plane, n)]
+            elif role in ("dw_upd", "pw1_upd"):
+                body.append(self.grads_row(op, "pa" if role == "dw_upd" else "pb", "e"))
+            elif role == "dw_gi":
+                wt = self.define("mt_weights", "WT", dw.name, self.weights(dw))
+                gd, xd = chw(t[op.inputs[0]].shape), chw(t[op.outputs[0]].shape)
+                call = f"{wt}, e, {op.attrs['stride']}, {op.attrs['padding']}"
+                if op.outputs[0] == out and not q8[out]:  # the group's output: channel e straight into it
+                    dst = f"{self.act(out)} + e * {hw1}"
+                    body.append(f"mt_depthwise_grad_input_channel(pa, {gd}, {call}, {dst}, {xd});")
+                else:
+                    body.append(f"mt_depthwise_grad_input_channel(pa, {gd}, {call}, pb, {xd});")
+                    if op.outputs[0] == out:
+                        body.append(f"{self.act(out)}[e] = mt_q8_quantize(pb, {hw1}, (int8_t *)({self.act(out)} + "
+                                    f"{e_count}) + e * {hw1});")
+                    else:
+                        body += rounded(op.outputs[0], "pb", hw1)
+            elif role == "pw1_gi":
+                pw1 = g.op(op.attrs["conv"])
+                wt = self.define("mt_weights", "WT", pw1.name, self.weights(pw1))
+                body.append(f"mt_pw_grad_input_accumulate(pb, {wt}, {t[out].shape[0]}, e, {e_count}, {hw1}, total, "
+                            "part);")
+        loop = " ".join(f"  {line}" for line in body)
+        return "{ " + " ".join(pre) + f" for (int32_t e = 0; e < {e_count}; e++) {{{loop} }} " + " ".join(post) + " }"
+
     # ---- whole program -----------------------------------------------------------------------------------------
     def emit(self) -> tuple[str, str, Program]:
         g = self.g
@@ -530,7 +623,17 @@ class Emitter:
             if op.name not in stage_ops:
                 fwd += [f"/* {op.name}: {op.kind} */", *map(block, self.forward_op(op))]
         bwd: list[str] = []
+        groups = {grp["members"][0]: grp for grp in g.meta.get("block_grads", [])}
+        skip: set[str] = set()
         for op in self.rest_ops:
+            if op.name in skip:
+                continue
+            if op.name in groups:
+                grp = groups[op.name]
+                skip.update(grp["members"])
+                bwd += [f"/* {grp['block']}: channel-serial backward of {', '.join(grp['members'])} */",
+                        self.block_grad(grp), *self.trace(grp["outputs"], "backward")]
+                continue
             bwd += [f"/* {op.name}: {op.kind} */", *map(block, self.backward_op(op)),
                     *self.trace(op.outputs, op.attrs.get("phase", "backward"))]
         for n in self.state_names:  # state that no op touched (e.g. a frozen head) still belongs to the state

@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 
 from microtrain.autodiff.build import TrainConfig, build_training_graph
+from microtrain.compiler.blockgrad import collapse_blocks, serialize_blocks
 from microtrain.compiler.patch import PatchStage, candidate_stages, make_stage, tile_graph
 from microtrain.compiler.planner import INPLACE_OPS, InplaceRule, Plan, plan_memory, plot_plan
 from microtrain.compiler.schedule import hoist_updates
@@ -179,9 +180,12 @@ def stage_tile_graph(g: Graph, stage: PatchStage, stream_input: bool) -> Graph:
     return t
 
 
-def planning_view(g: Graph, stage: PatchStage | None, scratch_bytes: int, stream_input: bool = False) -> Graph:
+def planning_view(g: Graph, stage: PatchStage | None, scratch_bytes: int, stream_input: bool = False,
+                  blocks: list[dict[str, Any]] | None = None) -> Graph:
     """`g` with the stage's ops (a prefix of the schedule) replaced by one `patch_stage` op whose scratch is the tile
-    arena. With `stream_input` the image is no graph input of the view: it never exists whole."""
+    arena, and each channel-serial block backward (`blocks`, default `g.meta["block_grads"]`) by one `block_grad` op.
+    With `stream_input` the image is no graph input of the view: it never exists whole."""
+    g = collapse_blocks(g, g.meta.get("block_grads", []) if blocks is None else blocks)
     if stage is None:
         return g
     n = len(stage.ops)
@@ -218,7 +222,8 @@ def choose_stage(g: Graph, rules: dict[str, InplaceRule], stream_input: bool = F
                  grids: tuple[int, ...] = PATCH_GRIDS) -> _Candidate:
     """Every candidate stage x grid within `max_recompute` (stage MACs tiled / whole), and no stage at all: the one
     with the smallest planned arena, ties broken by fewer extra MACs."""
-    best = _Candidate(0, 0, None, None, g, plan_memory(g, rules=rules))
+    whole = planning_view(g, None, 0)
+    best = _Candidate(0, 0, None, None, whole, plan_memory(whole, rules=rules))
     best.arena = best.plan.arena_bytes
     if stream_input:
         best.arena = 1 << 62  # without a stage there is no tile to stream: the option needs one
@@ -254,19 +259,36 @@ def stage_meta(stage: PatchStage, tile: Graph, tplan: Plan, stream_input: bool) 
 # ---- entry points ---------------------------------------------------------------------------------------------------
 def plan_training_graph(g: Graph, *, patch: str | None = "auto", stream_input: bool = False,
                         backward_inplace: bool = True, schedule: bool = True, max_recompute: float = 1.5,
-                        grids: tuple[int, ...] = PATCH_GRIDS) -> tuple[Graph, _Candidate]:
-    """Schedule and plan a training graph; returns the scheduled graph (with `meta["patch_stage"]`) and the plan."""
+                        grids: tuple[int, ...] = PATCH_GRIDS, block_backward: bool = True) -> tuple[Graph, _Candidate]:
+    """Schedule and plan a training graph; returns the scheduled graph (with `meta["patch_stage"]` and
+    `meta["block_grads"]`) and the plan. `block_backward`: run inverted-residual blocks' backward channel by channel
+    (compiler/blockgrad.py) where that lowers the planned arena."""
     if patch not in ("auto", None):
         raise MicrotrainError(f"patch must be 'auto' or None, got {patch!r}")
     if stream_input and patch is None:
         raise MicrotrainError("--stream-input streams the patch stage's input tiles: it needs the patch stage")
     tg = hoist_updates(g) if schedule else g
+    if block_backward:
+        from microtrain.codegen.hostorder import conv_kblock
+
+        tg = serialize_blocks(tg, conv_kblock())
+    else:
+        tg = Graph(tg.name, dict(tg.tensors), list(tg.ops), list(tg.inputs), list(tg.outputs), dict(tg.meta))
+        tg.meta["block_grads"] = []
     rules = inplace_rules(backward_inplace)
     if patch == "auto":
         best = choose_stage(tg, rules, stream_input, max_recompute, grids)
     else:
-        plan = plan_memory(tg, rules=rules)
-        best = _Candidate(plan.arena_bytes, 0, None, None, tg, plan)
+        view = planning_view(tg, None, 0)
+        plan = plan_memory(view, rules=rules)
+        best = _Candidate(plan.arena_bytes, 0, None, None, view, plan)
+    if tg.meta["block_grads"]:  # op by op may still be smaller (the planes and accumulators are not free)
+        scratch = best.tile_plan.arena_bytes if best.tile_plan else 0
+        view = planning_view(tg, best.stage, scratch, stream_input, blocks=[])
+        plan = plan_memory(view, rules=rules)
+        if plan.arena_bytes < best.arena:
+            tg.meta["block_grads"] = []
+            best = _Candidate(plan.arena_bytes, best.extra_macs, best.stage, best.tile_plan, view, plan)
     tg.meta.pop("patch_stage", None)
     if best.stage is not None:
         tg.meta["patch_stage"] = stage_meta(best.stage, stage_tile_graph(tg, best.stage, stream_input),
@@ -278,7 +300,7 @@ def plan_training_graph(g: Graph, *, patch: str | None = "auto", stream_input: b
 def compile_memory(model: Graph | str, scheme: Scheme | str, *, num_classes: int = 10,
                    cfg: TrainConfig | None = None, patch: str | None = "auto", stream_input: bool = False,
                    backward_inplace: bool = True, schedule: bool = True, max_recompute: float = 1.5,
-                   grids: tuple[int, ...] = PATCH_GRIDS) -> MemoryReport:
+                   grids: tuple[int, ...] = PATCH_GRIDS, block_backward: bool = True) -> MemoryReport:
     """The memory of one batch-1 training step of `model` under `scheme` on the device."""
     fwd = load_model(model) if isinstance(model, str) else model
     sch = resolve_scheme(scheme, fwd) if isinstance(scheme, str) else scheme.validate(fwd)
@@ -287,8 +309,9 @@ def compile_memory(model: Graph | str, scheme: Scheme | str, *, num_classes: int
         raise MicrotrainError(f"--classes must be >= 1, got {num_classes}")
     tg, best = plan_training_graph(build_training_graph(fwd, sch, num_classes, cfg), patch=patch,
                                    stream_input=stream_input, backward_inplace=backward_inplace, schedule=schedule,
-                                   max_recompute=max_recompute, grids=grids)
+                                   max_recompute=max_recompute, grids=grids, block_backward=block_backward)
     levers = {"inplace_forward": True, "inplace_backward": backward_inplace, "schedule_hoist_updates": schedule,
-              "patch": patch, "stream_input": stream_input, "max_recompute": max_recompute}
+              "patch": patch, "stream_input": stream_input, "max_recompute": max_recompute,
+              "block_backward": block_backward, "block_backward_groups": len(tg.meta["block_grads"])}
     return MemoryReport(fwd.name, sch, cfg, tg, best.view, best.plan, best.stage, best.tile_plan, stream_input,
                         levers, analytic_extra_bytes(fwd, sch), state_bytes(tg), flash_bytes(tg))

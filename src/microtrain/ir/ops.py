@@ -127,6 +127,11 @@ OPS: dict[str, OpDef] = {
         "the frozen early-stage ops `attrs.ops` (conv2d/add) run tile by tile over a grid x grid split of their output "
         "(compiler/patch.py): bit-identical to running them whole. Only in planning views: the tile intermediates "
         "live in the op's scratch buffer (`attrs.scratch_bytes`, laid out by the tile plan in the graph's meta)."),
+    "block_grad": OpDef(
+        ("...",), _declared, _none,
+        "the backward ops `attrs.ops` of one inverted-residual block (pw2's input gradient through pw1's) run one "
+        "expanded channel at a time (compiler/blockgrad.py): bit-identical to running them op by op. Only in planning "
+        "views: the channel planes and pw1's input-gradient accumulators live in the op's scratch buffer."),
     "apply_update": OpDef(
         ("param", "grad"), _declared, _none,
         "param -= lr * optimizer(G / qas) where qas = w.scale[o]^2 (weights) or (w.scale[o] * x.scale)^2 "

@@ -19,3 +19,8 @@ void mt_conv2d_grad_acc_q8(const float *g, const uint8_t *mask, int32_t c, int32
     y[o] = s;
   }
 }
+
+/* Channel c alone, in place on its float32 plane (the channel-serial block backward). */
+void mt_conv2d_grad_acc_plane(float *g, const uint8_t *mask, int32_t c, int32_t hw, float mult) {
+  for (int32_t j = 0; j < hw; j++) g[j] = g[j] * (float)mt_mask_get(mask, c * hw + j) * mult;
+}

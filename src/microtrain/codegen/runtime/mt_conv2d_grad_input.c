@@ -15,46 +15,52 @@ MT_INLINE float grad(const float *gacc, const int8_t *gq, int32_t o, int32_t i) 
   return gq ? (float)gq[i] * gacc[o] : gacc[i];
 }
 
+#define PW_BLOCK 16
+
+/* Pointwise: input channel c of gx, gx[c, p] = sum_o gacc[o, p] * w[o, c], into out (hw floats). */
+static void pw_channel(const float *gacc, const int8_t *gq, mt_dims gd, const mt_weights *w, int32_t cin, int32_t c,
+                       int32_t hw, float *out) {
+  const int32_t blocks = (gd.c + MT_KBLOCK - 1) / MT_KBLOCK;
+  const int32_t kb = (gd.c + blocks - 1) / blocks;
+  for (int32_t p0 = 0; p0 < hw; p0 += PW_BLOCK) {
+    const int32_t n = hw - p0 < PW_BLOCK ? hw - p0 : PW_BLOCK;
+    float sum[PW_BLOCK], acc[PW_BLOCK];
+    for (int32_t o0 = 0; o0 < gd.c; o0 += kb) {
+      for (int32_t q = 0; q < PW_BLOCK; q++) acc[q] = 0.0f;
+      for (int32_t o = o0; o < o0 + kb && o < gd.c; o++) {
+        const float wv = weight(w, cin, o, c, 0);
+        const float *gp = gacc + o * hw + p0;
+        float gv[PW_BLOCK];
+        if (gq) {  /* qint8: the block of channel o dequantized first (a loop of its own: it vectorizes too) */
+          const int8_t *qp = gq + o * hw + p0;
+          if (n == PW_BLOCK) {
+            for (int32_t q = 0; q < PW_BLOCK; q++) gv[q] = (float)qp[q] * gacc[o];
+          } else {
+            for (int32_t q = 0; q < n; q++) gv[q] = (float)qp[q] * gacc[o];
+          }
+          gp = gv;
+        }
+        if (n == PW_BLOCK) {  /* a fixed trip count: vectorized (each element stays its own chain) */
+          for (int32_t q = 0; q < PW_BLOCK; q++) acc[q] = mt_fma(gp[q], wv, acc[q]);
+        } else {
+          for (int32_t q = 0; q < n; q++) acc[q] = mt_fma(gp[q], wv, acc[q]);
+        }
+      }
+      for (int32_t q = 0; q < n; q++) sum[q] = o0 ? sum[q] + acc[q] : acc[q];
+    }
+    for (int32_t q = 0; q < n; q++) out[p0 + q] = sum[q];
+  }
+}
+
 /* The kernel for both storages: with plane == NULL gx is float32; else gx is qint8 and each channel is computed into
  * plane, then quantized. */
-#define PW_BLOCK 16
 MT_INLINE void grad_input(const float *gacc, const int8_t *gq, mt_dims gd, const mt_weights *w, int32_t stride,
                           int32_t pad, float *gx, mt_dims xd, float *plane) {
   const int32_t k = w->k, cin = xd.c, hw = xd.h * xd.w;
   int8_t *xq = plane ? (int8_t *)(gx + cin) : 0;
-  if (k == 1 && stride == 1 && pad == 0) {  /* pointwise: gx[c, p] = sum_o gacc[o, p] * w[o, c] */
-    const int32_t blocks = (gd.c + MT_KBLOCK - 1) / MT_KBLOCK;
-    const int32_t kb = (gd.c + blocks - 1) / blocks;
+  if (k == 1 && stride == 1 && pad == 0) {  /* pointwise */
     for (int32_t c = 0; c < cin; c++) {
-      float *out = plane ? plane : gx + c * hw;
-      for (int32_t p0 = 0; p0 < hw; p0 += PW_BLOCK) {
-        const int32_t n = hw - p0 < PW_BLOCK ? hw - p0 : PW_BLOCK;
-        float sum[PW_BLOCK], acc[PW_BLOCK];
-        for (int32_t o0 = 0; o0 < gd.c; o0 += kb) {
-          for (int32_t q = 0; q < PW_BLOCK; q++) acc[q] = 0.0f;
-          for (int32_t o = o0; o < o0 + kb && o < gd.c; o++) {
-            const float wv = weight(w, cin, o, c, 0);
-            const float *gp = gacc + o * hw + p0;
-            float gv[PW_BLOCK];
-            if (gq) {  /* qint8: the block of channel o dequantized first (a loop of its own: it vectorizes too) */
-              const int8_t *qp = gq + o * hw + p0;
-              if (n == PW_BLOCK) {
-                for (int32_t q = 0; q < PW_BLOCK; q++) gv[q] = (float)qp[q] * gacc[o];
-              } else {
-                for (int32_t q = 0; q < n; q++) gv[q] = (float)qp[q] * gacc[o];
-              }
-              gp = gv;
-            }
-            if (n == PW_BLOCK) {  /* a fixed trip count: vectorized (each element stays its own chain) */
-              for (int32_t q = 0; q < PW_BLOCK; q++) acc[q] = mt_fma(gp[q], wv, acc[q]);
-            } else {
-              for (int32_t q = 0; q < n; q++) acc[q] = mt_fma(gp[q], wv, acc[q]);
-            }
-          }
-          for (int32_t q = 0; q < n; q++) sum[q] = o0 ? sum[q] + acc[q] : acc[q];
-        }
-        for (int32_t q = 0; q < n; q++) out[p0 + q] = sum[q];
-      }
+      pw_channel(gacc, gq, gd, w, cin, c, hw, plane ? plane : gx + c * hw);
       if (plane) gx[c] = mt_q8_quantize(plane, hw, xq + c * hw);
     }
     return;
@@ -91,4 +97,32 @@ void mt_conv2d_grad_input(const float *gacc, mt_dims gd, const mt_weights *w, in
 void mt_conv2d_grad_input_q8(const float *gacc, mt_dims gd, const mt_weights *w, int32_t stride, int32_t pad,
                              float *gx, mt_dims xd, float *plane) {
   grad_input(gacc, (const int8_t *)(gacc + gd.c), gd, w, stride, pad, gx, xd, plane);
+}
+
+/* ---- the channel-serial block backward (compiler/blockgrad.py) ---------------------------------------------------- */
+
+/* Input channel c of a pointwise conv's input gradient into out (hw floats); gacc float32, or qint8 when q8. */
+void mt_pw_grad_input_channel(const float *gacc, mt_dims gd, const mt_weights *w, int32_t cin, int32_t c, int32_t hw,
+                              int32_t q8, float *out) {
+  pw_channel(gacc, q8 ? (const int8_t *)(gacc + gd.c) : 0, gd, w, cin, c, hw, out);
+}
+
+/* One output channel e of a pointwise conv's gradient g (hw floats) joins the input gradient's sums,
+ * total[c, p] (+)= w[e, c] * g[p], in the chains pw_channel runs: over e in order, in blocks of at most MT_KBLOCK
+ * channels (E in all) whose partial chains (in part) are added to total in order. total starts zeroed. */
+void mt_pw_grad_input_accumulate(const float *g, const mt_weights *w, int32_t cin, int32_t e, int32_t E, int32_t hw,
+                                 float *total, float *part) {
+  const int32_t blocks = (E + MT_KBLOCK - 1) / MT_KBLOCK;
+  const int32_t kb = (E + blocks - 1) / blocks;
+  const int32_t b = e / kb;
+  float *acc = b ? part : total;
+  if (b && e % kb == 0)
+    for (int32_t i = 0; i < cin * hw; i++) part[i] = 0.0f;
+  for (int32_t c = 0; c < cin; c++) {
+    const float wv = weight(w, cin, e, c, 0);
+    float *a = acc + c * hw;
+    for (int32_t p = 0; p < hw; p++) a[p] = mt_fma(g[p], wv, a[p]);
+  }
+  if (b && (e == E - 1 || (e + 1) % kb == 0))
+    for (int32_t i = 0; i < cin * hw; i++) total[i] = total[i] + part[i];
 }

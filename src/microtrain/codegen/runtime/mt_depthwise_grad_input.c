@@ -62,3 +62,9 @@ void mt_depthwise_grad_input_q8(const float *gacc, mt_dims gd, const mt_weights 
     gx[c] = mt_q8_quantize(plane, hw, xq + c * hw);
   }
 }
+
+/* Channel c alone (the channel-serial block backward): gacc channel g (float32), gx channel into out. */
+void mt_depthwise_grad_input_channel(const float *g, mt_dims gd, const mt_weights *w, int32_t c, int32_t stride,
+                                     int32_t pad, float *out, mt_dims xd) {
+  channel(g, 0, 0.0f, gd, channel_weights(w, c), w->k, stride, pad, out, xd.h, xd.w);
+}

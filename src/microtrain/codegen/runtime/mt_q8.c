@@ -9,3 +9,12 @@ float mt_q8_quantize(const float *v, int32_t n, int8_t *q) {
   for (int32_t i = 0; i < n; i++) q[i] = mt_q8(v[i], s);
   return s;
 }
+
+/* In place: v[n] becomes the values its qint8 channel holds, q[i] * s (the channel-serial block backward keeps a
+ * qint8 gradient's channel as these float32 values). */
+void mt_q8_round(float *v, int32_t n) {
+  float m = 0.0f;
+  for (int32_t i = 0; i < n; i++) m = mt_absmax(m, v[i]);
+  const float s = mt_q8_scale(m);
+  for (int32_t i = 0; i < n; i++) v[i] = (float)mt_q8(v[i], s) * s;
+}

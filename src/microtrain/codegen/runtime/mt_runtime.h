@@ -198,6 +198,22 @@ void mt_conv2d_weight_grad_q8(const float *gacc, mt_dims gd, const int8_t *x_sav
                               int32_t k, int32_t stride, int32_t pad, int32_t depthwise, int32_t ch, float *gw,
                               float *gb, float *plane);
 
+/* ---- the channel-serial block backward (compiler/blockgrad.py): one expanded channel at a time ----------------
+ * The generated code runs an inverted-residual block's backward channel by channel through two float32 planes; each
+ * helper is the per-channel body of the op-by-op kernel above (same arithmetic, same order). A qint8 gradient's
+ * channel is kept as the float32 values it holds (mt_q8_round). */
+void mt_pw_grad_input_channel(const float *gacc, mt_dims gd, const mt_weights *w, int32_t cin, int32_t c, int32_t hw,
+                              int32_t q8, float *out);
+void mt_pw_grad_input_accumulate(const float *g, const mt_weights *w, int32_t cin, int32_t e, int32_t E, int32_t hw,
+                                 float *total, float *part);
+void mt_depthwise_grad_input_channel(const float *g, mt_dims gd, const mt_weights *w, int32_t c, int32_t stride,
+                                     int32_t pad, float *out, mt_dims xd);
+void mt_conv2d_grad_acc_plane(float *g, const uint8_t *mask, int32_t c, int32_t hw, float mult);
+void mt_conv2d_grads_row(const mt_step *s, const float *g, int32_t o, mt_dims gd, const int8_t *x_saved, mt_dims xd,
+                         int32_t x_zero, int32_t k, int32_t stride, int32_t pad, int32_t depthwise, int32_t ch,
+                         const mt_param *w, const mt_param *b, float *gw, float *gb);
+void mt_q8_round(float *v, int32_t n);
+
 /* ---- helpers shared by the kernels ------------------------------------------------------------------------- */
 /* Inlined into each caller, so that a kernel shared by the float32 and the qint8 variants is specialised. */
 #define MT_INLINE static inline __attribute__((always_inline))

@@ -1,0 +1,188 @@
+"""Channel-serial backward of inverted-residual blocks: the expanded gradients never exist whole.
+
+In the backward of a block `x -> pw1 (expand to E) -> dw -> pw2 (project)`, every tensor with E channels is computed
+channel by channel with no mixing between channels, except the very last step, pw1's input gradient, which sums over
+them. So instead of op by op (`pw2.grad_input` writes all E channels of g_dw, `dw.grad_acc` reads them, ...), the
+device runs the block's backward one expanded channel e at a time: g_dw[e] (pw2's input gradient, channel e), its
+mask and multiplier, dw's update for channel e, g_pw1[e] through dw's transpose, its mask and multiplier, pw1's update
+of row e, and finally g_x += W1[e]^T g_pw1[e]. Only two channel planes and g_x are alive instead of two E-channel
+tensors: at 128x128 mbv2-w0.35's largest float32 gradient (48 KB, 192 channels at 8x8) becomes a 256-byte plane.
+
+The arithmetic is the host's, element for element: the per-channel steps are the same kernels on one channel, qint8
+gradients are quantized per channel anyway, and pw1's input gradient continues the same chain of fused multiply-adds
+over e that the op-by-op kernel runs (blocks of MT_KBLOCK channels added in order included). So the host executor
+runs the graph op by op as before; the planner sees each group as one `block_grad` op (planning view) whose scratch
+holds the planes, and the C generator emits the channel loop (codegen/emit.py).
+
+Legality: every member is per-channel in e, and a channel's members run in schedule order, so each reads what the
+op-by-op schedule had it read (pw1's weight row e before its update, ...). Only pw2's own update may sit between
+pw2's input gradient and dw's ops in the schedule; it is moved after the group when no hazard forbids it.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from typing import Any
+
+from microtrain.compiler.schedule import can_swap
+from microtrain.ir.graph import Graph, Op
+
+UPDATE_KINDS = ("conv2d_update", "conv2d_weight_grad")
+KBLOCK = 384  # default of the C runtime's MT_KBLOCK; the plan sizes the second accumulator with the measured one
+
+
+@dataclass
+class BlockGroup:
+    """One block's channel-serial backward: its member ops (schedule order) by role, and what it hands out."""
+
+    block: str
+    members: list[str]  # op names, schedule order
+    roles: dict[str, str]  # role -> op name: pw2_gi, dw_acc, dw_upd, dw_gi, pw1_acc, pw1_upd, pw1_gi
+    channels: int  # E
+    output: str | None  # the gradient the group hands on (pw1's or dw's input gradient), if any
+    scratch_bytes: int = 0
+    outputs: list[str] = field(default_factory=list)  # every tensor read after the group (output, weight grads)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"block": self.block, "members": self.members, "roles": self.roles, "channels": self.channels,
+                "output": self.output, "outputs": self.outputs, "scratch_bytes": self.scratch_bytes}
+
+
+def _pointwise(g: Graph, op: Op) -> bool:
+    w = g.tensors[op.inputs[1]]
+    return (op.kind == "conv2d" and op.attrs["groups"] == 1 and w.shape[2] == w.shape[3] == 1
+            and op.attrs["stride"] == 1 and op.attrs["padding"] == 0)
+
+
+def _depthwise(g: Graph, op: Op) -> bool:
+    return op.kind == "conv2d" and op.attrs["groups"] > 1 and op.attrs["groups"] == g.tensors[op.outputs[0]].shape[0]
+
+
+def _plane(g: Graph, name: str) -> int:
+    c, h, w = g.tensors[name].shape
+    return h * w
+
+
+def _scratch(g: Graph, grp: BlockGroup, kblock: int) -> int:
+    """Two float32 channel planes (dw's output gradient, dw's input gradient), plus pw1's input-gradient accumulators
+    where the output cannot be one: a qint8 output is quantized per channel once complete, and a reduction over more
+    than `kblock` channels adds its blocks' partial chains in order (one more accumulator)."""
+    r = grp.roles
+    gdw = g.op(r["pw2_gi"]).outputs[0]
+    dw = g.op(g.op(r["dw_acc"]).attrs["conv"])
+    nbytes = 4 * (_plane(g, gdw) + _plane(g, dw.inputs[0]))
+    if "pw1_gi" in r:
+        gx = g.tensors[g.op(r["pw1_gi"]).outputs[0]]
+        blocks = -(-grp.channels // kblock)
+        nbytes += 4 * gx.numel * ((gx.dtype == "qint8") + (blocks > 1))
+    return nbytes
+
+
+def _group_at(g: Graph, ops: list[Op], i: int) -> tuple[BlockGroup, list[Op]] | None:
+    """The group starting at ops[i] (a pointwise conv's input gradient whose input came from a depthwise conv), with
+    the ops to run after it (pw2's own update, moved past the group), or None."""
+    x = ops[i]
+    if x.kind != "conv2d_grad_input" or not _pointwise(g, pw2 := g.op(x.attrs["conv"])):
+        return None
+    producers = {t: o for o in g.ops for t in o.outputs if o.attrs.get("phase") == "forward"}
+    dw = producers.get(pw2.inputs[0])
+    if dw is None or not _depthwise(g, dw):
+        return None
+    pw1 = producers.get(dw.inputs[0])
+    pw1 = pw1 if pw1 is not None and _pointwise(g, pw1) else None
+    roles = {"pw2_gi": x.name}
+    members, moved = [x], []
+    role_of = {("conv2d_grad_acc", dw.name): "dw_acc", ("conv2d_grad_input", dw.name): "dw_gi"}
+    if pw1 is not None:
+        role_of.update({("conv2d_grad_acc", pw1.name): "pw1_acc", ("conv2d_grad_input", pw1.name): "pw1_gi"})
+    for j in range(i + 1, len(ops)):
+        op = ops[j]
+        conv = op.attrs.get("conv")
+        if op.kind in UPDATE_KINDS and conv in (dw.name, pw1.name if pw1 else None):
+            role = "dw_upd" if conv == dw.name else "pw1_upd"
+        else:
+            role = role_of.get((op.kind, conv))
+        if role is not None and role not in roles:
+            if role.startswith("pw1") and "dw_gi" not in roles:
+                break
+            roles[role] = op.name
+            members.append(op)
+            continue
+        if op.kind in UPDATE_KINDS and conv == pw2.name:  # pw2's own update: runs after the group (checked below)
+            moved.append(op)
+            continue
+        break
+    if "dw_acc" not in roles:
+        return None
+    # every member reads the previous member's gradient of the same channel: the chain must be the data path
+    chain = [roles[r] for r in ("pw2_gi", "dw_acc", "dw_gi", "pw1_acc") if r in roles]
+    for a, b in zip(chain, chain[1:], strict=False):
+        if g.op(a).outputs[0] not in g.op(b).inputs:
+            return None
+    e = g.tensors[x.outputs[0]].shape[0]
+    inside = {t for m in members for t in m.outputs}
+    later = {t for o in ops for t in o.inputs if o not in members} | set(g.outputs)
+    escaping = [t for t in inside if t in later]
+    act_grads = {m.outputs[0] for m in members if m.kind in ("conv2d_grad_input", "conv2d_grad_acc")}
+    last = roles.get("pw1_gi") or (roles.get("dw_gi") if "pw1_acc" not in roles else None)
+    output = g.op(last).outputs[0] if last else None
+    if any(t in act_grads and t != output for t in escaping):
+        return None  # an expanded gradient is needed whole after the group: nothing to gain, keep op by op
+    pos = {o.name: k for k, o in enumerate(ops)}
+    if any(not can_swap(g, mv, m) for mv in moved for m in members if pos[m.name] > pos[mv.name]):
+        return None
+    if moved and pos[moved[-1].name] > pos[members[-1].name]:
+        moved = [mv for mv in moved if pos[mv.name] < pos[members[-1].name]]  # after the group already: stays
+    grp = BlockGroup(dw.name.rsplit(".", 1)[0], [m.name for m in members], roles, e, output,
+                     outputs=sorted(escaping))
+    return grp, moved
+
+
+def serialize_blocks(g: Graph, kblock: int = KBLOCK) -> Graph:
+    """A copy of the scheduled graph `g` whose eligible blocks' backward ops are contiguous groups, described in
+    `meta["block_grads"]` (the C generator runs each channel by channel; the planning view collapses each)."""
+    ops = list(g.ops)
+    out: list[Op] = []
+    groups: list[dict[str, Any]] = []
+    i = 0
+    while i < len(ops):
+        found = _group_at(g, ops, i)
+        if found is None:
+            out.append(ops[i])
+            i += 1
+            continue
+        grp, moved = found
+        grp.scratch_bytes = _scratch(g, grp, kblock)
+        span = len(grp.members) + len(moved)
+        assert {o.name for o in ops[i:i + span]} == set(grp.members) | {m.name for m in moved}, "not contiguous"
+        out += [g.op(n) for n in grp.members] + moved
+        i += span
+        groups.append(grp.to_dict())
+    meta = copy.deepcopy(g.meta)
+    meta["block_grads"] = groups
+    return Graph(g.name, dict(g.tensors), out, list(g.inputs), list(g.outputs), meta)
+
+
+def collapse_blocks(g: Graph, groups: list[dict[str, Any]]) -> Graph:
+    """Planning view: each group becomes one `block_grad` op (inputs: what its members read from outside; outputs:
+    what is read after it; scratch: the planes and accumulators)."""
+    if not groups:
+        return g
+    first = {grp["members"][0]: grp for grp in groups}
+    member_of = {m for grp in groups for m in grp["members"]}
+    ops: list[Op] = []
+    for op in g.ops:
+        if op.name in first:
+            grp = first[op.name]
+            members = [g.op(n) for n in grp["members"]]
+            inside = {t for m in members for t in m.outputs}
+            ins: list[str] = []
+            for m in members:
+                ins += [t for t in m.inputs if t not in inside and t not in ins]
+            ops.append(Op(f"{grp['block']}.block_grad", "block_grad", ins, list(grp["outputs"]),
+                          {"ops": list(grp["members"]), "channels": grp["channels"],
+                           "scratch_bytes": grp["scratch_bytes"], "phase": "backward"}))
+        elif op.name not in member_of:
+            ops.append(op)
+    return Graph(f"{g.name}:blocks", g.tensors, ops, list(g.inputs), list(g.outputs), g.meta)
