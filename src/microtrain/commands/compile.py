@@ -54,6 +54,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                         "the whole image never sits in SRAM (as `microtrain plan --stream-input`)")
     p.add_argument("--max-recompute", type=float, default=1.5,
                    help="cap on the patch stage's MACs tiled / whole (default 1.5, as `plan`)")
+    p.add_argument("--no-block-backward", action="store_true",
+                   help="no channel-serial backward of inverted-residual blocks (every backward op on whole tensors)")
     p.add_argument("--target", choices=("host", "cortex-m4"), default="host")
     p.add_argument("-o", "--out", required=True, metavar="OUT_DIR")
     p.add_argument("--build", action="store_true", help="compile the project")
@@ -103,7 +105,8 @@ def run(args: argparse.Namespace) -> int:
     if args.steps < 1:
         raise MicrotrainError(f"--steps must be >= 1, got {args.steps}")
     tg, state = training_graph(args)
-    sched, best = plan_training_graph(tg, stream_input=args.stream_input, max_recompute=args.max_recompute)
+    sched, best = plan_training_graph(tg, stream_input=args.stream_input, max_recompute=args.max_recompute,
+                                      block_backward=not args.no_block_backward)
     out = Path(args.out)
     prog = emit_project(sched, best.plan, out, args.target, state=state)
     stage = prog.patch
@@ -112,6 +115,8 @@ def run(args: argparse.Namespace) -> int:
           + (f", patch stage {stage['grid']}x{stage['grid']} up to {stage['output']}" if stage else "")
           + (", input streamed tile by tile" if prog.stream_input else "")
           + (", int8 activation gradients" if tg.meta["train"]["config"].get("int8_grads") else "")
+          + (f", {len(sched.meta['block_grads'])} blocks' backward channel by channel"
+             if sched.meta["block_grads"] else "")
           + (f", from {args.run_dir} (step {int(np.asarray(state.get('__step__', 0)))})" if state else ""))
     if not (args.build or args.train_run):
         return 0
@@ -132,7 +137,8 @@ def run(args: argparse.Namespace) -> int:
         f"{k} {v}" for k, v in (("--model", args.model), ("--scheme", args.scheme), ("--from", args.run_dir),
                                 ("--target", args.target), ("-o", args.out)) if v)
         + (" --stream-input" if args.stream_input else "") + (" --int8-grads" if args.int8_grads else "")
-        + (f" --max-recompute {args.max_recompute:g}" if args.max_recompute != 1.5 else "") + " --run"})
+        + (f" --max-recompute {args.max_recompute:g}" if args.max_recompute != 1.5 else "")
+        + (" --no-block-backward" if args.no_block_backward else "") + " --run"})
     losses = result["losses"]
     k = max(1, len(losses) // 4)
     print(f"trained {len(losses)} {source} images: loss {np.mean(losses[:k]):.3f} (first {k}) -> "

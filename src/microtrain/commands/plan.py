@@ -29,6 +29,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-reorder", action="store_true",
                    help="materialise all weight gradients and apply them after the backward (no operator reordering)")
     p.add_argument("--no-patch", action="store_true", help="run the early stage whole (no patch-based stage)")
+    p.add_argument("--no-block-backward", action="store_true",
+                   help="run every backward op on whole tensors (no channel-serial backward of inverted-residual "
+                        "blocks; by default chosen where it lowers the peak)")
     p.add_argument("--stream-input", action="store_true",
                    help="the camera delivers each patch's input region: the whole image is never in SRAM (reported "
                         "as an option, not the default)")
@@ -66,6 +69,10 @@ def text_report(r: MemoryReport) -> str:
                      + (", input streamed tile by tile" if pt["stream_input"] else ""))
     else:
         lines.append("patch stage: none")
+    groups = r.graph.meta.get("block_grads", [])
+    lines.append(f"channel-serial backward: {len(groups)} blocks ({', '.join(gr['block'] for gr in groups)}), "
+                 f"largest {max(gr['channels'] for gr in groups)} channels one at a time" if groups
+                 else "channel-serial backward: none" + ("" if r.levers.get("block_backward") else " (switched off)"))
     lines.append("live at the peak: " + ", ".join(f"{e['tensor']} {_kb(e['bytes'])}"
                                                   for e in b["live_at_peak"][:6]))
     return "\n".join(lines)
@@ -80,7 +87,7 @@ def run(args: argparse.Namespace) -> int:
                       int8_grads=args.int8_grads)
     r = compile_memory(args.model, args.scheme, num_classes=args.classes, cfg=cfg,
                        patch=None if args.no_patch else "auto", stream_input=args.stream_input,
-                       max_recompute=args.max_recompute)
+                       max_recompute=args.max_recompute, block_backward=not args.no_block_backward)
     if args.plot:
         try:
             r.plot(args.plot)
