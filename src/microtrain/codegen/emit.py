@@ -26,6 +26,7 @@ import torch
 
 from microtrain.autodiff.build import TrainConfig
 from microtrain.codegen import hostorder
+from microtrain.compiler.blockgrad import BATCH
 from microtrain.compiler.patch import Region, make_stage
 from microtrain.compiler.planner import Plan
 from microtrain.errors import MicrotrainError
@@ -553,20 +554,21 @@ class Emitter:
         out = grp["output"]
         scratch = f"F({self.off(grp['block'] + '.block_grad.scratch')})"
         q8 = {n: t[n].dtype == "qint8" for m in r.values() for n in m.outputs if n in t}
-        pre, body, post = [f"float *pa = {scratch}, *pb = pa + {hw2};", "(void)pb;"], [], []
+        batched = "pw1_gi" in r  # pw1's gradient planes join the input-gradient sums BATCH channels per pass
+        pre, body, after, post = [f"float *pa = {scratch}, *pbs = pa + {hw2};"], [], [], []
 
         def rounded(name: str, plane: str, n: int) -> list[str]:
             return [f"mt_q8_round({plane}, {n});"] if q8.get(name) else []
 
-        if "pw1_gi" in r:
+        if batched:
             cin = t[out].shape[0]
             blocks = -(-e_count // self.config()["MT_KBLOCK"])
-            need = 4 * (hw1 + hw2) + 4 * cin * hw1 * (q8[out] + (blocks > 1))
+            need = 4 * (hw2 + BATCH * hw1) + 4 * cin * hw1 * (q8[out] + (blocks > 1))
             if need > grp["scratch_bytes"]:
                 raise MicrotrainError(f"{grp['block']}: the plan reserved {grp['scratch_bytes']} bytes of block "
                                       f"scratch, this machine's reduction blocks need {need}")
-            total = "pb + " + str(hw1) if q8[out] else self.act(out)
-            part = f"total + {cin * hw1}" if q8[out] else f"pb + {hw1}"
+            end = f"pbs + {BATCH * hw1}"
+            total, part = (end, f"total + {cin * hw1}") if q8[out] else (self.act(out), end)
             pre += [f"float *total = {total}, *part = {part};", "(void)part;",
                     f"for (int32_t i = 0; i < {cin * hw1}; i++) total[i] = 0.0f;"]
             if q8[out]:
@@ -583,8 +585,10 @@ class Emitter:
                 plane, n = ("pa", hw2) if role == "dw_acc" else ("pb", hw1)
                 body += [f"mt_conv2d_grad_acc_plane({plane}, {self.act(op.inputs[1])}, e, {n}, "
                          f"{self.mult(g.op(op.attrs['conv']))}[e]);", *rounded(op.outputs[0], plane, n)]
-            elif role in ("dw_upd", "pw1_upd"):
-                body.append(self.grads_row(op, "pa" if role == "dw_upd" else "pb", "e"))
+            elif role == "dw_upd":
+                body.append(self.grads_row(op, "pa", "e"))
+            elif role == "pw1_upd":  # batched: after the pass that read row e of W1 (a weight update must follow it)
+                (after if batched else body).append(self.grads_row(op, "pb", "e"))
             elif role == "dw_gi":
                 wt = self.define("mt_weights", "WT", dw.name, self.weights(dw))
                 gd, xd = chw(t[op.inputs[0]].shape), chw(t[op.outputs[0]].shape)
@@ -599,13 +603,21 @@ class Emitter:
                                     f"{e_count}) + e * {hw1});")
                     else:
                         body += rounded(op.outputs[0], "pb", hw1)
-            elif role == "pw1_gi":
-                pw1 = g.op(op.attrs["conv"])
-                wt = self.define("mt_weights", "WT", pw1.name, self.weights(pw1))
-                body.append(f"mt_pw_grad_input_accumulate(pb, {wt}, {t[out].shape[0]}, e, {e_count}, {hw1}, total, "
-                            "part);")
-        loop = " ".join(f"  {line}" for line in body)
-        return "{ " + " ".join(pre) + f" for (int32_t e = 0; e < {e_count}; e++) {{{loop} }} " + " ".join(post) + " }"
+        text = " ".join
+
+        if not batched:
+            loop = f"for (int32_t e = 0; e < {e_count}; e++) {{ float *pb = pbs; (void)pb; {text(body)} }}"
+        else:
+            pw1 = g.op(r["pw1_gi"].attrs["conv"])
+            wt = self.define("mt_weights", "WT", pw1.name, self.weights(pw1))
+            plane = f"float *pb = pbs + (e - e0) * {hw1};"
+            loop = (f"for (int32_t e0 = 0; e0 < {e_count};) {{ "
+                    f"const int32_t n = mt_pw_grad_input_batch(e0, {e_count}, {BATCH}); "
+                    f"for (int32_t e = e0; e < e0 + n; e++) {{ {plane} {text(body)} }} "
+                    f"mt_pw_grad_input_accumulate(pbs, n, {wt}, {cin}, e0, {e_count}, {hw1}, total, part); "
+                    + (f"for (int32_t e = e0; e < e0 + n; e++) {{ {plane} {text(after)} }} " if after else "")
+                    + "e0 += n; }")
+        return "{ " + text(pre) + " " + loop + " " + text(post) + " }"
 
     # ---- whole program -----------------------------------------------------------------------------------------
     def emit(self) -> tuple[str, str, Program]:

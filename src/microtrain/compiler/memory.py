@@ -282,11 +282,11 @@ def plan_training_graph(g: Graph, *, patch: str | None = "auto", stream_input: b
         view = planning_view(tg, None, 0)
         plan = plan_memory(view, rules=rules)
         best = _Candidate(plan.arena_bytes, 0, None, None, view, plan)
-    if tg.meta["block_grads"]:  # op by op may still be smaller (the planes and accumulators are not free)
+    if tg.meta["block_grads"]:  # op by op where it plans no larger: the planes are not free, nor the channel loop
         scratch = best.tile_plan.arena_bytes if best.tile_plan else 0
         view = planning_view(tg, best.stage, scratch, stream_input, blocks=[])
         plan = plan_memory(view, rules=rules)
-        if plan.arena_bytes < best.arena:
+        if plan.arena_bytes <= best.arena:
             tg.meta["block_grads"] = []
             best = _Candidate(plan.arena_bytes, best.extra_macs, best.stage, best.tile_plan, view, plan)
     tg.meta.pop("patch_stage", None)

@@ -107,22 +107,50 @@ void mt_pw_grad_input_channel(const float *gacc, mt_dims gd, const mt_weights *w
   pw_channel(gacc, q8 ? (const int8_t *)(gacc + gd.c) : 0, gd, w, cin, c, hw, out);
 }
 
-/* One output channel e of a pointwise conv's gradient g (hw floats) joins the input gradient's sums,
- * total[c, p] (+)= w[e, c] * g[p], in the chains pw_channel runs: over e in order, in blocks of at most MT_KBLOCK
- * channels (E in all) whose partial chains (in part) are added to total in order. total starts zeroed. */
-void mt_pw_grad_input_accumulate(const float *g, const mt_weights *w, int32_t cin, int32_t e, int32_t E, int32_t hw,
-                                 float *total, float *part) {
+/* Output channels e0 .. e0 + n - 1 of a pointwise conv's gradient (n planes g, hw floats each) join the input
+ * gradient's sums, total[c, p] (+)= w[e, c] * g[e - e0][p], in the chains pw_channel runs: over e in order, in blocks
+ * of at most MT_KBLOCK channels (E in all) whose partial chains (in part) are added to total in order. The n channels
+ * lie in one block; one pass over the accumulator takes all n (the same fused multiply-adds in the same order).
+ * total starts zeroed. */
+void mt_pw_grad_input_accumulate(const float *g, int32_t n, const mt_weights *w, int32_t cin, int32_t e0, int32_t E,
+                                 int32_t hw, float *total, float *part) {
   const int32_t blocks = (E + MT_KBLOCK - 1) / MT_KBLOCK;
   const int32_t kb = (E + blocks - 1) / blocks;
-  const int32_t b = e / kb;
+  const int32_t b = e0 / kb;
   float *acc = b ? part : total;
-  if (b && e % kb == 0)
+  if (b && e0 % kb == 0)
     for (int32_t i = 0; i < cin * hw; i++) part[i] = 0.0f;
   for (int32_t c = 0; c < cin; c++) {
-    const float wv = weight(w, cin, e, c, 0);
+    float wv[MT_BLOCK_BATCH];
+    for (int32_t i = 0; i < n; i++) wv[i] = weight(w, cin, e0 + i, c, 0);
     float *a = acc + c * hw;
-    for (int32_t p = 0; p < hw; p++) a[p] = mt_fma(g[p], wv, a[p]);
+    int32_t p0 = 0;
+    for (; p0 + PW_BLOCK <= hw; p0 += PW_BLOCK) {  /* PW_BLOCK sums held in registers across the n channels */
+      float v[PW_BLOCK];
+      for (int32_t q = 0; q < PW_BLOCK; q++) v[q] = a[p0 + q];
+      for (int32_t i = 0; i < n; i++) {
+        const float *gp = g + i * hw + p0, wi = wv[i];
+        for (int32_t q = 0; q < PW_BLOCK; q++) v[q] = mt_fma(gp[q], wi, v[q]);
+      }
+      for (int32_t q = 0; q < PW_BLOCK; q++) a[p0 + q] = v[q];
+    }
+    for (; p0 < hw; p0++) {
+      float v = a[p0];
+      for (int32_t i = 0; i < n; i++) v = mt_fma(g[i * hw + p0], wv[i], v);
+      a[p0] = v;
+    }
   }
-  if (b && (e == E - 1 || (e + 1) % kb == 0))
+  if (b && (e0 + n == E || (e0 + n) % kb == 0))
     for (int32_t i = 0; i < cin * hw; i++) total[i] = total[i] + part[i];
+}
+
+/* How many channels from e the next accumulate pass takes: up to batch (<= MT_BLOCK_BATCH, the planes the plan
+ * reserved), within e's block of MT_KBLOCK. */
+int32_t mt_pw_grad_input_batch(int32_t e, int32_t E, int32_t batch) {
+  const int32_t blocks = (E + MT_KBLOCK - 1) / MT_KBLOCK;
+  const int32_t kb = (E + blocks - 1) / blocks;
+  int32_t n = kb - e % kb;
+  n = n < E - e ? n : E - e;
+  batch = batch < MT_BLOCK_BATCH ? batch : MT_BLOCK_BATCH;
+  return n < batch ? n : batch;
 }

@@ -204,8 +204,10 @@ void mt_conv2d_weight_grad_q8(const float *gacc, mt_dims gd, const int8_t *x_sav
  * channel is kept as the float32 values it holds (mt_q8_round). */
 void mt_pw_grad_input_channel(const float *gacc, mt_dims gd, const mt_weights *w, int32_t cin, int32_t c, int32_t hw,
                               int32_t q8, float *out);
-void mt_pw_grad_input_accumulate(const float *g, const mt_weights *w, int32_t cin, int32_t e, int32_t E, int32_t hw,
-                                 float *total, float *part);
+#define MT_BLOCK_BATCH 4  /* the most channel planes one accumulate pass takes (compiler/blockgrad.py BATCH) */
+void mt_pw_grad_input_accumulate(const float *g, int32_t n, const mt_weights *w, int32_t cin, int32_t e0, int32_t E,
+                                 int32_t hw, float *total, float *part);
+int32_t mt_pw_grad_input_batch(int32_t e, int32_t E, int32_t batch);
 void mt_depthwise_grad_input_channel(const float *g, mt_dims gd, const mt_weights *w, int32_t c, int32_t stride,
                                      int32_t pad, float *out, mt_dims xd);
 void mt_conv2d_grad_acc_plane(float *g, const uint8_t *mask, int32_t c, int32_t hw, float mult);
