@@ -27,7 +27,8 @@ RESULTS = HERE / "results"
 MODELS = {"mbv2-w0.35": ("paper-99kb", 141), "proxyless-w0.3": ("paper-98kb", 135), "mcunet-5fps": ("paper-99kb", 173)}
 CONFIGS = {"default": [], "int8-grads": ["--int8-grads"],
            "int8-grads-stream": ["--int8-grads", "--stream-input", "--max-recompute", "3"],
-           "stream": ["--stream-input", "--max-recompute", "3"]}
+           "stream": ["--stream-input", "--max-recompute", "3"],
+           "int8-grads-stream-cap5": ["--int8-grads", "--stream-input", "--max-recompute", "5"]}
 
 
 def kb(n: int) -> str:

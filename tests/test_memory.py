@@ -79,6 +79,14 @@ RATIO_LOWEST = ("the full update shrinks with int8 gradients too (activation gra
                 "at 2017 / 2261 KB where the paper measured 2939 / 2745 KB, so the ratio stays at 18.0x / 19.2x")
 
 
+def test_full_update_ratio_proxyless_with_recompute_cap_5():
+    """proxyless-w0.3 reaches 20x with int8 gradients on both sides when its patch stage may recompute up to 5x."""
+    full = compile_memory("proxyless-w0.3", "full", cfg=TrainConfig(int8_grads=True, reorder=False))
+    sparse = compile_memory("proxyless-w0.3", "paper-98kb", cfg=TrainConfig(int8_grads=True), stream_input=True,
+                            max_recompute=5.0)
+    assert full.peak_sram_bytes >= 20 * sparse.peak_sram_bytes
+
+
 @pytest.mark.parametrize("model", list(PAPER_SCHEME))
 def test_float32_gradients_lowest_memory_meet_the_paper(model):
     """Float32 gradients, as the paper's engine: --stream-input --max-recompute 3 with the channel-serial block
