@@ -14,6 +14,7 @@ from microtrain.compiler.blockgrad import collapse_blocks, serialize_blocks
 from microtrain.compiler.memory import compile_memory, inplace_rules, plan_training_graph, planning_view
 from microtrain.compiler.planner import plan_memory
 from microtrain.compiler.schedule import hoist_updates
+from microtrain.frontends.zoo import load_model
 from microtrain.sparse.scheme import resolve_scheme
 from test_codegen import CLASSES, MIXED, check, exact, run_parity
 
@@ -29,10 +30,10 @@ def images32():
     return x[:60], y[:60], x[60:]
 
 
-def forced(tg):
+def forced(tg, recompute: bool = False):
     """Every eligible block channel-serial (the planner keeps op by op where that is smaller; a tiny model's planes
-    are no smaller than its tensors), planned."""
-    sched = serialize_blocks(hoist_updates(tg), conv_kblock())
+    are no smaller than its tensors), with `recompute` recomputing pw1's and dw's masks per channel, planned."""
+    sched = serialize_blocks(hoist_updates(tg), conv_kblock(), recompute=recompute)
     return sched, plan_memory(planning_view(sched, None, 0), rules=inplace_rules(True))
 
 
@@ -86,24 +87,47 @@ pytestmark_c = pytest.mark.skipif(toolchain("host") is not None, reason="host C 
 
 
 @pytestmark_c
-@pytest.mark.parametrize("scheme,cfg", [
-    ("mixed", TrainConfig()),
-    ("mixed", TrainConfig(int8_grads=True)),
-    ("full", TrainConfig()),
-    ("full", TrainConfig(int8_grads=True, optimizer="sgd-m")),
-    ("full", TrainConfig(optimizer="adam", reorder=False)),
-    ("bias:10", TrainConfig(int8_grads=True)),
-], ids=["mixed", "mixed-int8-grads", "full", "full-int8-grads-sgdm", "full-adam-deferred", "bias-int8-grads"])
-def test_tiny_channel_serial_parity(scheme, cfg, images32, tmp_path):
+@pytest.mark.parametrize("scheme,cfg,recompute", [
+    ("mixed", TrainConfig(), False),
+    ("mixed", TrainConfig(int8_grads=True), False),
+    ("full", TrainConfig(), False),
+    ("full", TrainConfig(int8_grads=True, optimizer="sgd-m"), False),
+    ("full", TrainConfig(optimizer="adam", reorder=False), False),
+    ("bias:10", TrainConfig(int8_grads=True), False),
+    ("mixed", TrainConfig(), True),
+    ("full", TrainConfig(int8_grads=True), True),
+    ("full", TrainConfig(reorder=False), True),
+], ids=["mixed", "mixed-int8-grads", "full", "full-int8-grads-sgdm", "full-adam-deferred", "bias-int8-grads",
+        "recompute-mixed", "recompute-full-int8-grads", "recompute-full-deferred"])
+def test_tiny_channel_serial_parity(scheme, cfg, recompute, images32, tmp_path):
     """Every block channel-serial (weights of pw1, dw and pw2 trained, bias only, reorder off with the gradients
-    materialised row by row, qint8 gradients): the C program ends with the host trainer's state, bit for bit, and
-    AddressSanitizer sees no access outside the planned planes."""
+    materialised row by row, qint8 gradients; recomputing pw1's and dw's masks, and dw's input, per channel): the C
+    program ends with the host trainer's state, bit for bit, and AddressSanitizer sees no access outside the planned
+    planes."""
     x, y, held = images32
     g = tiny_model(seed=1, res=32)
     tg = build_training_graph(g, MIXED if scheme == "mixed" else resolve_scheme(scheme, g), CLASSES, cfg)
-    sched, plan = forced(tg)
+    sched, plan = forced(tg, recompute)
     assert len(sched.meta["block_grads"]) >= 2
+    if recompute:
+        recomputed = [grp for grp in sched.meta["block_grads"] if grp["recompute"]]
+        assert recomputed and not any(m in plan.offsets for grp in recomputed for m in grp["recompute"]["masks"])
     res, host, prog, c_state = run_parity(sched, plan, tmp_path, x, y, 0.01, held, sanitizers=len(y))
     agree = check(res, host, prog, c_state, tmp_path)
     if cfg.optimizer == "sgd":  # momentum and Adam agree to the last bits only (docs/codegen.md)
         exact(res, host, agree)
+
+
+@pytestmark_c
+def test_zoo_recompute_host_parity(tmp_path):
+    """mbv2-w0.35 paper-99kb, the lowest-memory float32 plan with --recompute-blocks: 30 real images at 128x128 end
+    with the host trainer's state, bit for bit, and the plan keeps none of the recomputed masks."""
+    x, y, _ = real_images(34, 128, seed=3)
+    g = load_model("mbv2-w0.35")
+    tg = build_training_graph(g, resolve_scheme("paper-99kb", g), 10, TrainConfig())
+    sched, best = plan_training_graph(tg, stream_input=True, max_recompute=3.0, block_recompute=True)
+    recomputed = [grp for grp in sched.meta["block_grads"] if grp["recompute"]]
+    assert len(recomputed) >= 4
+    assert not any(m in best.plan.offsets for grp in recomputed for m in grp["recompute"]["masks"])
+    res, host, prog, c_state = run_parity(sched, best.plan, tmp_path, x[:30], y[:30], 0.005, x[30:], sanitizers=2)
+    exact(res, host, check(res, host, prog, c_state, tmp_path))

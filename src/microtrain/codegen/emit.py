@@ -182,6 +182,9 @@ class Emitter:
         if phases[:nf] != ["forward"] * nf:
             raise MicrotrainError("schedule error: forward ops must come first")
         self.forward_ops, self.rest_ops = g.ops[:nf], g.ops[nf:]
+        recomputed = [grp["recompute"] for grp in g.meta.get("block_grads", []) if grp.get("recompute")]
+        self.unstored = {m for rc in recomputed for m in rc["masks"]}  # recomputed per channel in the backward
+        self.dropped = {n for rc in recomputed for n in rc["drop_ops"]}
 
     # ---- buffers -----------------------------------------------------------------------------------------------
     def off(self, name: str) -> int:
@@ -301,15 +304,18 @@ class Emitter:
         dw = groups > 1
         if dw and not (groups == x.shape[0] == y.shape[0]):
             raise MicrotrainError(f"{op.name}: grouped conv with groups={groups} is not supported by the C generator")
-        bias = self.tensor(op.inputs[-1])
-        conv = self.define("mt_conv", "CV", f"{op.name}@{pad_top},{pad_left}",
-                           f"{{{self.weights(op)}, {bias}, {self.mult(op)}, {s}, {pad_top}, {pad_left}, {x.zero}, "
-                           f"{y.zero}}}")
+        conv = self.conv_descriptor(op, pad_top, pad_left)
         args = f"{xv.ptr}, {xv.dims(x.shape[0])}, {conv}, {yv.at(want)}, {yv.dims(y.shape[0], want)}, {mask}"
         self.row_widths.append(want[3] - want[2])
         if dw:
             return f"mt_depthwise_conv2d({args}, {scratch});"
         return f"mt_conv2d({args});"
+
+    def conv_descriptor(self, op: Op, pad_top: int, pad_left: int) -> str:
+        x, y = self.g.tensors[op.inputs[0]], self.g.tensors[op.outputs[0]]
+        return self.define("mt_conv", "CV", f"{op.name}@{pad_top},{pad_left}",
+                           f"{{{self.weights(op)}, {self.tensor(op.inputs[-1])}, {self.mult(op)}, "
+                           f"{op.attrs['stride']}, {pad_top}, {pad_left}, {x.zero}, {y.zero}}}")
 
     def add_call(self, op: Op, av: View, bv: View, yv: View, want: Region, mask: str) -> str:
         at, bt, yt = (self.g.tensors[n] for n in (*op.inputs, op.outputs[0]))
@@ -320,7 +326,7 @@ class Emitter:
 
     def forward_op(self, op: Op) -> list[str]:
         g = self.g
-        mask = self.act(op.outputs[1]) if len(op.outputs) > 1 else "0"
+        mask = self.act(op.outputs[1]) if len(op.outputs) > 1 and op.outputs[1] not in self.unstored else "0"
         y = op.outputs[0]
         if op.kind == "conv2d":
             scratch = "0"
@@ -515,14 +521,17 @@ class Emitter:
             return [f"mt_apply_update(&st, &{self.param(p, conv)}, {self.act(op.inputs[1])});"]
         raise MicrotrainError(f"op kind {op.kind!r} is not supported by the C generator")
 
-    def grads_row(self, op: Op, plane: str, channel: str) -> str:
-        """One output channel of a conv's fused update (or, reorder off, of its materialised gradients)."""
+    def grads_row(self, op: Op, plane: str, channel: str, x_plane: str | None = None) -> str:
+        """One output channel of a conv's fused update (or, reorder off, of its materialised gradients). `x_plane`:
+        a depthwise conv's saved input channel, recomputed into a plane of its own."""
         a, t = op.attrs, self.g.tensors
         conv = self.g.op(a["conv"])
         gd = chw(t[op.inputs[0]].shape)
+        xc0 = "0"
         if a["channels"]:
             xt = t[op.inputs[1]]
-            xsv, xd, xz = self.act(op.inputs[1]), chw(xt.shape), xt.zero
+            xd, xz = chw(xt.shape), xt.zero
+            xsv, xc0 = (x_plane, channel) if x_plane is not None else (self.act(op.inputs[1]), "0")
         else:
             xsv, xd, xz = "0", chw((0, 0, 0)), 0
         geo = f"{a['kernel']}, {a['stride']}, {a['padding']}, {int(a['depthwise'])}, {a['channels']}"
@@ -537,8 +546,8 @@ class Emitter:
             b = next((f"&{self.param(p, conv)}" for p in a["params"] if p.endswith(".b")), "0")
             sw = f"&st, {w}, {b}"
         s, w, b = sw.split(", ")
-        return (f"mt_conv2d_grads_row({s}, {plane}, {channel}, {gd}, {xsv}, {xd}, {xz}, {geo}, {w}, {b}, {gw}, "
-                f"{gb});")
+        return (f"mt_conv2d_grads_row({s}, {plane}, {channel}, {gd}, {xsv}, {xc0}, {xd}, {xz}, {geo}, {w}, {b}, "
+                f"{gw}, {gb});")
 
     def block_grad(self, grp: dict[str, Any]) -> str:
         """An inverted-residual block's backward one expanded channel e at a time (compiler/blockgrad.py): each
@@ -560,6 +569,20 @@ class Emitter:
         def rounded(name: str, plane: str, n: int) -> list[str]:
             return [f"mt_q8_round({plane}, {n});"] if q8.get(name) else []
 
+        rc = grp.get("recompute")
+        if rc:  # pw1's and dw's output channel e recomputed (int8 planes, their mask bits) instead of stored
+            pw1c, dwc, x = g.op(rc["pw1"]), g.op(rc["dw"]), rc["x"]
+            y1, y2 = t[pw1c.outputs[0]], t[dwc.outputs[0]]
+            area = f"A({self.off(grp['block'] + '.block_grad.scratch') + grp['scratch_bytes'] - rc['bytes']})"
+            pre += [f"int8_t *y1 = {area}, *y2 = y1 + {hw1};",
+                    f"uint8_t *m1 = (uint8_t *)(y2 + {hw2}), *m2 = m1 + {-(-hw1 // 8)};"]
+            p1, p2 = pw1c.attrs["padding"], dwc.attrs["padding"]
+            body += [f"{{ const mt_conv c1 = mt_conv_channel({self.conv_descriptor(pw1c, p1, p1)}, "
+                     f"{t[x].shape[0]}, e, 0); mt_conv2d({self.act(x)}, {chw(t[x].shape)}, &c1, y1, "
+                     f"{chw((1, *y1.shape[1:]))}, m1); }}",
+                     f"{{ const mt_conv c2 = mt_conv_channel({self.conv_descriptor(dwc, p2, p2)}, {e_count}, e, 1); "
+                     f"mt_depthwise_conv2d(y1, {chw((1, *y1.shape[1:]))}, &c2, y2, {chw((1, *y2.shape[1:]))}, m2, "
+                     "0); }"]
         if batched:
             cin = t[out].shape[0]
             blocks = -(-e_count // self.config()["MT_KBLOCK"])
@@ -583,10 +606,11 @@ class Emitter:
                          f"{hw2}, {int(t[gacc].dtype == 'qint8')}, pa);", *rounded(op.outputs[0], "pa", hw2)]
             elif role in ("dw_acc", "pw1_acc"):
                 plane, n = ("pa", hw2) if role == "dw_acc" else ("pb", hw1)
-                body += [f"mt_conv2d_grad_acc_plane({plane}, {self.act(op.inputs[1])}, e, {n}, "
+                mask, c = (("m2" if role == "dw_acc" else "m1"), "0") if rc else (self.act(op.inputs[1]), "e")
+                body += [f"mt_conv2d_grad_acc_plane({plane}, {mask}, {c}, {n}, "
                          f"{self.mult(g.op(op.attrs['conv']))}[e]);", *rounded(op.outputs[0], plane, n)]
             elif role == "dw_upd":
-                body.append(self.grads_row(op, "pa", "e"))
+                body.append(self.grads_row(op, "pa", "e", "y1" if rc else None))
             elif role == "pw1_upd":  # batched: after the pass that read row e of W1 (a weight update must follow it)
                 (after if batched else body).append(self.grads_row(op, "pb", "e"))
             elif role == "dw_gi":
@@ -632,7 +656,7 @@ class Emitter:
                 raise MicrotrainError("the patch stage is not a prefix of the schedule")
             fwd += [line if line.startswith(("/*", "TRACE")) else block(line) for line in self.patch_stage()]
         for op in self.forward_ops:
-            if op.name not in stage_ops:
+            if op.name not in stage_ops and op.name not in self.dropped:
                 fwd += [f"/* {op.name}: {op.kind} */", *map(block, self.forward_op(op))]
         bwd: list[str] = []
         groups = {grp["members"][0]: grp for grp in g.meta.get("block_grads", [])}

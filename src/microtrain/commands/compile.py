@@ -54,6 +54,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                         "the whole image never sits in SRAM (as `microtrain plan --stream-input`)")
     p.add_argument("--max-recompute", type=float, default=1.5,
                    help="cap on the patch stage's MACs tiled / whole (default 1.5, as `plan`)")
+    p.add_argument("--recompute-blocks", action="store_true",
+                   help="recompute pw1's and dw's masks channel by channel in the block backward instead of storing "
+                        "them (more MACs, less SRAM; kept where it lowers the peak)")
     p.add_argument("--no-block-backward", action="store_true",
                    help="no channel-serial backward of inverted-residual blocks (every backward op on whole tensors)")
     p.add_argument("--target", choices=("host", "cortex-m4"), default="host")
@@ -106,7 +109,8 @@ def run(args: argparse.Namespace) -> int:
         raise MicrotrainError(f"--steps must be >= 1, got {args.steps}")
     tg, state = training_graph(args)
     sched, best = plan_training_graph(tg, stream_input=args.stream_input, max_recompute=args.max_recompute,
-                                      block_backward=not args.no_block_backward)
+                                      block_backward=not args.no_block_backward,
+                                      block_recompute=args.recompute_blocks)
     out = Path(args.out)
     prog = emit_project(sched, best.plan, out, args.target, state=state)
     stage = prog.patch
@@ -138,7 +142,8 @@ def run(args: argparse.Namespace) -> int:
                                 ("--target", args.target), ("-o", args.out)) if v)
         + (" --stream-input" if args.stream_input else "") + (" --int8-grads" if args.int8_grads else "")
         + (f" --max-recompute {args.max_recompute:g}" if args.max_recompute != 1.5 else "")
-        + (" --no-block-backward" if args.no_block_backward else "") + " --run"})
+        + (" --no-block-backward" if args.no_block_backward else "")
+        + (" --recompute-blocks" if args.recompute_blocks else "") + " --run"})
     losses = result["losses"]
     k = max(1, len(losses) // 4)
     print(f"trained {len(losses)} {source} images: loss {np.mean(losses[:k]):.3f} (first {k}) -> "

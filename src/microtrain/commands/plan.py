@@ -29,6 +29,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-reorder", action="store_true",
                    help="materialise all weight gradients and apply them after the backward (no operator reordering)")
     p.add_argument("--no-patch", action="store_true", help="run the early stage whole (no patch-based stage)")
+    p.add_argument("--recompute-blocks", action="store_true",
+                   help="in the channel-serial block backward, recompute pw1's and dw's output channel by channel "
+                        "instead of keeping their masks from the forward pass (their MACs once more; kept where it "
+                        "lowers the peak)")
     p.add_argument("--no-block-backward", action="store_true",
                    help="run every backward op on whole tensors (no channel-serial backward of inverted-residual "
                         "blocks; by default chosen where it lowers the peak)")
@@ -70,8 +74,11 @@ def text_report(r: MemoryReport) -> str:
     else:
         lines.append("patch stage: none")
     groups = r.graph.meta.get("block_grads", [])
+    bb = r.block_backward()
     lines.append(f"channel-serial backward: {len(groups)} blocks ({', '.join(gr['block'] for gr in groups)}), "
-                 f"largest {max(gr['channels'] for gr in groups)} channels one at a time" if groups
+                 f"largest {max(gr['channels'] for gr in groups)} channels one at a time"
+                 + (f", {bb['recompute_blocks']} recomputing their masks (+{100 * bb['step_overhead']:.1f}% of the "
+                    "step's MACs)" if bb["recompute_blocks"] else "") if groups
                  else "channel-serial backward: none" + ("" if r.levers.get("block_backward") else " (switched off)"))
     lines.append("live at the peak: " + ", ".join(f"{e['tensor']} {_kb(e['bytes'])}"
                                                   for e in b["live_at_peak"][:6]))
@@ -87,7 +94,8 @@ def run(args: argparse.Namespace) -> int:
                       int8_grads=args.int8_grads)
     r = compile_memory(args.model, args.scheme, num_classes=args.classes, cfg=cfg,
                        patch=None if args.no_patch else "auto", stream_input=args.stream_input,
-                       max_recompute=args.max_recompute, block_backward=not args.no_block_backward)
+                       max_recompute=args.max_recompute, block_backward=not args.no_block_backward,
+                       block_recompute=args.recompute_blocks)
     if args.plot:
         try:
             r.plot(args.plot)

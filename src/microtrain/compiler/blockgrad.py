@@ -14,6 +14,12 @@ over e that the op-by-op kernel runs (blocks of MT_KBLOCK channels added in orde
 runs the graph op by op as before; the planner sees each group as one `block_grad` op (planning view) whose scratch
 holds the planes, and the C generator emits the channel loop (codegen/emit.py).
 
+With `recompute`, a group also stops storing what only its channels need: the 1-bit masks of pw1 and dw (and dw's
+saved input, pw1's output, when dw's weights train) are not kept from the forward pass; the channel loop recomputes
+pw1's output channel e from the block input x and dw's from that (the forward kernels on one channel, so the same
+integers and the same mask bits), right before channel e's backward, with the weights of channel e not yet updated.
+It costs the forward MACs of pw1 and dw once more and saves their masks (2 bits per expanded element).
+
 Legality: every member is per-channel in e, and a channel's members run in schedule order, so each reads what the
 op-by-op schedule had it read (pw1's weight row e before its update, ...). Only pw2's own update may sit between
 pw2's input gradient and dw's ops in the schedule; it is moved after the group when no hazard forbids it.
@@ -46,10 +52,12 @@ class BlockGroup:
     output: str | None  # the gradient the group hands on (pw1's or dw's input gradient), if any
     scratch_bytes: int = 0
     outputs: list[str] = field(default_factory=list)  # every tensor read after the group (output, weight grads)
+    recompute: dict[str, Any] | None = None  # masks recomputed per channel instead of stored (`_recompute`)
 
     def to_dict(self) -> dict[str, Any]:
         return {"block": self.block, "members": self.members, "roles": self.roles, "channels": self.channels,
-                "output": self.output, "outputs": self.outputs, "scratch_bytes": self.scratch_bytes}
+                "output": self.output, "outputs": self.outputs, "scratch_bytes": self.scratch_bytes,
+                "recompute": self.recompute}
 
 
 def _pointwise(g: Graph, op: Op) -> bool:
@@ -144,9 +152,40 @@ def _group_at(g: Graph, ops: list[Op], i: int) -> tuple[BlockGroup, list[Op]] | 
     return grp, moved
 
 
-def serialize_blocks(g: Graph, kblock: int = KBLOCK) -> Graph:
+def _recompute(g: Graph, grp: BlockGroup) -> dict[str, Any] | None:
+    """What the group recomputes instead of storing (None where it cannot): needs pw1 in the group, and pw1's and
+    dw's masks (and dw's saved input) read by the group alone."""
+    r = grp.roles
+    if "pw1_acc" not in r:
+        return None
+    dw = g.op(g.op(r["dw_acc"]).attrs["conv"])
+    pw1 = g.op(g.op(r["pw1_acc"]).attrs["conv"])
+    masks = [f"{pw1.name}.mask", f"{dw.name}.mask"]
+    if not all(m in g.tensors and m in pw1.outputs + dw.outputs for m in masks):
+        return None
+    members = set(grp.members)
+    drop, saved = [], None
+    if "dw_upd" in r and g.op(r["dw_upd"]).attrs["channels"]:
+        saved = g.op(r["dw_upd"]).inputs[1]
+        if saved != pw1.outputs[0]:
+            slicer = next((o for o in g.ops if saved in o.outputs), None)
+            if slicer is None or slicer.kind != "slice_channels":
+                return None
+            drop.append(slicer.name)
+    sliced = saved if saved and saved != pw1.outputs[0] else None  # pw1's output itself is read by dw's forward
+    for t in [*masks, *([sliced] if sliced else [])]:
+        if not {o.name for o in g.ops if t in o.inputs} <= members:
+            return None
+    hw1, hw2 = _plane(g, pw1.outputs[0]), _plane(g, dw.outputs[0])
+    nbytes = hw1 + hw2 + -(-hw1 // 8) + -(-hw2 // 8)  # int8 planes of pw1.y and dw.y, their mask bits
+    return {"x": pw1.inputs[0], "pw1": pw1.name, "dw": dw.name, "masks": masks, "drop_ops": drop,
+            "saved": sliced, "bytes": -(-nbytes // 4) * 4}
+
+
+def serialize_blocks(g: Graph, kblock: int = KBLOCK, recompute: bool = False) -> Graph:
     """A copy of the scheduled graph `g` whose eligible blocks' backward ops are contiguous groups, described in
-    `meta["block_grads"]` (the C generator runs each channel by channel; the planning view collapses each)."""
+    `meta["block_grads"]` (the C generator runs each channel by channel; the planning view collapses each). With
+    `recompute`, groups that can recompute pw1's and dw's masks per channel do (`group["recompute"]`)."""
     ops = list(g.ops)
     out: list[Op] = []
     groups: list[dict[str, Any]] = []
@@ -159,6 +198,10 @@ def serialize_blocks(g: Graph, kblock: int = KBLOCK) -> Graph:
             continue
         grp, moved = found
         grp.scratch_bytes = _scratch(g, grp, kblock)
+        rc = _recompute(g, grp) if recompute else None
+        if rc:
+            grp.recompute = rc
+            grp.scratch_bytes += rc["bytes"]
         span = len(grp.members) + len(moved)
         assert {o.name for o in ops[i:i + span]} == set(grp.members) | {m.name for m in moved}, "not contiguous"
         out += [g.op(n) for n in grp.members] + moved
@@ -176,8 +219,16 @@ def collapse_blocks(g: Graph, groups: list[dict[str, Any]]) -> Graph:
         return g
     first = {grp["members"][0]: grp for grp in groups}
     member_of = {m for grp in groups for m in grp["members"]}
+    recomputed = [grp["recompute"] for grp in groups if grp.get("recompute")]
+    unstored = {m for rc in recomputed for m in rc["masks"]} | {rc["saved"] for rc in recomputed if rc["saved"]}
+    dropped = {n for rc in recomputed for n in rc["drop_ops"]}
     ops: list[Op] = []
     for op in g.ops:
+        if op.name in dropped:
+            continue
+        if op.attrs.get("phase") == "forward" and unstored & set(op.outputs):  # the masks the groups recompute
+            ops.append(Op(op.name, op.kind, list(op.inputs), [t for t in op.outputs if t not in unstored], op.attrs))
+            continue
         if op.name in first:
             grp = first[op.name]
             members = [g.op(n) for n in grp["members"]]
@@ -185,6 +236,9 @@ def collapse_blocks(g: Graph, groups: list[dict[str, Any]]) -> Graph:
             ins: list[str] = []
             for m in members:
                 ins += [t for t in m.inputs if t not in inside and t not in ins]
+            if rc := grp.get("recompute"):  # reads the block input; no longer the masks and dw's saved input
+                pw1_y = g.op(rc["pw1"]).outputs[0]
+                ins = [t for t in ins if t not in unstored and t != pw1_y] + [rc["x"]]
             ops.append(Op(f"{grp['block']}.block_grad", "block_grad", ins, list(grp["outputs"]),
                           {"ops": list(grp["members"]), "channels": grp["channels"],
                            "scratch_bytes": grp["scratch_bytes"], "phase": "backward"}))

@@ -90,6 +90,17 @@ class MemoryReport:
                 "scratch_bytes": self.tile_plan.arena_bytes if self.tile_plan else 0,
                 "stream_input": self.stream_input}
 
+    def block_backward(self) -> dict[str, Any]:
+        """The channel-serial block backward of this plan: its groups, and the MACs recomputing masks costs."""
+        from microtrain.ir.ops import OPS
+
+        g = self.graph
+        groups = g.meta.get("block_grads", [])
+        rc = [grp["recompute"] for grp in groups if grp.get("recompute")]
+        macs = sum(OPS["conv2d"].macs(g, g.op(n)) for r in rc for n in (r["pw1"], r["dw"]))
+        return {"blocks": [grp["block"] for grp in groups], "recompute_blocks": len(rc), "recompute_macs": macs,
+                "step_macs": g.macs(), "step_overhead": macs / max(g.macs(), 1)}
+
     def breakdown(self) -> dict[str, Any]:
         """What makes up the peak: the arena buffers live at the peak step (by role and by tensor), the resident
         state, and flash."""
@@ -129,7 +140,7 @@ class MemoryReport:
                 "state_bytes": self.state_bytes, "flash_bytes": self.flash_bytes,
                 "analytic_extra_bytes": self.analytic_extra_bytes,
                 "budget": {"sram_bytes": SRAM_BUDGET, "flash_bytes": FLASH_BUDGET},
-                "patch": self.patch(), "breakdown": self.breakdown()}
+                "patch": self.patch(), "block_backward": self.block_backward(), "breakdown": self.breakdown()}
 
     def plot(self, path: str | Path) -> None:
         title = (f"{self.model} {self.scheme.name} ({self.config.optimizer}, reorder "
@@ -259,10 +270,12 @@ def stage_meta(stage: PatchStage, tile: Graph, tplan: Plan, stream_input: bool) 
 # ---- entry points ---------------------------------------------------------------------------------------------------
 def plan_training_graph(g: Graph, *, patch: str | None = "auto", stream_input: bool = False,
                         backward_inplace: bool = True, schedule: bool = True, max_recompute: float = 1.5,
-                        grids: tuple[int, ...] = PATCH_GRIDS, block_backward: bool = True) -> tuple[Graph, _Candidate]:
+                        grids: tuple[int, ...] = PATCH_GRIDS, block_backward: bool = True,
+                        block_recompute: bool = False) -> tuple[Graph, _Candidate]:
     """Schedule and plan a training graph; returns the scheduled graph (with `meta["patch_stage"]` and
     `meta["block_grads"]`) and the plan. `block_backward`: run inverted-residual blocks' backward channel by channel
-    (compiler/blockgrad.py) where that lowers the planned arena."""
+    (compiler/blockgrad.py) where that lowers the planned arena; `block_recompute`: and recompute pw1's and dw's
+    masks per channel instead of storing them, where that lowers it further."""
     if patch not in ("auto", None):
         raise MicrotrainError(f"patch must be 'auto' or None, got {patch!r}")
     if stream_input and patch is None:
@@ -271,7 +284,7 @@ def plan_training_graph(g: Graph, *, patch: str | None = "auto", stream_input: b
     if block_backward:
         from microtrain.codegen.hostorder import conv_kblock
 
-        tg = serialize_blocks(tg, conv_kblock())
+        tg = serialize_blocks(tg, conv_kblock(), recompute=block_recompute)
     else:
         tg = Graph(tg.name, dict(tg.tensors), list(tg.ops), list(tg.inputs), list(tg.outputs), dict(tg.meta))
         tg.meta["block_grads"] = []
@@ -282,13 +295,19 @@ def plan_training_graph(g: Graph, *, patch: str | None = "auto", stream_input: b
         view = planning_view(tg, None, 0)
         plan = plan_memory(view, rules=rules)
         best = _Candidate(plan.arena_bytes, 0, None, None, view, plan)
-    if tg.meta["block_grads"]:  # op by op where it plans no larger: the planes are not free, nor the channel loop
-        scratch = best.tile_plan.arena_bytes if best.tile_plan else 0
-        view = planning_view(tg, best.stage, scratch, stream_input, blocks=[])
+    # cheaper alternatives on the same stage where they plan no larger: op by op (the planes are not free, nor the
+    # channel loop), then the groups without recomputation (it costs pw1's and dw's MACs again)
+    groups = tg.meta["block_grads"]
+    plain = [{**grp, "recompute": None, "scratch_bytes": grp["scratch_bytes"] - grp["recompute"]["bytes"]}
+             if grp.get("recompute") else grp for grp in groups]
+    scratch = best.tile_plan.arena_bytes if best.tile_plan else 0
+    for alt in ([[]] if groups else []) + ([plain] if plain != groups else []):
+        view = planning_view(tg, best.stage, scratch, stream_input, blocks=alt)
         plan = plan_memory(view, rules=rules)
         if plan.arena_bytes <= best.arena:
-            tg.meta["block_grads"] = []
+            tg.meta["block_grads"] = alt
             best = _Candidate(plan.arena_bytes, best.extra_macs, best.stage, best.tile_plan, view, plan)
+            break
     tg.meta.pop("patch_stage", None)
     if best.stage is not None:
         tg.meta["patch_stage"] = stage_meta(best.stage, stage_tile_graph(tg, best.stage, stream_input),
@@ -300,7 +319,8 @@ def plan_training_graph(g: Graph, *, patch: str | None = "auto", stream_input: b
 def compile_memory(model: Graph | str, scheme: Scheme | str, *, num_classes: int = 10,
                    cfg: TrainConfig | None = None, patch: str | None = "auto", stream_input: bool = False,
                    backward_inplace: bool = True, schedule: bool = True, max_recompute: float = 1.5,
-                   grids: tuple[int, ...] = PATCH_GRIDS, block_backward: bool = True) -> MemoryReport:
+                   grids: tuple[int, ...] = PATCH_GRIDS, block_backward: bool = True,
+                   block_recompute: bool = False) -> MemoryReport:
     """The memory of one batch-1 training step of `model` under `scheme` on the device."""
     fwd = load_model(model) if isinstance(model, str) else model
     sch = resolve_scheme(scheme, fwd) if isinstance(scheme, str) else scheme.validate(fwd)
@@ -309,9 +329,12 @@ def compile_memory(model: Graph | str, scheme: Scheme | str, *, num_classes: int
         raise MicrotrainError(f"--classes must be >= 1, got {num_classes}")
     tg, best = plan_training_graph(build_training_graph(fwd, sch, num_classes, cfg), patch=patch,
                                    stream_input=stream_input, backward_inplace=backward_inplace, schedule=schedule,
-                                   max_recompute=max_recompute, grids=grids, block_backward=block_backward)
+                                   max_recompute=max_recompute, grids=grids, block_backward=block_backward,
+                                   block_recompute=block_recompute)
     levers = {"inplace_forward": True, "inplace_backward": backward_inplace, "schedule_hoist_updates": schedule,
               "patch": patch, "stream_input": stream_input, "max_recompute": max_recompute,
-              "block_backward": block_backward, "block_backward_groups": len(tg.meta["block_grads"])}
+              "block_backward": block_backward, "block_backward_groups": len(tg.meta["block_grads"]),
+              "block_recompute": block_recompute,
+              "block_recompute_groups": sum(bool(grp.get("recompute")) for grp in tg.meta["block_grads"])}
     return MemoryReport(fwd.name, sch, cfg, tg, best.view, best.plan, best.stage, best.tile_plan, stream_input,
                         levers, analytic_extra_bytes(fwd, sch), state_bytes(tg), flash_bytes(tg))

@@ -77,3 +77,22 @@ void mt_conv2d(const int8_t *x, mt_dims xd, const mt_conv *p, int8_t *y, mt_dims
     }
   }
 }
+
+/* The conv restricted to output channel o, a descriptor of one output channel (the channel-serial block backward
+ * recomputes pw1 and dw one channel at a time): groups = 1, row o of both weight parts (cin input channels);
+ * depthwise, channel o's weights alone. Its bias and multiplier are o's. */
+mt_conv mt_conv_channel(const mt_conv *p, int32_t cin, int32_t o, int32_t depthwise) {
+  mt_conv c = *p;
+  const int32_t kk = p->w.k * p->w.k, ch = p->w.ch;
+  c.bias = p->bias + o;
+  c.mult = p->mult + o;
+  if (depthwise) {
+    c.w.w_train = o < ch ? p->w.w_train + o * kk : 0;
+    c.w.w_frozen = o < ch ? 0 : p->w.w_frozen + (o - ch) * kk;
+    c.w.ch = o < ch ? 1 : 0;
+  } else {
+    c.w.w_train = p->w.w_train ? p->w.w_train + o * ch * kk : 0;
+    c.w.w_frozen = p->w.w_frozen ? p->w.w_frozen + o * (cin - ch) * kk : 0;
+  }
+  return c;
+}

@@ -22,9 +22,9 @@ static float weight_grad(const float *g, mt_dims gd, const int8_t *x, mt_dims xd
 
 /* Output channel o: its gradient plane g (float32), every gradient element visited once: emit(index, value) into a
  * buffer (gw, gb) or straight into the update (w, b). */
-static void row(const float *g, int32_t o, mt_dims gd, const int8_t *x_saved, mt_dims xd, int32_t x_zero, int32_t k,
-                int32_t stride, int32_t pad, int32_t depthwise, int32_t ch, const mt_step *s, const mt_param *w,
-                const mt_param *b, float *gw, float *gb) {
+static void row(const float *g, int32_t o, mt_dims gd, const int8_t *x_saved, int32_t xc0, mt_dims xd,
+                int32_t x_zero, int32_t k, int32_t stride, int32_t pad, int32_t depthwise, int32_t ch,
+                const mt_step *s, const mt_param *w, const mt_param *b, float *gw, float *gb) {
   const int32_t hw = gd.h * gd.w, kk = k * k;
   if (b || gb) {
     const float v = mt_sum(g, hw);
@@ -35,7 +35,7 @@ static void row(const float *g, int32_t o, mt_dims gd, const int8_t *x_saved, mt
   const int32_t c0 = depthwise ? o : 0, c1 = depthwise ? o + 1 : ch;
   for (int32_t c = c0; c < c1; c++) {
     for (int32_t t = 0; t < kk; t++) {
-      const float v = weight_grad(g, gd, x_saved + c * xd.h * xd.w, xd, x_zero, t / k, t % k, stride, pad);
+      const float v = weight_grad(g, gd, x_saved + (c - xc0) * xd.h * xd.w, xd, x_zero, t / k, t % k, stride, pad);
       const int32_t idx = depthwise ? o * kk + t : (o * ch + c) * kk + t;
       if (gw) gw[idx] = v;
       else mt_update_element(s, w, idx, v);
@@ -55,16 +55,17 @@ static void grads(const float *gacc, mt_dims gd, const int8_t *x_saved, mt_dims 
       for (int32_t i = 0; i < hw; i++) plane[i] = (float)gq[o * hw + i] * gacc[o];
       g = plane;
     }
-    row(g, o, gd, x_saved, xd, x_zero, k, stride, pad, depthwise, ch, s, w, b, gw, gb);
+    row(g, o, gd, x_saved, 0, xd, x_zero, k, stride, pad, depthwise, ch, s, w, b, gw, gb);
   }
 }
 
 /* One output channel o (the channel-serial block backward): its float32 gradient plane g; the update (s, w, b) or
- * the gradient buffers (gw, gb) of the whole parameters. */
-void mt_conv2d_grads_row(const mt_step *s, const float *g, int32_t o, mt_dims gd, const int8_t *x_saved, mt_dims xd,
-                         int32_t x_zero, int32_t k, int32_t stride, int32_t pad, int32_t depthwise, int32_t ch,
-                         const mt_param *w, const mt_param *b, float *gw, float *gb) {
-  row(g, o, gd, x_saved, xd, x_zero, k, stride, pad, depthwise, ch, s, w, b, gw, gb);
+ * the gradient buffers (gw, gb) of the whole parameters. x_saved holds input channels xc0 onwards (a depthwise conv's
+ * recomputed input channel o alone: xc0 = o). */
+void mt_conv2d_grads_row(const mt_step *s, const float *g, int32_t o, mt_dims gd, const int8_t *x_saved, int32_t xc0,
+                         mt_dims xd, int32_t x_zero, int32_t k, int32_t stride, int32_t pad, int32_t depthwise,
+                         int32_t ch, const mt_param *w, const mt_param *b, float *gw, float *gb) {
+  row(g, o, gd, x_saved, xc0, xd, x_zero, k, stride, pad, depthwise, ch, s, w, b, gw, gb);
 }
 
 void mt_conv2d_update(const mt_step *s, const float *gacc, mt_dims gd, const int8_t *x_saved, mt_dims xd,

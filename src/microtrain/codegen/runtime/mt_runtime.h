@@ -211,9 +211,10 @@ int32_t mt_pw_grad_input_batch(int32_t e, int32_t E, int32_t batch);
 void mt_depthwise_grad_input_channel(const float *g, mt_dims gd, const mt_weights *w, int32_t c, int32_t stride,
                                      int32_t pad, float *out, mt_dims xd);
 void mt_conv2d_grad_acc_plane(float *g, const uint8_t *mask, int32_t c, int32_t hw, float mult);
-void mt_conv2d_grads_row(const mt_step *s, const float *g, int32_t o, mt_dims gd, const int8_t *x_saved, mt_dims xd,
-                         int32_t x_zero, int32_t k, int32_t stride, int32_t pad, int32_t depthwise, int32_t ch,
-                         const mt_param *w, const mt_param *b, float *gw, float *gb);
+void mt_conv2d_grads_row(const mt_step *s, const float *g, int32_t o, mt_dims gd, const int8_t *x_saved, int32_t xc0,
+                         mt_dims xd, int32_t x_zero, int32_t k, int32_t stride, int32_t pad, int32_t depthwise,
+                         int32_t ch, const mt_param *w, const mt_param *b, float *gw, float *gb);
+mt_conv mt_conv_channel(const mt_conv *p, int32_t cin, int32_t o, int32_t depthwise);
 void mt_q8_round(float *v, int32_t n);
 
 /* ---- helpers shared by the kernels ------------------------------------------------------------------------- */
