@@ -28,7 +28,10 @@ MODELS = {"mbv2-w0.35": ("paper-99kb", 141), "proxyless-w0.3": ("paper-98kb", 13
 CONFIGS = {"default": [], "int8-grads": ["--int8-grads"],
            "int8-grads-stream": ["--int8-grads", "--stream-input", "--max-recompute", "3"],
            "stream": ["--stream-input", "--max-recompute", "3"],
-           "int8-grads-stream-cap5": ["--int8-grads", "--stream-input", "--max-recompute", "5"]}
+           "int8-grads-stream-cap5": ["--int8-grads", "--stream-input", "--max-recompute", "5"],
+           "stream-recompute": ["--stream-input", "--max-recompute", "3", "--recompute-blocks"],
+           "int8-grads-stream-recompute": ["--int8-grads", "--stream-input", "--max-recompute", "3",
+                                           "--recompute-blocks"]}
 
 
 def kb(n: int) -> str:

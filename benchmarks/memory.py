@@ -39,6 +39,7 @@ LEVERS: list[tuple[str, dict[str, Any]]] = [
     ("+ channel-serial block backward", {}),
     ("+ --stream-input (option)", {"stream_input": True}),
     ("+ recompute cap 3x", {"stream_input": True, "max_recompute": 3.0}),
+    ("+ --recompute-blocks (option)", {"stream_input": True, "max_recompute": 3.0, "block_recompute": True}),
 ]
 LOWEST = {"stream_input": True, "max_recompute": 3.0}  # the lowest-memory levers (options the default leaves off)
 
@@ -50,7 +51,13 @@ def with_int8_grads(model: str, scheme: str, cfg: TrainConfig, **kw: Any) -> dic
 
 def summary(r: MemoryReport) -> dict[str, Any]:
     b = r.breakdown()
+    g = r.graph
+    # reorder off: every weight gradient exists at once; with the resident state, no plan can go below that
+    wgrads = sum(t.nbytes for n, t in g.tensors.items() if t.role == "grad" and n.startswith("grad:")
+                 and n.removeprefix("grad:") in g.meta["train"]["state"])
     return {"peak_sram_bytes": r.peak_sram_bytes, "arena_bytes": r.arena_bytes, "state_bytes": r.state_bytes,
+            "floor_bytes": r.state_bytes + wgrads if not r.config.reorder else r.state_bytes,
+            "block_backward": r.block_backward(),
             "flash_bytes": r.flash_bytes, "analytic_extra_bytes": r.analytic_extra_bytes,
             "peak_op": b["peak_op"], "peak_phase": b["peak_phase"], "arena_by_role": b["arena_by_role"],
             "arena_live_peak_by_phase": b["arena_live_peak_by_phase"],
@@ -85,6 +92,15 @@ def run_model(model: str) -> dict[str, Any]:
         "sparse_reorder_stream_cap5": with_int8_grads(model, scheme, on, stream_input=True, max_recompute=5.0)}
     out["fp32_lowest"]["sparse_reorder_cap5"] = summary(compile_memory(model, scheme, cfg=on, stream_input=True,
                                                                        max_recompute=5.0))
+    # --recompute-blocks on both sides of each ratio (it shrinks the full update too: its masks and saved inputs)
+    rc = {"block_recompute": True}
+    out["recompute_blocks"] = {
+        "fp32": {"sparse_reorder": summary(compile_memory(model, scheme, cfg=on, **LOWEST, **rc)),
+                 "sparse": summary(compile_memory(model, scheme, cfg=off, **LOWEST, **rc)),
+                 "full": summary(compile_memory(model, "full", cfg=off, **rc))},
+        "int8_grads": {"sparse_reorder": with_int8_grads(model, scheme, on, **LOWEST, **rc),
+                       "sparse": with_int8_grads(model, scheme, off, **LOWEST, **rc),
+                       "full": with_int8_grads(model, "full", off, **rc)}}
     out["full_naive_planner"] = summary(compile_memory(model, "full", cfg=off, backward_inplace=False,
                                                        schedule=False))
     g = out["grid"]
@@ -198,6 +214,26 @@ def markdown(res: dict[str, Any]) -> str:
             cells += [f"{kb(e['peak_sram_bytes'])} (+{100 * p['step_overhead']:.0f}% MACs)",
                       f"{ratio:.1f}x {'✓' if ratio >= 20 else '✗'}"]
         lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    lines += ["", "### With `--recompute-blocks` as well (`--stream-input --max-recompute 3 --recompute-blocks`)\n",
+              "pw1's and dw's outputs are recomputed channel by channel in the block backward instead of keeping "
+              "their masks (and dw's saved input). It applies to the full update too, which it shrinks more (its "
+              "masks and saved expanded inputs are far larger), so with the same levers on both sides the ratio "
+              "falls: the limit is the full update's weights plus all its weight gradients at once (reorder off) "
+              "over the sparse step's resident state.\n",
+              "| model | gradients | sparse+reorder | +% step MACs | full (reorder off) | full / sparse+reorder | "
+              "sparse (reorder off) | off / on | limit: full floor / sparse state |",
+              "|---|---|---|---|---|---|---|---|---|"]
+    for m in models:
+        r = res["models"][m]
+        for key, label in (("fp32", "float32"), ("int8_grads", "int8")):
+            e = r["recompute_blocks"][key]
+            sr, f, s_ = (e[k]["peak_sram_bytes"] for k in ("sparse_reorder", "full", "sparse"))
+            bb = e["sparse_reorder"].get("block_backward") or {}
+            floor = e["full"].get("floor_bytes", 0)
+            lines.append(f"| {m} | {label} | {kb(sr)} | +{100 * bb.get('step_overhead', 0):.1f}% | {kb(f)} | "
+                         f"{f / sr:.1f}x {'✓' if f / sr >= 20 else '✗'} | {kb(s_)} | {s_ / sr:.2f}x | "
+                         f"{kb(floor)} / {kb(e['sparse_reorder']['state_bytes'])} = "
+                         f"{floor / e['sparse_reorder']['state_bytes']:.1f}x |")
     acc = accuracy_cost()
     if acc:
         lines.append(f"\nAccuracy cost of `--int8-grads` ({acc['protocol']}, best of the learning-rate sweep): "
