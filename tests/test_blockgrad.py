@@ -9,7 +9,7 @@ import pytest
 from microtrain.autodiff.build import TrainConfig, build_training_graph
 from microtrain.codegen.hostorder import conv_kblock
 from microtrain.codegen.parity import real_images
-from microtrain.codegen.project import toolchain
+from microtrain.codegen.project import measure_memory, toolchain
 from microtrain.compiler.blockgrad import collapse_blocks, serialize_blocks
 from microtrain.compiler.memory import compile_memory, inplace_rules, plan_training_graph, planning_view
 from microtrain.compiler.planner import plan_memory
@@ -130,4 +130,20 @@ def test_zoo_recompute_host_parity(tmp_path):
     assert len(recomputed) >= 4
     assert not any(m in best.plan.offsets for grp in recomputed for m in grp["recompute"]["masks"])
     res, host, prog, c_state = run_parity(sched, best.plan, tmp_path, x[:30], y[:30], 0.005, x[30:], sanitizers=2)
+    exact(res, host, check(res, host, prog, c_state, tmp_path))
+
+
+@pytest.mark.skipif(toolchain("cortex-m4") is not None, reason="arm-none-eabi-gcc / qemu-system-arm not installed")
+def test_cortex_m4_recompute_blocks(tmp_path):
+    """mbv2-w0.35 paper-99kb with --int8-grads --stream-input --max-recompute 3 --recompute-blocks (its lowest plan):
+    links into 256 KB, trains 12 real images in QEMU, uses no more SRAM than planned (+ harness and stack) and ends
+    with the host trainer's state."""
+    x, y, _ = real_images(14, 128, seed=3)
+    g = load_model("mbv2-w0.35")
+    tg = build_training_graph(g, resolve_scheme("paper-99kb", g), 10, TrainConfig(int8_grads=True))
+    sched, best = plan_training_graph(tg, stream_input=True, max_recompute=3.0, block_recompute=True)
+    assert any(grp["recompute"] for grp in sched.meta["block_grads"])
+    res, host, prog, c_state = run_parity(sched, best.plan, tmp_path, x[:12], y[:12], 0.005, x[12:], target="cortex-m4")
+    mem = measure_memory(tmp_path, res, best.plan)
+    assert mem["fits"] and mem["ram_bytes"] < mem["arena_bytes"] + mem["state_bytes"] + 4096
     exact(res, host, check(res, host, prog, c_state, tmp_path))

@@ -288,3 +288,26 @@ def test_plan_errors(argv, msg, capsys):
     assert main(["plan", *argv]) == 2
     err = capsys.readouterr().err.strip()
     assert msg in err and err.startswith("microtrain: error:") and "\n" not in err
+
+
+@pytest.mark.parametrize("model", ["mbv2-w0.35", "mcunet-5fps"])
+def test_recompute_blocks_lowers_the_lowest_peak(model):
+    """--recompute-blocks: the blocks' pw1 / dw masks leave the plan, the peak drops, and the report counts the MACs."""
+    base = compile_memory(model, PAPER_SCHEME[model], **LOWEST)
+    rc = compile_memory(model, PAPER_SCHEME[model], block_recompute=True, **LOWEST)
+    groups = [grp for grp in rc.graph.meta["block_grads"] if grp["recompute"]]
+    assert groups and rc.levers["block_recompute_groups"] == len(groups)
+    assert not any(m in rc.plan.offsets for grp in groups for m in grp["recompute"]["masks"])
+    assert rc.peak_sram_bytes < base.peak_sram_bytes
+    bb = rc.to_json()["block_backward"]
+    assert bb["recompute_blocks"] == len(groups) and 0 < bb["recompute_macs"] < bb["step_macs"]
+
+
+@pytest.mark.parametrize("model", list(PAPER_SCHEME))
+def test_full_update_plan_respects_its_floor(model):
+    """Reorder off, every weight gradient exists at once after the backward: no plan may report less than the
+    resident state plus all of them (a planner bug would)."""
+    r = report(model, "full", reorder=False)
+    state = set(r.graph.meta["train"]["state"])
+    grads = sum(t.nbytes for n, t in r.graph.tensors.items() if t.role == "grad" and n.removeprefix("grad:") in state)
+    assert grads > 0 and r.peak_sram_bytes >= r.state_bytes + grads
