@@ -26,7 +26,6 @@ import torch
 
 from microtrain.autodiff.build import TrainConfig
 from microtrain.codegen import hostorder
-from microtrain.compiler.blockgrad import BATCH
 from microtrain.compiler.patch import Region, make_stage
 from microtrain.compiler.planner import Plan
 from microtrain.errors import MicrotrainError
@@ -563,7 +562,8 @@ class Emitter:
         out = grp["output"]
         scratch = f"F({self.off(grp['block'] + '.block_grad.scratch')})"
         q8 = {n: t[n].dtype == "qint8" for m in r.values() for n in m.outputs if n in t}
-        batched = "pw1_gi" in r  # pw1's gradient planes join the input-gradient sums BATCH channels per pass
+        batched = "pw1_gi" in r  # pw1's gradient planes join the input-gradient sums grp["batch"] channels per pass
+        batch = grp.get("batch", 1)
         pre, body, after, post = [f"float *pa = {scratch}, *pbs = pa + {hw2};"], [], [], []
 
         def rounded(name: str, plane: str, n: int) -> list[str]:
@@ -586,11 +586,11 @@ class Emitter:
         if batched:
             cin = t[out].shape[0]
             blocks = -(-e_count // self.config()["MT_KBLOCK"])
-            need = 4 * (hw2 + BATCH * hw1) + 4 * cin * hw1 * (q8[out] + (blocks > 1))
+            need = 4 * (hw2 + batch * hw1) + 4 * cin * hw1 * (q8[out] + (blocks > 1))
             if need > grp["scratch_bytes"]:
                 raise MicrotrainError(f"{grp['block']}: the plan reserved {grp['scratch_bytes']} bytes of block "
                                       f"scratch, this machine's reduction blocks need {need}")
-            end = f"pbs + {BATCH * hw1}"
+            end = f"pbs + {batch * hw1}"
             total, part = (end, f"total + {cin * hw1}") if q8[out] else (self.act(out), end)
             pre += [f"float *total = {total}, *part = {part};", "(void)part;",
                     f"for (int32_t i = 0; i < {cin * hw1}; i++) total[i] = 0.0f;"]
@@ -636,7 +636,7 @@ class Emitter:
             wt = self.define("mt_weights", "WT", pw1.name, self.weights(pw1))
             plane = f"float *pb = pbs + (e - e0) * {hw1};"
             loop = (f"for (int32_t e0 = 0; e0 < {e_count};) {{ "
-                    f"const int32_t n = mt_pw_grad_input_batch(e0, {e_count}, {BATCH}); "
+                    f"const int32_t n = mt_pw_grad_input_batch(e0, {e_count}, {batch}); "
                     f"for (int32_t e = e0; e < e0 + n; e++) {{ {plane} {text(body)} }} "
                     f"mt_pw_grad_input_accumulate(pbs, n, {wt}, {cin}, e0, {e_count}, {hw1}, total, part); "
                     + (f"for (int32_t e = e0; e < e0 + n; e++) {{ {plane} {text(after)} }} " if after else "")

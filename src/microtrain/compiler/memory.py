@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 
 from microtrain.autodiff.build import TrainConfig, build_training_graph
-from microtrain.compiler.blockgrad import collapse_blocks, serialize_blocks
+from microtrain.compiler.blockgrad import collapse_blocks, serialize_blocks, with_batch
 from microtrain.compiler.patch import PatchStage, candidate_stages, make_stage, tile_graph
 from microtrain.compiler.planner import INPLACE_OPS, InplaceRule, Plan, plan_memory, plot_plan
 from microtrain.compiler.schedule import hoist_updates
@@ -295,19 +295,30 @@ def plan_training_graph(g: Graph, *, patch: str | None = "auto", stream_input: b
         view = planning_view(tg, None, 0)
         plan = plan_memory(view, rules=rules)
         best = _Candidate(plan.arena_bytes, 0, None, None, view, plan)
-    # cheaper alternatives on the same stage where they plan no larger: op by op (the planes are not free, nor the
-    # channel loop), then the groups without recomputation (it costs pw1's and dw's MACs again)
+    # on the same stage: cheaper alternatives where they plan no larger, op by op (the planes are not free, nor the
+    # channel loop), then the groups without recomputation (it costs pw1's and dw's MACs again); and one channel per
+    # accumulator pass where the batch's planes would raise the peak
     groups = tg.meta["block_grads"]
     plain = [{**grp, "recompute": None, "scratch_bytes": grp["scratch_bytes"] - grp["recompute"]["bytes"]}
              if grp.get("recompute") else grp for grp in groups]
     scratch = best.tile_plan.arena_bytes if best.tile_plan else 0
+
+    def plan_with(blocks: list[dict[str, Any]]) -> tuple[Graph, Plan]:
+        view = planning_view(tg, best.stage, scratch, stream_input, blocks=blocks)
+        return view, plan_memory(view, rules=rules)
+
     for alt in ([[]] if groups else []) + ([plain] if plain != groups else []):
-        view = planning_view(tg, best.stage, scratch, stream_input, blocks=alt)
-        plan = plan_memory(view, rules=rules)
+        view, plan = plan_with(alt)
         if plan.arena_bytes <= best.arena:
             tg.meta["block_grads"] = alt
             best = _Candidate(plan.arena_bytes, best.extra_macs, best.stage, best.tile_plan, view, plan)
             break
+    single = with_batch(tg.meta["block_grads"], 1)
+    if single != tg.meta["block_grads"]:
+        view, plan = plan_with(single)
+        if plan.arena_bytes < best.arena:
+            tg.meta["block_grads"] = single
+            best = _Candidate(plan.arena_bytes, best.extra_macs, best.stage, best.tile_plan, view, plan)
     tg.meta.pop("patch_stage", None)
     if best.stage is not None:
         tg.meta["patch_stage"] = stage_meta(best.stage, stage_tile_graph(tg, best.stage, stream_input),
