@@ -31,7 +31,7 @@ PROXYLESS = ("with the image whole (no --stream-input), b3's 16->48 expansion at
              "after the patch stage: the forward peak")
 REORDER_DEFAULT = ("without --stream-input the peak is in the forward pass, which reordering cannot lower, while the "
                    "channel-serial block backward lowers the reorder-off backward")
-RATIO = ("the same planner puts the full update 16-31% below the paper's measured figure (2034 / 2290 / 3058 KB vs "
+RATIO = ("the same planner puts the full update 16-31% below the paper's measured figure (2034 / 2290 / 3049 KB vs "
          "2939 / 2745 / 3650 KB), and without --stream-input the sparse peak is the forward pass")
 FULL_SAME_LEVERS = ("with every lever on both sides (the channel-serial block backward lowers the full update too, "
                     "2034 / 2290 KB), the sparse step's resident state (75-80 KB) plus masks keep it above 1/20")
