@@ -31,6 +31,17 @@ def sample_images(tmp_path_factory) -> dict[str, str]:
     return out
 
 
+@pytest.fixture(scope="session")
+def images32():
+    """80 real 32x32 images of the tiny model's classes: 60 to train on (labels), 20 held out."""
+    from microtrain.codegen.parity import real_images
+
+    from tiny import CLASSES
+
+    x, y, _ = real_images(80, 32, seed=1, num_classes=CLASSES)
+    return x[:60], y[:60], x[60:]
+
+
 def need_shared() -> Path:
     if not PKL_DIR.is_dir():
         pytest.skip("../shared/models/tiny-training is not beside the repository")

@@ -16,18 +16,12 @@ from microtrain.compiler.planner import plan_memory
 from microtrain.compiler.schedule import hoist_updates
 from microtrain.frontends.zoo import load_model
 from microtrain.sparse.scheme import resolve_scheme
-from test_codegen import CLASSES, MIXED, check, exact, run_parity
+from test_codegen import MIXED, check, exact, run_parity
 
-from tiny import tiny_model
+from tiny import CLASSES, tiny_model
 
 ZOO = [("mbv2-w0.35", "paper-99kb"), ("proxyless-w0.3", "paper-98kb"), ("mcunet-5fps", "paper-99kb")]
 ROLES = {"pw2_gi", "dw_acc", "dw_upd", "dw_gi", "pw1_acc", "pw1_gi", "pw1_upd"}
-
-
-@pytest.fixture(scope="module")
-def images32():
-    x, y, _ = real_images(80, 32, seed=1, num_classes=CLASSES)
-    return x[:60], y[:60], x[60:]
 
 
 def forced(tg, recompute: bool = False):

@@ -46,12 +46,11 @@ from microtrain.errors import MicrotrainError
 from microtrain.frontends.zoo import load_model
 from microtrain.sparse.scheme import Scheme, resolve_scheme
 
-from tiny import tiny_model
+from tiny import CLASSES, tiny_model
 
 pytestmark = pytest.mark.skipif(toolchain("host") is not None, reason="host C toolchain (gcc, make) not installed")
 M4 = pytest.mark.skipif(toolchain("cortex-m4") is not None, reason="arm-none-eabi-gcc / qemu-system-arm not installed")
 
-CLASSES = 5
 MIXED = Scheme("mixed", n_bias_update=8, weight_ratios={4: 0.5, 5: 0.25, 7: 1.0, 9: 0.5}, head=True)
 
 
@@ -106,12 +105,6 @@ def check(res, host, prog, c_state, out):
     cls, logits = read_predictions(out / "pred.bin", prog["num_classes"])
     np.testing.assert_array_equal(cls, host.logits.argmax(1))
     return agree
-
-
-@pytest.fixture(scope="module")
-def images32():
-    x, y, _ = real_images(80, 32, seed=1, num_classes=CLASSES)
-    return x[:60], y[:60], x[60:]
 
 
 @pytest.mark.parametrize("cfg", [TrainConfig(), TrainConfig(optimizer="adam", reorder=False),

@@ -10,7 +10,10 @@ from microtrain.ir.ops import OPS
 RELU6 = (6 / 255, -128)
 
 
-def tiny_model(seed: int = 0, res: int = 16, classes: int = 5) -> Graph:
+CLASSES = 5  # classes of the tiny model's ImageNet-style head, and of the tests' new heads on it
+
+
+def tiny_model(seed: int = 0, res: int = 16, classes: int = CLASSES) -> Graph:
     rng = np.random.default_rng(seed)
     g = Graph("tiny")
     g.add_tensor(Tensor("input", (3, res, res), "int8", "input", 1 / 127.5, 0))

@@ -26,6 +26,7 @@ import torch
 
 from microtrain.autodiff.build import TrainConfig
 from microtrain.codegen import hostorder
+from microtrain.compiler.blockgrad import plane_bytes
 from microtrain.compiler.patch import Region, make_stage
 from microtrain.compiler.planner import Plan
 from microtrain.errors import MicrotrainError
@@ -494,59 +495,46 @@ class Emitter:
                 return [f"mt_depthwise_grad_input({head}, {self.act(gx)}, {xd}, {scratch});"]
             return [f"mt_conv2d_grad_input({head}, {self.act(gx)}, {xd});"]
         if op.kind in ("conv2d_update", "conv2d_weight_grad"):
-            conv = g.op(a["conv"])
-            gacc = op.inputs[0]
-            gd = chw(t[gacc].shape)
-            if a["channels"]:
-                xs = op.inputs[1]
-                xt = t[xs]
-                xsv, xd, xz = self.act(xs), chw(xt.shape), xt.zero
-            else:
-                xsv, xd, xz = "0", chw((0, 0, 0)), 0
-            geo = f"{a['kernel']}, {a['stride']}, {a['padding']}, {int(a['depthwise'])}"
+            o = self.conv_grad_operands(op)
             plane = f", {self.workspace(op)}" if q8 else ""
+            head = f"{self.act(op.inputs[0])}, {o['gd']}, {o['x']}, {o['xd']}, {o['xz']}, {o['geo']}"
             if op.kind == "conv2d_weight_grad":
-                outs = dict(zip(a["params"], op.outputs, strict=True))
-                gw = next((self.act(o) for p, o in outs.items() if p.endswith(".w_train")), "0")
-                gb = next((self.act(o) for p, o in outs.items() if p.endswith(".b")), "0")
-                return [f"mt_conv2d_weight_grad{q8}({self.act(gacc)}, {gd}, {xsv}, {xd}, {xz}, {geo}, "
-                        f"{a['channels']}, {gw}, {gb}{plane});"]
-            w = next((f"&{self.param(p, conv)}" for p in a["params"] if p.endswith(".w_train")), "0")
-            b = next((f"&{self.param(p, conv)}" for p in a["params"] if p.endswith(".b")), "0")
-            return [f"mt_conv2d_update{q8}(&st, {self.act(gacc)}, {gd}, {xsv}, {xd}, {xz}, {geo}, {w}, {b}{plane});"]
+                return [f"mt_conv2d_weight_grad{q8}({head}, {a['channels']}, {o['gw']}, {o['gb']}{plane});"]
+            return [f"mt_conv2d_update{q8}(&st, {head}, {o['w']}, {o['b']}{plane});"]
         if op.kind == "apply_update":
             p = a["param"]
             conv = self.conv_of(a["of"].removesuffix(".update"))
             return [f"mt_apply_update(&st, &{self.param(p, conv)}, {self.act(op.inputs[1])});"]
         raise MicrotrainError(f"op kind {op.kind!r} is not supported by the C generator")
 
+    def conv_grad_operands(self, op: Op, x_plane: str | None = None) -> dict[str, str]:
+        """The C operands of a conv's weight/bias gradient op (fused update or materialised gradients): g_acc's dims,
+        the saved input (or `x_plane`, where it is recomputed), its dims and zero point, the geometry, and the
+        parameters or gradient buffers."""
+        a, t = op.attrs, self.g.tensors
+        conv = self.g.op(a["conv"])
+        o = {"gd": chw(t[op.inputs[0]].shape), "x": "0", "xd": chw((0, 0, 0)), "xz": "0",
+             "geo": f"{a['kernel']}, {a['stride']}, {a['padding']}, {int(a['depthwise'])}",
+             "w": "0", "b": "0", "gw": "0", "gb": "0"}
+        if a["channels"]:
+            xt = t[op.inputs[1]]
+            o.update(xd=chw(xt.shape), xz=str(xt.zero), x=x_plane if x_plane is not None else self.act(xt.name))
+        if op.kind == "conv2d_weight_grad":
+            for p, out in zip(a["params"], op.outputs, strict=True):
+                o["gw" if p.endswith(".w_train") else "gb"] = self.act(out)
+        else:
+            for p in a["params"]:
+                o["w" if p.endswith(".w_train") else "b"] = f"&{self.param(p, conv)}"
+        return o
+
     def grads_row(self, op: Op, plane: str, channel: str, x_plane: str | None = None) -> str:
         """One output channel of a conv's fused update (or, reorder off, of its materialised gradients). `x_plane`:
         a depthwise conv's saved input channel, recomputed into a plane of its own."""
-        a, t = op.attrs, self.g.tensors
-        conv = self.g.op(a["conv"])
-        gd = chw(t[op.inputs[0]].shape)
-        xc0 = "0"
-        if a["channels"]:
-            xt = t[op.inputs[1]]
-            xd, xz = chw(xt.shape), xt.zero
-            xsv, xc0 = (x_plane, channel) if x_plane is not None else (self.act(op.inputs[1]), "0")
-        else:
-            xsv, xd, xz = "0", chw((0, 0, 0)), 0
-        geo = f"{a['kernel']}, {a['stride']}, {a['padding']}, {int(a['depthwise'])}, {a['channels']}"
-        if op.kind == "conv2d_weight_grad":
-            outs = dict(zip(a["params"], op.outputs, strict=True))
-            gw = next((self.act(o) for p, o in outs.items() if p.endswith(".w_train")), "0")
-            gb = next((self.act(o) for p, o in outs.items() if p.endswith(".b")), "0")
-            sw = "0, 0, 0"
-        else:
-            gw = gb = "0"
-            w = next((f"&{self.param(p, conv)}" for p in a["params"] if p.endswith(".w_train")), "0")
-            b = next((f"&{self.param(p, conv)}" for p in a["params"] if p.endswith(".b")), "0")
-            sw = f"&st, {w}, {b}"
-        s, w, b = sw.split(", ")
-        return (f"mt_conv2d_grads_row({s}, {plane}, {channel}, {gd}, {xsv}, {xc0}, {xd}, {xz}, {geo}, {w}, {b}, "
-                f"{gw}, {gb});")
+        o = self.conv_grad_operands(op, x_plane)
+        xc0 = channel if x_plane is not None else "0"
+        step = "0" if op.kind == "conv2d_weight_grad" else "&st"
+        return (f"mt_conv2d_grads_row({step}, {plane}, {channel}, {o['gd']}, {o['x']}, {xc0}, {o['xd']}, {o['xz']}, "
+                f"{o['geo']}, {op.attrs['channels']}, {o['w']}, {o['b']}, {o['gw']}, {o['gb']});")
 
     def block_grad(self, grp: dict[str, Any]) -> str:
         """An inverted-residual block's backward one expanded channel e at a time (compiler/blockgrad.py): each
@@ -585,8 +573,7 @@ class Emitter:
                      "0); }"]
         if batched:
             cin = t[out].shape[0]
-            blocks = -(-e_count // self.config()["MT_KBLOCK"])
-            need = 4 * (hw2 + batch * hw1) + 4 * cin * hw1 * (q8[out] + (blocks > 1))
+            need = plane_bytes(hw1, hw2, batch, cin * hw1, q8[out], e_count, self.config()["MT_KBLOCK"])
             if need > grp["scratch_bytes"]:
                 raise MicrotrainError(f"{grp['block']}: the plan reserved {grp['scratch_bytes']} bytes of block "
                                       f"scratch, this machine's reduction blocks need {need}")

@@ -22,6 +22,7 @@ from microtrain.codegen.project import (
     toolchain,
     write_records,
 )
+from microtrain.commands.plan import add_planner_levers, planner_levers
 from microtrain.compiler.memory import plan_training_graph
 from microtrain.errors import MicrotrainError
 from microtrain.frontends.zoo import load_model
@@ -49,16 +50,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--int8-grads", action="store_true",
                    help="activation gradients as per-channel quantized int8, as `microtrain plan --int8-grads` (taken "
                         "from --from when omitted)")
-    p.add_argument("--stream-input", action="store_true",
-                   help="the early stage reads each patch's input region from the image source (camera, file): "
-                        "the whole image never sits in SRAM (as `microtrain plan --stream-input`)")
-    p.add_argument("--max-recompute", type=float, default=1.5,
-                   help="cap on the patch stage's MACs tiled / whole (default 1.5, as `plan`)")
-    p.add_argument("--recompute-blocks", action="store_true",
-                   help="recompute pw1's and dw's masks channel by channel in the block backward instead of storing "
-                        "them (more MACs, less SRAM; kept where it lowers the peak)")
-    p.add_argument("--no-block-backward", action="store_true",
-                   help="no channel-serial backward of inverted-residual blocks (every backward op on whole tensors)")
+    add_planner_levers(p)
     p.add_argument("--target", choices=("host", "cortex-m4"), default="host")
     p.add_argument("-o", "--out", required=True, metavar="OUT_DIR")
     p.add_argument("--build", action="store_true", help="compile the project")
@@ -107,10 +99,9 @@ def _kb(n: int | None) -> str:
 def run(args: argparse.Namespace) -> int:
     if args.steps < 1:
         raise MicrotrainError(f"--steps must be >= 1, got {args.steps}")
+    levers = planner_levers(args)
     tg, state = training_graph(args)
-    sched, best = plan_training_graph(tg, stream_input=args.stream_input, max_recompute=args.max_recompute,
-                                      block_backward=not args.no_block_backward,
-                                      block_recompute=args.recompute_blocks)
+    sched, best = plan_training_graph(tg, **levers)
     out = Path(args.out)
     prog = emit_project(sched, best.plan, out, args.target, state=state)
     stage = prog.patch

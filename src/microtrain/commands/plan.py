@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
+from typing import Any
 
 from microtrain.autodiff.build import OPTIMIZERS, TrainConfig
 from microtrain.compiler.memory import FLASH_BUDGET, SRAM_BUDGET, MemoryReport, compile_memory
@@ -29,6 +30,19 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-reorder", action="store_true",
                    help="materialise all weight gradients and apply them after the backward (no operator reordering)")
     p.add_argument("--no-patch", action="store_true", help="run the early stage whole (no patch-based stage)")
+    add_planner_levers(p)
+    p.add_argument("--json", action="store_true", help="print the full report as JSON")
+    p.add_argument("--plot", metavar="FILE.png", help="draw the arena over the schedule, peak marked")
+    p.set_defaults(run=run)
+
+
+def add_planner_levers(p: argparse.ArgumentParser) -> None:
+    """The planner's options that `plan` and `compile` share (`planner_levers` reads them back)."""
+    p.add_argument("--stream-input", action="store_true",
+                   help="the camera (or file) delivers each patch's input region: the whole image is never in SRAM "
+                        "(reported as an option, not the default)")
+    p.add_argument("--max-recompute", type=float, default=1.5,
+                   help="cap on the patch stage's MACs tiled / whole (halo recomputation; default 1.5)")
     p.add_argument("--recompute-blocks", action="store_true",
                    help="in the channel-serial block backward, recompute pw1's and dw's output channel by channel "
                         "instead of keeping their masks from the forward pass (their MACs once more; kept where it "
@@ -36,14 +50,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-block-backward", action="store_true",
                    help="run every backward op on whole tensors (no channel-serial backward of inverted-residual "
                         "blocks; by default chosen where it lowers the peak)")
-    p.add_argument("--stream-input", action="store_true",
-                   help="the camera delivers each patch's input region: the whole image is never in SRAM (reported "
-                        "as an option, not the default)")
-    p.add_argument("--max-recompute", type=float, default=1.5,
-                   help="cap on the patch stage's MACs tiled / whole (halo recomputation; default 1.5)")
-    p.add_argument("--json", action="store_true", help="print the full report as JSON")
-    p.add_argument("--plot", metavar="FILE.png", help="draw the arena over the schedule, peak marked")
-    p.set_defaults(run=run)
+
+
+def planner_levers(args: argparse.Namespace) -> dict[str, Any]:
+    """`add_planner_levers`' options as keyword arguments of `compile_memory` / `plan_training_graph`."""
+    if args.max_recompute < 1:
+        raise MicrotrainError(f"--max-recompute must be >= 1, got {args.max_recompute}")
+    return {"stream_input": args.stream_input, "max_recompute": args.max_recompute,
+            "block_backward": not args.no_block_backward, "block_recompute": args.recompute_blocks}
 
 
 def _kb(n: int) -> str:
@@ -86,16 +100,13 @@ def text_report(r: MemoryReport) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.max_recompute < 1:
-        raise MicrotrainError(f"--max-recompute must be >= 1, got {args.max_recompute}")
+    levers = planner_levers(args)
     if args.plot and Path(args.plot).suffix.lower() != ".png":
         raise MicrotrainError(f"--plot writes a PNG: {args.plot} does not end in .png")
     cfg = TrainConfig(optimizer=args.optimizer, reorder=not args.no_reorder, update_storage=args.update_storage,
                       int8_grads=args.int8_grads)
     r = compile_memory(args.model, args.scheme, num_classes=args.classes, cfg=cfg,
-                       patch=None if args.no_patch else "auto", stream_input=args.stream_input,
-                       max_recompute=args.max_recompute, block_backward=not args.no_block_backward,
-                       block_recompute=args.recompute_blocks)
+                       patch=None if args.no_patch else "auto", **levers)
     if args.plot:
         try:
             r.plot(args.plot)

@@ -84,30 +84,33 @@ def _plane(g: Graph, name: str) -> int:
     return h * w
 
 
+def plane_bytes(hw1: int, hw2: int, batch: int, gx_numel: int, gx_qint8: bool, channels: int, kblock: int) -> int:
+    """Float32 channel planes: one for dw's output gradient (hw2), one for dw's input gradient (hw1), or `batch` of
+    those when pw1's input gradient sums them (each pass over its accumulator takes that many channels: the same
+    chain of fused multiply-adds, less accumulator traffic). Plus pw1's input-gradient accumulators (gx_numel
+    elements, 0 without one) where the output cannot be one: a qint8 output is quantized per channel once complete,
+    and a reduction over more than `kblock` channels adds its blocks' partial chains in order (one more)."""
+    accumulators = gx_qint8 + (-(-channels // kblock) > 1) if gx_numel else 0
+    return 4 * (hw2 + hw1 * batch) + 4 * gx_numel * accumulators
+
+
 def _scratch(g: Graph, grp: BlockGroup, kblock: int) -> int:
-    """Float32 channel planes: one for dw's output gradient, one for dw's input gradient, or `grp.batch` of those
-    when pw1's input gradient sums them (each pass over its accumulator takes that many channels: the same chain of
-    fused multiply-adds, less accumulator traffic). Plus pw1's input-gradient accumulators where the output
-    cannot be one: a qint8 output is quantized per channel once complete, and a reduction over more than `kblock`
-    channels adds its blocks' partial chains in order (one more accumulator)."""
+    """The group's planes and accumulators (`plane_bytes`)."""
     r = grp.roles
     gdw = g.op(r["pw2_gi"]).outputs[0]
     dw = g.op(g.op(r["dw_acc"]).attrs["conv"])
-    nbytes = 4 * (_plane(g, gdw) + _plane(g, dw.inputs[0]) * (grp.batch if "pw1_gi" in r else 1))
-    if "pw1_gi" in r:
-        gx = g.tensors[g.op(r["pw1_gi"]).outputs[0]]
-        blocks = -(-grp.channels // kblock)
-        nbytes += 4 * gx.numel * ((gx.dtype == "qint8") + (blocks > 1))
-    return nbytes
+    gx = g.tensors[g.op(r["pw1_gi"]).outputs[0]] if "pw1_gi" in r else None
+    return plane_bytes(_plane(g, dw.inputs[0]), _plane(g, gdw), grp.batch if gx else 1, gx.numel if gx else 0,
+                       gx is not None and gx.dtype == "qint8", grp.channels, kblock)
 
 
-def _group_at(g: Graph, ops: list[Op], i: int) -> tuple[BlockGroup, list[Op]] | None:
+def _group_at(g: Graph, ops: list[Op], i: int, producers: dict[str, Op]) -> tuple[BlockGroup, list[Op]] | None:
     """The group starting at ops[i] (a pointwise conv's input gradient whose input came from a depthwise conv), with
-    the ops to run after it (pw2's own update, moved past the group), or None."""
+    the ops to run after it (pw2's own update, moved past the group), or None. `producers`: the forward op that
+    writes each tensor."""
     x = ops[i]
     if x.kind != "conv2d_grad_input" or not _pointwise(g, pw2 := g.op(x.attrs["conv"])):
         return None
-    producers = {t: o for o in g.ops for t in o.outputs if o.attrs.get("phase") == "forward"}
     dw = producers.get(pw2.inputs[0])
     if dw is None or not _depthwise(g, dw):
         return None
@@ -198,9 +201,10 @@ def serialize_blocks(g: Graph, kblock: int = KBLOCK, recompute: bool = False, ba
     ops = list(g.ops)
     out: list[Op] = []
     groups: list[dict[str, Any]] = []
+    producers = {t: o for o in g.ops for t in o.outputs if o.attrs.get("phase") == "forward"}
     i = 0
     while i < len(ops):
-        found = _group_at(g, ops, i)
+        found = _group_at(g, ops, i, producers)
         if found is None:
             out.append(ops[i])
             i += 1
