@@ -18,9 +18,9 @@ import tempfile
 from pathlib import Path
 
 from microtrain.autodiff.build import TrainConfig, build_training_graph
-from microtrain.codegen.parity import real_images
 from microtrain.codegen.project import build, emit_project, harness_args, run_qemu, write_records
 from microtrain.compiler.memory import plan_training_graph
+from microtrain.data.samples import real_images
 from microtrain.frontends.zoo import load_model
 from microtrain.sparse.scheme import resolve_scheme
 

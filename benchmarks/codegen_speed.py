@@ -35,9 +35,10 @@ import torch
 import torch.nn.functional as F
 
 from microtrain.autodiff.build import build_training_graph
-from microtrain.codegen.parity import real_images, torch_threads
 from microtrain.codegen.project import build, emit_project, harness_args, run_host, run_qemu, toolchain, write_records
+from microtrain.commands.parity import torch_threads
 from microtrain.compiler.memory import plan_training_graph
+from microtrain.data.samples import real_images
 from microtrain.errors import MicrotrainError
 from microtrain.frontends.zoo import load_model
 from microtrain.runtime.float_model import FloatNet

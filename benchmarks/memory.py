@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
+import functools
 import json
 import subprocess
 import sys
@@ -21,6 +22,18 @@ from typing import Any
 
 from microtrain.autodiff.build import TrainConfig
 from microtrain.compiler.memory import MemoryReport, compile_memory
+from microtrain.frontends.zoo import load_model
+
+
+@functools.lru_cache(maxsize=8)
+def _model(name: str):
+    return load_model(name)
+
+
+def memory_of(model: str, scheme, **kw) -> MemoryReport:
+    """compile_memory of a zoo model (loaded once)."""
+    return compile_memory(_model(model), scheme, **kw)
+
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -46,7 +59,7 @@ LOWEST = {"stream_input": True, "max_recompute": 3.0}  # the lowest-memory lever
 
 def with_int8_grads(model: str, scheme: str, cfg: TrainConfig, **kw: Any) -> dict[str, Any]:
     """The same plan with `--int8-grads`."""
-    return summary(compile_memory(model, scheme, cfg=dataclasses.replace(cfg, int8_grads=True), **kw))
+    return summary(memory_of(model, scheme, cfg=dataclasses.replace(cfg, int8_grads=True), **kw))
 
 
 def summary(r: MemoryReport) -> dict[str, Any]:
@@ -73,16 +86,16 @@ def run_model(model: str) -> dict[str, Any]:
     on, off = TrainConfig(), TrainConfig(reorder=False)
     out: dict[str, Any] = {"scheme": scheme, "paper_kb": {"full": p_full, "sparse": p_sparse,
                                                           "sparse_reorder": p_reorder}}
-    out["levers"] = [{"lever": name, **summary(compile_memory(model, scheme, cfg=on, **kw))} for name, kw in LEVERS]
-    out["grid"] = {f"reorder_{ro}_patch_{pa}": summary(compile_memory(model, scheme, cfg=cfg,
+    out["levers"] = [{"lever": name, **summary(memory_of(model, scheme, cfg=on, **kw))} for name, kw in LEVERS]
+    out["grid"] = {f"reorder_{ro}_patch_{pa}": summary(memory_of(model, scheme, cfg=cfg,
                                                                       patch="auto" if pa == "on" else None))
                    for ro, cfg in (("on", on), ("off", off)) for pa in ("on", "off")}
-    out["full"] = {"reorder_off": summary(compile_memory(model, "full", cfg=off)),
-                   "reorder_on": summary(compile_memory(model, "full", cfg=on)),
-                   "reorder_off_no_block_backward": summary(compile_memory(model, "full", cfg=off,
+    out["full"] = {"reorder_off": summary(memory_of(model, "full", cfg=off)),
+                   "reorder_on": summary(memory_of(model, "full", cfg=on)),
+                   "reorder_off_no_block_backward": summary(memory_of(model, "full", cfg=off,
                                                                            block_backward=False))}
-    out["fp32_lowest"] = {"sparse_reorder": summary(compile_memory(model, scheme, cfg=on, **LOWEST)),
-                          "sparse": summary(compile_memory(model, scheme, cfg=off, **LOWEST))}
+    out["fp32_lowest"] = {"sparse_reorder": summary(memory_of(model, scheme, cfg=on, **LOWEST)),
+                          "sparse": summary(memory_of(model, scheme, cfg=off, **LOWEST))}
     out["int8_grads"] = {
         "sparse_reorder": with_int8_grads(model, scheme, on),
         "sparse_reorder_stream_cap3": with_int8_grads(model, scheme, on, stream_input=True, max_recompute=3.0),
@@ -90,18 +103,18 @@ def run_model(model: str) -> dict[str, Any]:
         "sparse_stream_cap3": with_int8_grads(model, scheme, off, stream_input=True, max_recompute=3.0),
         "full": with_int8_grads(model, "full", off),
         "sparse_reorder_stream_cap5": with_int8_grads(model, scheme, on, stream_input=True, max_recompute=5.0)}
-    out["fp32_lowest"]["sparse_reorder_cap5"] = summary(compile_memory(model, scheme, cfg=on, stream_input=True,
+    out["fp32_lowest"]["sparse_reorder_cap5"] = summary(memory_of(model, scheme, cfg=on, stream_input=True,
                                                                        max_recompute=5.0))
     # --recompute-blocks on both sides of each ratio (it shrinks the full update too: its masks and saved inputs)
     rc = {"block_recompute": True}
     out["recompute_blocks"] = {
-        "fp32": {"sparse_reorder": summary(compile_memory(model, scheme, cfg=on, **LOWEST, **rc)),
-                 "sparse": summary(compile_memory(model, scheme, cfg=off, **LOWEST, **rc)),
-                 "full": summary(compile_memory(model, "full", cfg=off, **rc))},
+        "fp32": {"sparse_reorder": summary(memory_of(model, scheme, cfg=on, **LOWEST, **rc)),
+                 "sparse": summary(memory_of(model, scheme, cfg=off, **LOWEST, **rc)),
+                 "full": summary(memory_of(model, "full", cfg=off, **rc))},
         "int8_grads": {"sparse_reorder": with_int8_grads(model, scheme, on, **LOWEST, **rc),
                        "sparse": with_int8_grads(model, scheme, off, **LOWEST, **rc),
                        "full": with_int8_grads(model, "full", off, **rc)}}
-    out["full_naive_planner"] = summary(compile_memory(model, "full", cfg=off, backward_inplace=False,
+    out["full_naive_planner"] = summary(memory_of(model, "full", cfg=off, backward_inplace=False,
                                                        schedule=False))
     g = out["grid"]
     sr, s, f = (g["reorder_on_patch_on"]["peak_sram_bytes"], g["reorder_off_patch_on"]["peak_sram_bytes"],

@@ -34,7 +34,7 @@ def sample_images(tmp_path_factory) -> dict[str, str]:
 @pytest.fixture(scope="session")
 def images32():
     """80 real 32x32 images of the tiny model's classes: 60 to train on (labels), 20 held out."""
-    from microtrain.codegen.parity import real_images
+    from microtrain.data.samples import real_images
 
     from tiny import CLASSES
 

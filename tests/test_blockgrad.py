@@ -7,13 +7,12 @@ from __future__ import annotations
 import pytest
 
 from microtrain.autodiff.build import TrainConfig, build_training_graph
-from microtrain.codegen.hostorder import conv_kblock
-from microtrain.codegen.parity import real_images
 from microtrain.codegen.project import measure_memory, toolchain
 from microtrain.compiler.blockgrad import collapse_blocks, serialize_blocks
 from microtrain.compiler.memory import compile_memory, inplace_rules, plan_training_graph, planning_view
 from microtrain.compiler.planner import plan_memory
 from microtrain.compiler.schedule import hoist_updates
+from microtrain.data.samples import real_images
 from microtrain.frontends.zoo import load_model
 from microtrain.sparse.scheme import resolve_scheme
 from test_codegen import MIXED, check, exact, run_parity
@@ -27,14 +26,14 @@ ROLES = {"pw2_gi", "dw_acc", "dw_upd", "dw_gi", "pw1_acc", "pw1_gi", "pw1_upd"}
 def forced(tg, recompute: bool = False):
     """Every eligible block channel-serial (the planner keeps op by op where that is smaller; a tiny model's planes
     are no smaller than its tensors), with `recompute` recomputing pw1's and dw's masks per channel, planned."""
-    sched = serialize_blocks(hoist_updates(tg), conv_kblock(), recompute=recompute)
+    sched = serialize_blocks(hoist_updates(tg), recompute=recompute)
     return sched, plan_memory(planning_view(sched, None, 0), rules=inplace_rules(True))
 
 
 @pytest.mark.parametrize("model,scheme", ZOO)
 def test_planner_uses_channel_serial_blocks_and_gains(model, scheme):
-    on = compile_memory(model, scheme, stream_input=True, max_recompute=3)
-    off = compile_memory(model, scheme, stream_input=True, max_recompute=3, block_backward=False)
+    on = compile_memory(load_model(model), scheme, stream_input=True, max_recompute=3)
+    off = compile_memory(load_model(model), scheme, stream_input=True, max_recompute=3, block_backward=False)
     groups = on.graph.meta["block_grads"]
     assert groups and not off.graph.meta["block_grads"] and on.levers["block_backward_groups"] == len(groups)
     assert on.peak_sram_bytes < off.peak_sram_bytes

@@ -12,8 +12,6 @@ import numpy as np
 import pytest
 
 from microtrain.autodiff.build import TrainConfig, build_training_graph
-from microtrain.codegen.hostorder import conv_kblock
-from microtrain.codegen.parity import compare_states, real_images, simulate
 from microtrain.codegen.project import (
     SRAM_BUDGET,
     build,
@@ -30,6 +28,7 @@ from microtrain.codegen.project import (
     write_records,
     write_state,
 )
+from microtrain.commands.parity import compare_states, simulate
 from microtrain.compiler.blockgrad import serialize_blocks
 from microtrain.compiler.memory import (
     frozen_forward_ops,
@@ -42,6 +41,7 @@ from microtrain.compiler.memory import (
 from microtrain.compiler.patch import candidate_stages, make_stage
 from microtrain.compiler.planner import plan_memory
 from microtrain.compiler.schedule import hoist_updates
+from microtrain.data.samples import real_images
 from microtrain.errors import MicrotrainError
 from microtrain.frontends.zoo import load_model
 from microtrain.sparse.scheme import Scheme, resolve_scheme
@@ -252,7 +252,7 @@ def test_zoo_int8_grads_host_parity(stream128, tmp_path):
     x, y, held = stream128
     _, sched, best = zoo_graph("mcunet-5fps", "paper-99kb", Q8)
     # the planner keeps op by op here (no smaller): make the blocks channel-serial anyway, on the same patch stage
-    sched.meta["block_grads"] = serialize_blocks(sched, conv_kblock()).meta["block_grads"]
+    sched.meta["block_grads"] = serialize_blocks(sched).meta["block_grads"]
     plan = plan_memory(planning_view(sched, best.stage, best.tile_plan.arena_bytes), rules=inplace_rules(True))
     assert sched.meta.get("patch_stage") and "add_grad" in qint8_inplace(sched, plan)
     assert max(grp["channels"] for grp in sched.meta["block_grads"]) > 384

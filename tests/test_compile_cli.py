@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 
 from microtrain.cli import main
-from microtrain.codegen.parity import compare_states, real_images, simulate
 from microtrain.codegen.project import (
     harness_args,
     load_program,
@@ -19,6 +18,8 @@ from microtrain.codegen.project import (
     toolchain,
     write_records,
 )
+from microtrain.commands.parity import compare_states, simulate
+from microtrain.data.samples import real_images
 from microtrain.ir.graph import Graph
 from microtrain.runtime.trainer import load_checkpoint
 

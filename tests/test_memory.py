@@ -13,15 +13,26 @@ import torch
 from microtrain.autodiff.build import TrainConfig, build_training_graph
 from microtrain.cli import main
 from microtrain.compiler.memory import MemoryReport, compile_memory, frozen_forward_ops, planning_view
-from microtrain.compiler.patch import make_stage, run_stage_tiled, tile_graph
+from microtrain.compiler.patch import make_stage, tile_graph
 from microtrain.compiler.planner import plan_memory
 from microtrain.compiler.schedule import hoist_updates
 from microtrain.frontends.zoo import load_model
-from microtrain.runtime.executor import Executor
+from microtrain.runtime.executor import Executor, run_stage_tiled
 from microtrain.runtime.trainstep import GraphTrainStep
 from microtrain.sparse.scheme import Scheme
 
 from tiny import tiny_model
+
+
+@functools.lru_cache(maxsize=8)
+def _model(name: str):
+    return load_model(name)
+
+
+def memory_of(model: str, scheme, **kw) -> MemoryReport:
+    """compile_memory of a zoo model (loaded once)."""
+    return compile_memory(_model(model), scheme, **kw)
+
 
 # The paper's scheme nearest 100 KB per model and its measured sparse+reorder peak SRAM (PAPER.md §4, KB).
 PAPER_SCHEME = {"mbv2-w0.35": "paper-99kb", "proxyless-w0.3": "paper-98kb", "mcunet-5fps": "paper-99kb"}
@@ -39,7 +50,7 @@ FULL_SAME_LEVERS = ("with every lever on both sides (the channel-serial block ba
 
 @functools.cache
 def report(model: str, scheme: str, reorder: bool = True, **kw) -> MemoryReport:
-    return compile_memory(model, scheme, cfg=TrainConfig(reorder=reorder), **kw)
+    return memory_of(model, scheme, cfg=TrainConfig(reorder=reorder), **kw)
 
 
 def miss(reason: str):
@@ -56,7 +67,7 @@ def test_peak_at_or_below_paper(model):
                                            ("proxyless-w0.3", {"stream_input": True, "max_recompute": 3.0})])
 def test_peak_at_or_below_paper_with_int8_gradients(model, options):
     """`--int8-grads` (and for proxyless the explicit --stream-input / --max-recompute 3 options) meet the paper."""
-    r = compile_memory(model, PAPER_SCHEME[model], cfg=TrainConfig(int8_grads=True), **options)
+    r = memory_of(model, PAPER_SCHEME[model], cfg=TrainConfig(int8_grads=True), **options)
     assert r.peak_sram_bytes <= PAPER_PEAK_KB[model] * 1024
     assert any(t.dtype == "qint8" for t in r.graph.tensors.values())
 
@@ -81,8 +92,8 @@ RATIO_LOWEST = ("the full update shrinks with int8 gradients too (activation gra
 
 def test_full_update_ratio_proxyless_with_recompute_cap_5():
     """proxyless-w0.3 reaches 20x with int8 gradients on both sides when its patch stage may recompute up to 5x."""
-    full = compile_memory("proxyless-w0.3", "full", cfg=TrainConfig(int8_grads=True, reorder=False))
-    sparse = compile_memory("proxyless-w0.3", "paper-98kb", cfg=TrainConfig(int8_grads=True), stream_input=True,
+    full = memory_of("proxyless-w0.3", "full", cfg=TrainConfig(int8_grads=True, reorder=False))
+    sparse = memory_of("proxyless-w0.3", "paper-98kb", cfg=TrainConfig(int8_grads=True), stream_input=True,
                             max_recompute=5.0)
     assert full.peak_sram_bytes >= 20 * sparse.peak_sram_bytes
 
@@ -91,8 +102,8 @@ def test_full_update_ratio_proxyless_with_recompute_cap_5():
 def test_float32_gradients_lowest_memory_meet_the_paper(model):
     """Float32 gradients, as the paper's engine: --stream-input --max-recompute 3 with the channel-serial block
     backward is at or below the paper's measured peak on every model, and reorder off / on >= 2.4x."""
-    on = compile_memory(model, PAPER_SCHEME[model], **LOWEST)
-    off = compile_memory(model, PAPER_SCHEME[model], cfg=TrainConfig(reorder=False), **LOWEST)
+    on = memory_of(model, PAPER_SCHEME[model], **LOWEST)
+    off = memory_of(model, PAPER_SCHEME[model], cfg=TrainConfig(reorder=False), **LOWEST)
     assert on.graph.meta["block_grads"] and not any(t.dtype == "qint8" for t in on.graph.tensors.values())
     assert on.peak_sram_bytes <= PAPER_PEAK_KB[model] * 1024
     assert off.peak_sram_bytes >= 2.4 * on.peak_sram_bytes
@@ -102,15 +113,15 @@ def test_float32_gradients_lowest_memory_meet_the_paper(model):
                                    pytest.param("proxyless-w0.3", marks=miss(FULL_SAME_LEVERS)), "mcunet-5fps"])
 def test_full_update_ratio_float32_lowest_memory(model):
     full = report(model, "full", reorder=False)
-    assert full.peak_sram_bytes >= 20 * compile_memory(model, PAPER_SCHEME[model], **LOWEST).peak_sram_bytes
+    assert full.peak_sram_bytes >= 20 * memory_of(model, PAPER_SCHEME[model], **LOWEST).peak_sram_bytes
 
 
 @pytest.mark.parametrize("model", list(PAPER_SCHEME))
 def test_reorder_ratio_lowest_memory_configuration(model):
     """--int8-grads --stream-input --max-recompute 3 on both sides: reorder on vs off >= 2.4x on every model."""
     cfg = dict(LOWEST)
-    on = compile_memory(model, PAPER_SCHEME[model], cfg=TrainConfig(int8_grads=True), **cfg)
-    off = compile_memory(model, PAPER_SCHEME[model], cfg=TrainConfig(int8_grads=True, reorder=False), **cfg)
+    on = memory_of(model, PAPER_SCHEME[model], cfg=TrainConfig(int8_grads=True), **cfg)
+    off = memory_of(model, PAPER_SCHEME[model], cfg=TrainConfig(int8_grads=True, reorder=False), **cfg)
     assert off.peak_sram_bytes >= 2.4 * on.peak_sram_bytes
     assert on.peak_sram_bytes <= PAPER_PEAK_KB[model] * 1024
 
@@ -119,8 +130,8 @@ def test_reorder_ratio_lowest_memory_configuration(model):
                                    pytest.param("proxyless-w0.3", marks=miss(RATIO_LOWEST)), "mcunet-5fps"])
 def test_full_update_ratio_lowest_memory_configuration(model):
     """The same levers on both sides (a full update has no frozen stage to stream: int8 gradients only)."""
-    full = compile_memory(model, "full", cfg=TrainConfig(int8_grads=True, reorder=False))
-    sparse = compile_memory(model, PAPER_SCHEME[model], cfg=TrainConfig(int8_grads=True), **LOWEST)
+    full = memory_of(model, "full", cfg=TrainConfig(int8_grads=True, reorder=False))
+    sparse = memory_of(model, PAPER_SCHEME[model], cfg=TrainConfig(int8_grads=True), **LOWEST)
     assert full.peak_sram_bytes >= 20 * sparse.peak_sram_bytes
 
 
@@ -263,10 +274,10 @@ def test_plan_json(capsys, tmp_path):
 def test_state_counts_optimizer_slots_and_fp32_shadows():
     base = report("mcunet-5fps", "paper-99kb")
     w, b, h = (base.state[k] for k in ("trainable_weights", "trainable_biases", "head"))
-    adam = compile_memory("mcunet-5fps", "paper-99kb", cfg=TrainConfig(optimizer="adam"))
+    adam = memory_of("mcunet-5fps", "paper-99kb", cfg=TrainConfig(optimizer="adam"))
     assert adam.state["optimizer_slots"] == 2 * 4 * (w + b // 4 + h // 4)  # m and v, float32, per element
     assert adam.flash_bytes == base.flash_bytes  # slots boot at zero
-    fp32 = compile_memory("mcunet-5fps", "paper-99kb", cfg=TrainConfig(update_storage="fp32"))
+    fp32 = memory_of("mcunet-5fps", "paper-99kb", cfg=TrainConfig(update_storage="fp32"))
     assert fp32.state["trainable_weights"] == 4 * w and fp32.state_bytes == base.state_bytes + 3 * w
 
 
@@ -293,8 +304,8 @@ def test_plan_errors(argv, msg, capsys):
 @pytest.mark.parametrize("model", ["mbv2-w0.35", "mcunet-5fps"])
 def test_recompute_blocks_lowers_the_lowest_peak(model):
     """--recompute-blocks: the blocks' pw1 / dw masks leave the plan, the peak drops, and the report counts the MACs."""
-    base = compile_memory(model, PAPER_SCHEME[model], **LOWEST)
-    rc = compile_memory(model, PAPER_SCHEME[model], block_recompute=True, **LOWEST)
+    base = memory_of(model, PAPER_SCHEME[model], **LOWEST)
+    rc = memory_of(model, PAPER_SCHEME[model], block_recompute=True, **LOWEST)
     groups = [grp for grp in rc.graph.meta["block_grads"] if grp["recompute"]]
     assert groups and rc.levers["block_recompute_groups"] == len(groups)
     assert not any(m in rc.plan.offsets for grp in groups for m in grp["recompute"]["masks"])

@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from microtrain.compiler.liveness import live_bytes
-from microtrain.compiler.patch import candidate_stages, make_stage, run_stage_tiled, tile_graph
+from microtrain.compiler.patch import candidate_stages, make_stage, tile_graph
 from microtrain.frontends.zoo import load_model
-from microtrain.runtime.executor import Executor
+from microtrain.runtime.executor import Executor, run_stage_tiled
 
 
 @pytest.mark.parametrize("model", ["mbv2-w0.35", "proxyless-w0.3", "mcunet-5fps"])

@@ -249,3 +249,20 @@ def _weight_parts(g: Graph, conv: str) -> list[str]:
     """The weight operand(s) of a conv in the training graph: [w] or [w_train] or [w_train, w_frozen]."""
     op = g.op(conv)
     return op.inputs[1:-1]
+
+
+def frozen_prefix(g: Graph) -> tuple[list[Op], list[str]]:
+    """The forward ops of training graph `g` that depend on no trainable tensor (their outputs are a pure function of
+    the input image), and the tensors through which the rest of the step reads them. Caching the boundary per image
+    is exact; the patch stage is chosen among these ops."""
+    state = set(g.meta["train"]["state"])
+    frozen, produced = [], set(g.inputs[:1])
+    for op in g.ops:
+        if op.attrs.get("phase") != "forward":
+            continue
+        if all(n in produced or g.tensors[n].data is not None for n in op.inputs) and not state & set(op.inputs):
+            frozen.append(op)
+            produced.update(op.outputs)
+    rest = [o for o in g.ops if o not in frozen]
+    boundary = sorted({n for o in rest for n in o.inputs if n in produced})
+    return frozen, boundary

@@ -14,7 +14,6 @@ written as a C99 hexadecimal literal, so the C program computes with the host's 
 
 from __future__ import annotations
 
-import re
 import zlib
 from dataclasses import dataclass, field
 from importlib import resources
@@ -22,27 +21,24 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
 from microtrain.autodiff.build import TrainConfig
-from microtrain.codegen import hostorder
+from microtrain.codegen.cnames import Names, c_comment, c_string
 from microtrain.compiler.blockgrad import plane_bytes
 from microtrain.compiler.patch import Region, make_stage
 from microtrain.compiler.planner import Plan
 from microtrain.errors import MicrotrainError
 from microtrain.ir.graph import Graph, Op
-from microtrain.runtime import kernels as K
-from microtrain.runtime.executor import add_ratios
+from microtrain.ir.quant import add_ratios, qas_divisor, requant_multiplier
 
 TARGETS = ("host", "cortex-m4")
-KERNEL_FILES = ("mt_dot_tree.c", "mt_conv2d.c", "mt_depthwise_conv2d.c", "mt_add.c", "mt_avgpool.c",
+KERNEL_FILES = ("mt_conv2d.c", "mt_depthwise_conv2d.c", "mt_add.c", "mt_avgpool.c",
                 "mt_slice_channels.c", "mt_linear.c", "mt_softmax_ce.c", "mt_linear_grad_input.c", "mt_avgpool_grad.c",
                 "mt_add_grad.c", "mt_grad_add.c", "mt_conv2d_grad_acc.c", "mt_conv2d_grad_input.c",
                 "mt_depthwise_grad_input.c", "mt_conv2d_update.c", "mt_linear_update.c", "mt_update.c", "mt_math.c",
                 "mt_q8.c")  # the channel-serial block backward's helpers live in the kernels they share code with
 HARNESS_FILES = {"host": ("mt_main.c", "mt_io.h", "mt_io_host.c"),
                  "cortex-m4": ("mt_main.c", "mt_io.h", "mt_io_semihost.c", "mt_startup_m4.c", "mt_m4.ld")}
-STATE_MAGIC = 0x3153544D  # "MTS1"
 C_DTYPE = {"int8": "int8_t", "int32": "int32_t", "float32": "float"}
 MT_DTYPE = {"int8": "MT_I8", "int32": "MT_I32", "float32": "MT_F32"}
 OPTIMIZER = {"sgd": "MT_SGD", "sgd-m": "MT_SGDM", "adam": "MT_ADAM"}
@@ -88,24 +84,6 @@ def block(call: str) -> str:
     return call if call.startswith(("/*", "TRACE", "*F(")) else f"{{ {call} }}"
 
 
-class Names:
-    """C identifiers for graph tensors: sanitised, unique, stable."""
-
-    def __init__(self) -> None:
-        self.ids: dict[tuple[str, str], str] = {}
-        self.taken: set[str] = set()
-
-    def __call__(self, prefix: str, name: str) -> str:
-        key = (prefix, name)
-        if key not in self.ids:
-            base = f"{prefix}_{re.sub(r'[^0-9A-Za-z]+', '_', name).strip('_')}"
-            ident, i = base, 1
-            while ident in self.taken:
-                ident, i = f"{base}_{i}", i + 1
-            self.taken.add(ident)
-            self.ids[key] = ident
-        return self.ids[key]
-
 
 @dataclass
 class View:
@@ -145,8 +123,8 @@ class Program:
 
 # ---- the emitter -----------------------------------------------------------------------------------------------------
 class Emitter:
-    def __init__(self, g: Graph, plan: Plan, state: dict[str, np.ndarray] | None = None, host_order: bool = True):
-        self.g, self.plan, self.host_order = g, plan, host_order
+    def __init__(self, g: Graph, plan: Plan, state: dict[str, np.ndarray] | None = None):
+        self.g, self.plan = g, plan
         tr = g.meta.get("train")
         if not tr:
             raise MicrotrainError(f"{g.name}: not a training graph (no meta['train'])")
@@ -211,7 +189,7 @@ class Emitter:
                 a = self.values[name]
                 nonzero = a is not None and np.any(a)
                 init = f" = {c_array(np.asarray(a, dtype=t.dtype))}" if nonzero else ""
-                self.sram.append(f"static {C_DTYPE[t.dtype]} {ident}[{t.numel}]{init};  /* {name} */")
+                self.sram.append(f"static {C_DTYPE[t.dtype]} {ident}[{t.numel}]{init};  /* {c_comment(name)} */")
             return ident
         if t.data is None:
             raise MicrotrainError(f"tensor {name!r} ({t.role}) has no data")
@@ -219,7 +197,7 @@ class Emitter:
         if ident not in self.defined:
             self.defined.add(ident)
             self.consts.append(f"static const {C_DTYPE[t.dtype]} {ident}[{t.numel}] = "
-                               f"{c_array(np.asarray(t.data, dtype=t.dtype))};  /* {name} */")
+                               f"{c_array(np.asarray(t.data, dtype=t.dtype))};  /* {c_comment(name)} */")
         return ident
 
     def table(self, prefix: str, name: str, values: np.ndarray) -> str:
@@ -227,7 +205,7 @@ class Emitter:
         if ident not in self.defined:
             self.defined.add(ident)
             self.consts.append(f"static const float {ident}[{values.size}] = "
-                               f"{c_array(values.astype(np.float32))};  /* {name} */")
+                               f"{c_array(values.astype(np.float32))};  /* {c_comment(name)} */")
         return ident
 
     def define(self, ctype: str, prefix: str, key: str, init: str) -> str:
@@ -238,30 +216,9 @@ class Emitter:
             self.consts.append(f"static const {ctype} {ident} = {init};")
         return f"&{ident}"
 
-    def trees(self, kind: str, c: int, k: int) -> str:
-        """The host BLAS's summation order of the fp32 head (forward or input gradient), or 0 (a plain chain)."""
-        if not self.host_order:
-            return "0"
-        progs = hostorder.head_programs(c, k)[0 if kind == "forward" else 1]
-        if progs is None:
-            return "0"
-        idents = {}
-        for p in dict.fromkeys(progs):
-            depth = max(np.cumsum([1 if op >= 0 and op < hostorder.FMA else -1 if op == hostorder.ADD else 0
-                                   for op in p]))
-            if depth > 64:
-                return "0"
-            ident = self.names("HT", f"{kind}{len(idents)}")
-            self.consts.append(f"static const int16_t {ident}[{len(p)}] = {c_array(np.asarray(p, np.int16))};")
-            idents[p] = ident
-        ident = self.names("HEAD", kind)
-        rows = ", ".join(f"{{{idents[p]}, {len(p)}}}" for p in progs)
-        self.consts.append(f"static const mt_tree {ident}[{len(progs)}] = {{{rows}}};")
-        return ident
-
     def mult(self, conv: Op) -> str:
         x, w, y = (self.g.tensors[n] for n in (conv.inputs[0], conv.inputs[1], conv.outputs[0]))
-        return self.table("M", conv.name, K.requant_multiplier(x.scale, w.scale, y.scale).numpy())
+        return self.table("M", conv.name, requant_multiplier(x.scale, w.scale, y.scale))
 
     def weights(self, conv: Op) -> str:
         parts = conv.inputs[1:-1]
@@ -282,11 +239,9 @@ class Emitter:
         slots = {"sgd": (), "sgd-m": ("m",), "adam": ("m", "v")}[self.cfg.optimizer]
         ptrs = [self.tensor(f"{name}.{s}") for s in slots] + ["0"] * (2 - len(slots))
         qas, row = "0", 1
-        if conv is not None and self.cfg.qas:  # exactly the host's expression (runtime/trainstep.py, _apply)
-            s = torch.from_numpy(np.asarray(self.g.tensors[conv.inputs[1]].scale, np.float32))[: t.shape[0]]
-            if name.endswith(".b"):
-                s = s * float(self.g.tensors[conv.inputs[0]].scale)
-            qas = self.table("Q", name, (s * s).numpy())
+        if conv is not None and self.cfg.qas:  # ir/quant.py: the torch engine divides by the same table
+            x_scale = self.g.tensors[conv.inputs[0]].scale if name.endswith(".b") else None
+            qas = self.table("Q", name, qas_divisor(self.g.tensors[conv.inputs[1]].scale, t.shape[0], x_scale))
             row = t.numel // t.shape[0]
         ident = self.names("P", name)
         self.consts.append(f"static const mt_param {ident} = {{{self.tensor(name)}, {MT_DTYPE[t.dtype]}, {t.numel}, "
@@ -348,8 +303,7 @@ class Emitter:
             if w.dtype != "float32":
                 raise MicrotrainError("the C generator expects the training graph's fp32 head")
             code = [f"mt_linear({self.act(x.name)}, {x.shape[0]}, {x.zero}, {c_float(x.scale)}, {self.tensor(w.name)}, "
-                    f"{self.tensor(b.name)}, {w.shape[0]}, {self.act(y)}, "
-                    f"{self.trees('forward', x.shape[0], w.shape[0])});"]
+                    f"{self.tensor(b.name)}, {w.shape[0]}, {self.act(y)});"]
         else:
             raise MicrotrainError(f"op kind {op.kind!r} in the forward pass is not supported by the C generator")
         return code + self.trace(op.outputs[:1], "forward")
@@ -361,7 +315,7 @@ class Emitter:
             t = self.g.tensors[n]
             if t.dtype in ("int8", "float32"):
                 self.traces.append({"name": n, "dtype": t.dtype, "shape": list(t.shape), "phase": phase})
-                code.append(f'TRACE("{n}", {self.act(n)}, {t.nbytes});')
+                code.append(f'TRACE({c_string(n)}, {self.act(n)}, {t.nbytes});')
         return code
 
     # ---- the patch stage: its ops tile by tile, intermediates in the tile arena -----------------------------------
@@ -373,10 +327,10 @@ class Emitter:
         base = self.off("patch_stage.scratch")
         image = g.inputs[0]
         outer = {st["output"]} if self.streaming else {image, st["output"]}
-        code = [f"/* patch stage: {len(ops)} ops up to {st['output']}, {st['grid']}x{st['grid']} tiles, tile arena "
+        code = [f"/* patch stage: {len(ops)} ops up to {c_comment(st['output'])}, {st['grid']}x{st['grid']} tiles, tile arena "
                 f"{tp['arena_bytes']} B at {base} */"]
         for ti, regions in enumerate(tiles):
-            code.append(f"/* tile {ti}: {st['output']} rows {regions[st['output']][:2]} cols "
+            code.append(f"/* tile {ti}: {c_comment(st['output'])} rows {regions[st['output']][:2]} cols "
                         f"{regions[st['output']][2:]} */")
             views: dict[str, View] = {n: self.whole(n) for n in outer}
             if self.streaming:  # the sensor writes this tile's input region into the tile arena
@@ -452,8 +406,7 @@ class Emitter:
             gz, w = op.inputs
             pooled = t[g.meta["train"]["pooled"]]
             return [f"mt_linear_grad_input{q8}({self.act(gz)}, {self.tensor(w)}, {t[w].shape[0]}, {t[w].shape[1]}, "
-                    f"{c_float(pooled.scale)}, {self.act(op.outputs[0])}, "
-                    f"{self.trees('grad_input', t[w].shape[1], t[w].shape[0])});"]
+                    f"{c_float(pooled.scale)}, {self.act(op.outputs[0])});"]
         if op.kind in ("linear_update", "linear_weight_grad"):
             gz, x = op.inputs[:2]
             xt = t[x]
@@ -573,14 +526,12 @@ class Emitter:
                      "0); }"]
         if batched:
             cin = t[out].shape[0]
-            need = plane_bytes(hw1, hw2, batch, cin * hw1, q8[out], e_count, self.config()["MT_KBLOCK"])
+            need = plane_bytes(hw1, hw2, batch, cin * hw1, q8[out])
             if need > grp["scratch_bytes"]:
                 raise MicrotrainError(f"{grp['block']}: the plan reserved {grp['scratch_bytes']} bytes of block "
-                                      f"scratch, this machine's reduction blocks need {need}")
-            end = f"pbs + {batch * hw1}"
-            total, part = (end, f"total + {cin * hw1}") if q8[out] else (self.act(out), end)
-            pre += [f"float *total = {total}, *part = {part};", "(void)part;",
-                    f"for (int32_t i = 0; i < {cin * hw1}; i++) total[i] = 0.0f;"]
+                                      f"scratch, the channel planes need {need}")
+            total = f"pbs + {batch * hw1}" if q8[out] else self.act(out)
+            pre += [f"float *total = {total};", f"for (int32_t i = 0; i < {cin * hw1}; i++) total[i] = 0.0f;"]
             if q8[out]:
                 post += [f"for (int32_t c = 0; c < {cin}; c++) {self.act(out)}[c] = mt_q8_quantize(total + c * {hw1}, "
                          f"{hw1}, (int8_t *)({self.act(out)} + {cin}) + c * {hw1});"]
@@ -623,9 +574,9 @@ class Emitter:
             wt = self.define("mt_weights", "WT", pw1.name, self.weights(pw1))
             plane = f"float *pb = pbs + (e - e0) * {hw1};"
             loop = (f"for (int32_t e0 = 0; e0 < {e_count};) {{ "
-                    f"const int32_t n = mt_pw_grad_input_batch(e0, {e_count}, {batch}); "
+                    f"const int32_t n = {e_count} - e0 < {batch} ? {e_count} - e0 : {batch}; "
                     f"for (int32_t e = e0; e < e0 + n; e++) {{ {plane} {text(body)} }} "
-                    f"mt_pw_grad_input_accumulate(pbs, n, {wt}, {cin}, e0, {e_count}, {hw1}, total, part); "
+                    f"mt_pw_grad_input_accumulate(pbs, n, {wt}, {cin}, e0, {hw1}, total); "
                     + (f"for (int32_t e = e0; e < e0 + n; e++) {{ {plane} {text(after)} }} " if after else "")
                     + "e0 += n; }")
         return "{ " + text(pre) + " " + loop + " " + text(post) + " }"
@@ -635,7 +586,7 @@ class Emitter:
         g = self.g
         image = g.inputs[0]
         img = g.tensors[image]
-        classes = g.meta["train"]["num_classes"]
+        classes = int(g.meta["train"]["num_classes"])
         fwd: list[str] = []
         stage_ops = set(self.stage["ops"]) if self.stage else set()
         if self.stage:
@@ -644,7 +595,7 @@ class Emitter:
             fwd += [line if line.startswith(("/*", "TRACE")) else block(line) for line in self.patch_stage()]
         for op in self.forward_ops:
             if op.name not in stage_ops and op.name not in self.dropped:
-                fwd += [f"/* {op.name}: {op.kind} */", *map(block, self.forward_op(op))]
+                fwd += [f"/* {c_comment(op.name)}: {c_comment(op.kind)} */", *map(block, self.forward_op(op))]
         bwd: list[str] = []
         groups = {grp["members"][0]: grp for grp in g.meta.get("block_grads", [])}
         skip: set[str] = set()
@@ -654,10 +605,10 @@ class Emitter:
             if op.name in groups:
                 grp = groups[op.name]
                 skip.update(grp["members"])
-                bwd += [f"/* {grp['block']}: channel-serial backward of {', '.join(grp['members'])} */",
+                bwd += [f"/* {c_comment(grp['block'])}: channel-serial backward of {c_comment(', '.join(grp['members']))} */",
                         self.block_grad(grp), *self.trace(grp["outputs"], "backward")]
                 continue
-            bwd += [f"/* {op.name}: {op.kind} */", *map(block, self.backward_op(op)),
+            bwd += [f"/* {c_comment(op.name)}: {c_comment(op.kind)} */", *map(block, self.backward_op(op)),
                     *self.trace(op.outputs, op.attrs.get("phase", "backward"))]
         for n in self.state_names:  # state that no op touched (e.g. a frozen head) still belongs to the state
             self.tensor(n)
@@ -668,30 +619,27 @@ class Emitter:
         opt = (f"static const mt_optimizer OPT = {{{OPTIMIZER[o.optimizer]}, {c_float(o.momentum)}, "
                f"{c_float(o.betas[0])}, {c_float(o.betas[1])}, {c_float(1 - o.betas[0])}, {c_float(1 - o.betas[1])}, "
                f"{c_float(o.eps)}, {c_double(o.betas[0])}, {c_double(o.betas[1])}, {int(o.seed) & 0xFFFFFFFF}u}};")
-        state_table = ",\n".join(f'  {{"{n}", {self.tensor(n)}, {g.tensors[n].nbytes}u}}' for n in self.state_names)
+        state_table = "\n".join(f'  {{{self.tensor(n)}, {g.tensors[n].nbytes}u}},  /* {c_comment(n)} */'
+                                for n in self.state_names)
         header = HEADER.format(c=img.shape[0], h=img.shape[1], w=img.shape[2], image_bytes=img.nbytes,
-                               classes=classes, arena=self.plan.arena_bytes, name=g.name,
+                               classes=classes, arena=self.plan.arena_bytes, name=c_comment(g.name), fingerprint=fp,
                                state_bytes=sum(s["nbytes"] for s in layout), stream=int(self.streaming))
         inputs = (STREAM_INPUT if self.streaming else SLOT_INPUT).format(image=self.off(image) if not self.streaming
                                                                           else -1, image_bytes=img.nbytes)
         source = SOURCE.format(
-            name=g.name, consts="\n".join(self.consts), sram="\n".join(self.sram), arena=self.plan.arena_bytes,
+            name=c_comment(g.name), consts="\n".join(self.consts), sram="\n".join(self.sram), arena=self.plan.arena_bytes,
             optimizer=opt, forward="\n  ".join(fwd), backward="\n  ".join(bwd), inputs=inputs,
             loss=self.off("loss"), label=self.off("label"), lr=self.off("lr"),
-            logits=self.off("logits"), classes=classes, step0=self.step0, state_table=state_table or '  {"", 0, 0u}',
-            state_count=len(self.state_names), magic=STATE_MAGIC, fingerprint=fp)
+            logits=self.off("logits"), classes=classes, step0=self.step0, state_table=state_table,
+            state_count=len(self.state_names) + 1)
         prog = Program(self.plan.arena_bytes, layout, fp, list(self.traces), tuple(img.shape), classes,
                        {k: v for k, v in self.stage.items() if k != "tile_plan"} if self.stage else None,
                        self.config(), self.streaming)
         return header, source, prog
 
     def config(self) -> dict[str, int]:
-        """mt_config.h: the host's reduction parameters the runtime sums with, and the widest conv output row."""
-        rows = {"MT_ROW_MAX": max([1, *self.row_widths])}
-        if not self.host_order:
-            return {"MT_SUM_LANES": 8, "MT_SOFTMAX_LANES": 16, "MT_KBLOCK": 384, **rows}
-        return {"MT_SUM_LANES": hostorder.sum_lanes(), "MT_SOFTMAX_LANES": hostorder.softmax_lanes(),
-                "MT_KBLOCK": hostorder.conv_kblock(), **rows}
+        """mt_config.h: sizes the runtime needs from this graph (the widest conv output row)."""
+        return {"MT_ROW_MAX": max([1, *self.row_widths])}
 
 
 HEADER = """\
@@ -700,6 +648,8 @@ HEADER = """\
 #define MT_MODEL_H
 
 #include <stdint.h>
+
+#include "mt_state.h"
 
 #define MT_IMAGE_C {c}
 #define MT_IMAGE_H {h}
@@ -732,10 +682,14 @@ int8_t *input_buffer(void);
 /* Updates applied so far (the stochastic-rounding counter; saved with the state). */
 uint32_t trained_steps(void);
 
-/* The trainable state, streamed through a callback (flash, a file, a UART): returns 0 on success. */
-typedef int (*mt_io_fn)(void *ctx, void *data, uint32_t nbytes);
-int save_state(mt_io_fn write, void *ctx);
-int load_state(mt_io_fn read, void *ctx);
+/* The trainable state and the step counter in two slots of a store (flash pages, a file: mt_state.h). save_state
+ * writes the slot that does not hold the newest valid state, its header last; load_state takes the newest slot whose
+ * header and CRC-32 check out and leaves the live state untouched when there is none. 0 on success, MT_STATE_* < 0
+ * otherwise. */
+#define MT_STATE_FINGERPRINT {fingerprint}u /* CRC-32 of the state's names, dtypes and shapes */
+#define MT_STATE_PAYLOAD_BYTES (4u + MT_STATE_BYTES)
+int save_state(const mt_store *store);
+int load_state(const mt_store *store);
 
 /* Debug hook: called with every int8 activation of the whole-tensor forward pass when not NULL. */
 extern void (*mt_trace)(const char *name, const void *data, uint32_t nbytes);
@@ -813,8 +767,8 @@ static void forward(void) {{
 
 static void backward(float lr) {{
   const uint32_t step = steps + 1;
-  const mt_step st = {{&OPT, lr, step, (float)(1.0 - pow(OPT.beta1_d, (double)step)),
-                      (float)(1.0 - pow(OPT.beta2_d, (double)step))}};
+  const mt_step st = {{&OPT, lr, step, (float)(1.0 - mt_powi(OPT.beta1_d, step)),
+                      (float)(1.0 - mt_powi(OPT.beta2_d, step))}};
   (void)st;
   {backward}
 }}
@@ -863,27 +817,17 @@ int predict_from(mt_input_fn read, void *ctx, float *logits) {{
   return run_predict(logits);
 }}
 
-/* ---- state: header (magic, fingerprint, step, bytes) then every state tensor, in the graph's order ------------ */
-typedef struct {{ const char *name; void *data; uint32_t nbytes; }} state_entry;
-static const state_entry state_table[] = {{
+/* ---- state: the step counter, then every state tensor in the graph's order (mt_state.c) ------------------------ */
+static const mt_state_part state_parts[] = {{
+  {{&steps, 4u}},
 {state_table}
 }};
 
-int save_state(mt_io_fn write, void *ctx) {{
-  uint32_t head[4] = {{{magic}u, {fingerprint}u, steps, MT_STATE_BYTES}};
-  if (write(ctx, head, sizeof head)) return -1;
-  for (int i = 0; i < {state_count}; i++)
-    if (write(ctx, state_table[i].data, state_table[i].nbytes)) return -1;
-  return 0;
+int save_state(const mt_store *store) {{
+  return mt_state_save(store, MT_STATE_FINGERPRINT, state_parts, {state_count}u);
 }}
 
-int load_state(mt_io_fn read, void *ctx) {{
-  uint32_t head[4];
-  if (read(ctx, head, sizeof head)) return -1;
-  if (head[0] != {magic}u || head[1] != {fingerprint}u || head[3] != MT_STATE_BYTES) return -2;
-  for (int i = 0; i < {state_count}; i++)
-    if (read(ctx, state_table[i].data, state_table[i].nbytes)) return -1;
-  steps = head[2];
-  return 0;
+int load_state(const mt_store *store) {{
+  return mt_state_load(store, MT_STATE_FINGERPRINT, state_parts, {state_count}u);
 }}
 """

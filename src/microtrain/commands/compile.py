@@ -9,7 +9,6 @@ from pathlib import Path
 import numpy as np
 
 from microtrain.autodiff.build import OPTIMIZERS, TrainConfig, build_training_graph
-from microtrain.codegen.parity import real_images
 from microtrain.codegen.project import (
     FLASH_BUDGET,
     SRAM_BUDGET,
@@ -24,6 +23,7 @@ from microtrain.codegen.project import (
 )
 from microtrain.commands.plan import add_planner_levers, planner_levers
 from microtrain.compiler.memory import plan_training_graph
+from microtrain.data.samples import real_images
 from microtrain.errors import MicrotrainError
 from microtrain.frontends.zoo import load_model
 from microtrain.ir.graph import Graph

@@ -10,6 +10,7 @@ from typing import Any
 from microtrain.autodiff.build import OPTIMIZERS, TrainConfig
 from microtrain.compiler.memory import FLASH_BUDGET, SRAM_BUDGET, MemoryReport, compile_memory
 from microtrain.errors import MicrotrainError
+from microtrain.frontends.zoo import load_model
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -105,7 +106,7 @@ def run(args: argparse.Namespace) -> int:
         raise MicrotrainError(f"--plot writes a PNG: {args.plot} does not end in .png")
     cfg = TrainConfig(optimizer=args.optimizer, reorder=not args.no_reorder, update_storage=args.update_storage,
                       int8_grads=args.int8_grads)
-    r = compile_memory(args.model, args.scheme, num_classes=args.classes, cfg=cfg,
+    r = compile_memory(load_model(args.model), args.scheme, num_classes=args.classes, cfg=cfg,
                        patch=None if args.no_patch else "auto", **levers)
     if args.plot:
         try:

@@ -10,7 +10,7 @@ tensors: at 128x128 mbv2-w0.35's largest float32 gradient (48 KB, 192 channels a
 
 The arithmetic is the host's, element for element: the per-channel steps are the same kernels on one channel, qint8
 gradients are quantized per channel anyway, and pw1's input gradient continues the same chain of fused multiply-adds
-over e that the op-by-op kernel runs (blocks of MT_KBLOCK channels added in order included). So the host executor
+over e that the op-by-op kernel runs (ir/ops.py: one chain over e = 0..E-1). So the torch engine
 runs the graph op by op as before; the planner sees each group as one `block_grad` op (planning view) whose scratch
 holds the planes, and the C generator emits the channel loop (codegen/emit.py).
 
@@ -35,7 +35,6 @@ from microtrain.compiler.schedule import can_swap
 from microtrain.ir.graph import Graph, Op
 
 UPDATE_KINDS = ("conv2d_update", "conv2d_weight_grad")
-KBLOCK = 384  # default of the C runtime's MT_KBLOCK; the plan sizes the second accumulator with the measured one
 # Expanded channels whose pw1 gradient planes join the input-gradient sums in one pass over the accumulator (speed,
 # never order): 4 passes instead of one per channel (measured: -6% of mcunet's Cortex-M4 instructions per step) for
 # 3 more planes; the planner falls back to 1 where those planes would raise the peak.
@@ -84,24 +83,23 @@ def _plane(g: Graph, name: str) -> int:
     return h * w
 
 
-def plane_bytes(hw1: int, hw2: int, batch: int, gx_numel: int, gx_qint8: bool, channels: int, kblock: int) -> int:
+def plane_bytes(hw1: int, hw2: int, batch: int, gx_numel: int, gx_qint8: bool) -> int:
     """Float32 channel planes: one for dw's output gradient (hw2), one for dw's input gradient (hw1), or `batch` of
     those when pw1's input gradient sums them (each pass over its accumulator takes that many channels: the same
     chain of fused multiply-adds, less accumulator traffic). Plus pw1's input-gradient accumulators (gx_numel
-    elements, 0 without one) where the output cannot be one: a qint8 output is quantized per channel once complete,
-    and a reduction over more than `kblock` channels adds its blocks' partial chains in order (one more)."""
-    accumulators = gx_qint8 + (-(-channels // kblock) > 1) if gx_numel else 0
-    return 4 * (hw2 + hw1 * batch) + 4 * gx_numel * accumulators
+    elements, 0 without one) where the output cannot be one: a qint8 output is quantized per channel once complete.
+    A float32 output is the accumulator itself (each sum is one chain over e, ir/ops.py)."""
+    return 4 * (hw2 + hw1 * batch) + (4 * gx_numel if gx_numel and gx_qint8 else 0)
 
 
-def _scratch(g: Graph, grp: BlockGroup, kblock: int) -> int:
+def _scratch(g: Graph, grp: BlockGroup) -> int:
     """The group's planes and accumulators (`plane_bytes`)."""
     r = grp.roles
     gdw = g.op(r["pw2_gi"]).outputs[0]
     dw = g.op(g.op(r["dw_acc"]).attrs["conv"])
     gx = g.tensors[g.op(r["pw1_gi"]).outputs[0]] if "pw1_gi" in r else None
     return plane_bytes(_plane(g, dw.inputs[0]), _plane(g, gdw), grp.batch if gx else 1, gx.numel if gx else 0,
-                       gx is not None and gx.dtype == "qint8", grp.channels, kblock)
+                       gx is not None and gx.dtype == "qint8")
 
 
 def _group_at(g: Graph, ops: list[Op], i: int, producers: dict[str, Op]) -> tuple[BlockGroup, list[Op]] | None:
@@ -194,7 +192,7 @@ def _recompute(g: Graph, grp: BlockGroup) -> dict[str, Any] | None:
             "saved": sliced, "bytes": -(-nbytes // 4) * 4}
 
 
-def serialize_blocks(g: Graph, kblock: int = KBLOCK, recompute: bool = False, batch: int = BATCH) -> Graph:
+def serialize_blocks(g: Graph, recompute: bool = False, batch: int = BATCH) -> Graph:
     """A copy of the scheduled graph `g` whose eligible blocks' backward ops are contiguous groups, described in
     `meta["block_grads"]` (the C generator runs each channel by channel; the planning view collapses each). With
     `recompute`, groups that can recompute pw1's and dw's masks per channel do (`group["recompute"]`)."""
@@ -213,7 +211,7 @@ def serialize_blocks(g: Graph, kblock: int = KBLOCK, recompute: bool = False, ba
         if "pw1_gi" in grp.roles:
             grp.batch = batch
             grp.plane_bytes = 4 * _plane(g, g.op(grp.roles["pw1_acc"]).outputs[0])
-        grp.scratch_bytes = _scratch(g, grp, kblock)
+        grp.scratch_bytes = _scratch(g, grp)
         rc = _recompute(g, grp) if recompute else None
         if rc:
             grp.recompute = rc

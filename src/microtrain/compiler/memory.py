@@ -29,13 +29,12 @@ from typing import Any
 
 import numpy as np
 
-from microtrain.autodiff.build import TrainConfig, build_training_graph
+from microtrain.autodiff.build import TrainConfig, build_training_graph, frozen_prefix
 from microtrain.compiler.blockgrad import collapse_blocks, serialize_blocks, with_batch
 from microtrain.compiler.patch import PatchStage, candidate_stages, make_stage, tile_graph
 from microtrain.compiler.planner import INPLACE_OPS, InplaceRule, Plan, plan_memory, plot_plan
 from microtrain.compiler.schedule import hoist_updates
 from microtrain.errors import MicrotrainError
-from microtrain.frontends.zoo import load_model
 from microtrain.ir.graph import Graph, Op, Tensor
 from microtrain.sparse.cost import analytic_extra_bytes
 from microtrain.sparse.scheme import Scheme, resolve_scheme
@@ -214,9 +213,7 @@ def planning_view(g: Graph, stage: PatchStage | None, scratch_bytes: int, stream
 
 
 def frozen_forward_ops(g: Graph) -> list[Op]:
-    from microtrain.runtime.trainstep import GraphTrainStep
-
-    return GraphTrainStep(g).frozen_ops
+    return frozen_prefix(g)[0]
 
 
 @dataclass
@@ -282,9 +279,7 @@ def plan_training_graph(g: Graph, *, patch: str | None = "auto", stream_input: b
         raise MicrotrainError("--stream-input streams the patch stage's input tiles: it needs the patch stage")
     tg = hoist_updates(g) if schedule else g
     if block_backward:
-        from microtrain.codegen.hostorder import conv_kblock
-
-        tg = serialize_blocks(tg, conv_kblock(), recompute=block_recompute)
+        tg = serialize_blocks(tg, recompute=block_recompute)
     else:
         tg = Graph(tg.name, dict(tg.tensors), list(tg.ops), list(tg.inputs), list(tg.outputs), dict(tg.meta))
         tg.meta["block_grads"] = []
@@ -327,13 +322,13 @@ def plan_training_graph(g: Graph, *, patch: str | None = "auto", stream_input: b
     return tg, best
 
 
-def compile_memory(model: Graph | str, scheme: Scheme | str, *, num_classes: int = 10,
+def compile_memory(model: Graph, scheme: Scheme | str, *, num_classes: int = 10,
                    cfg: TrainConfig | None = None, patch: str | None = "auto", stream_input: bool = False,
                    backward_inplace: bool = True, schedule: bool = True, max_recompute: float = 1.5,
                    grids: tuple[int, ...] = PATCH_GRIDS, block_backward: bool = True,
                    block_recompute: bool = False) -> MemoryReport:
     """The memory of one batch-1 training step of `model` under `scheme` on the device."""
-    fwd = load_model(model) if isinstance(model, str) else model
+    fwd = model
     sch = resolve_scheme(scheme, fwd) if isinstance(scheme, str) else scheme.validate(fwd)
     cfg = cfg or TrainConfig()
     if num_classes < 1:

@@ -13,11 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-import torch
-import torch.nn.functional as F
-
 from microtrain.ir.graph import Graph, Op, Tensor
-from microtrain.runtime import kernels as K
 
 Region = tuple[int, int, int, int]  # rows [r0, r1), cols [c0, c1) in the tensor's own coordinates
 
@@ -41,7 +37,7 @@ def _split(n: int, parts: int) -> list[tuple[int, int]]:
     return [(i, min(i + step, n)) for i in range(0, n, step)]
 
 
-def _needed(op: Op, g: Graph, region: Region) -> Region:
+def needed_region(op: Op, g: Graph, region: Region) -> Region:
     """Input region (unclipped) an op needs to produce `region` of its output."""
     r0, r1, c0, c1 = region
     if op.kind != "conv2d":
@@ -76,7 +72,7 @@ def stage_tiles(g: Graph, ops: list[Op], output: str, grid: int) -> list[dict[st
                 for n in op.inputs:
                     t = g.tensors[n]
                     if t.role in ("act", "input"):
-                        regions[n] = _union(regions.get(n), _clip(_needed(op, g, out), t.shape))
+                        regions[n] = _union(regions.get(n), _clip(needed_region(op, g, out), t.shape))
             tiles.append(regions)
     return tiles
 
@@ -130,51 +126,4 @@ def candidate_stages(g: Graph, frozen: list[Op]) -> list[tuple[list[Op], str]]:
         alive = produced & later
         if len(alive) == 1 and frozen[i].kind in ("conv2d", "add"):
             out.append((prefix, alive.pop()))
-    return out
-
-
-@torch.no_grad()
-def run_stage_tiled(g: Graph, stage: PatchStage, x: torch.Tensor) -> torch.Tensor:
-    """Execute the stage tile by tile with the integer kernels (the C runtime's algorithm, on the host).
-    Used to prove bit-identity with whole-tensor execution."""
-    from microtrain.runtime.executor import Executor, add_ratios
-
-    ex = Executor(g)
-    yt = g.tensors[stage.output]
-    out = torch.zeros((x.shape[0], *yt.shape), dtype=torch.int8)
-    for regions in stage.tiles:
-        env: dict[str, torch.Tensor] = {g.inputs[0]: x}
-        origin: dict[str, Region] = {g.inputs[0]: (0, x.shape[2], 0, x.shape[3])}
-        for name in stage.ops:
-            op = g.op(name)
-            want = regions.get(op.outputs[0])
-            if want is None:
-                continue
-            y = g.tensors[op.outputs[0]]
-            if op.kind == "conv2d":
-                xt = g.tensors[op.inputs[0]]
-                need = _needed(op, g, want)
-                src, (o0, _, p0, _) = env[op.inputs[0]], origin[op.inputs[0]]
-                # crop what exists, pad the rest with the zero point (real zero): border handling of the conv
-                lo_r, lo_c = max(need[0], 0), max(need[2], 0)
-                hi_r, hi_c = min(need[1], xt.shape[1]), min(need[3], xt.shape[2])
-                crop = src[:, :, lo_r - o0:hi_r - o0, lo_c - p0:hi_c - p0]
-                pad = (lo_c - need[2], need[3] - hi_c, lo_r - need[0], need[1] - hi_r)
-                crop = F.pad(crop.to(torch.int16), pad, value=xt.zero).to(torch.int8)
-                a = op.attrs
-                env[op.outputs[0]] = K.conv2d_int8(crop, xt.zero, ex.consts[op.inputs[1]], ex.consts[op.inputs[2]],
-                                                   ex.mult[op.name], y.zero, a["stride"], 0, a["groups"])
-            elif op.kind == "add":
-                at, bt = (g.tensors[n] for n in op.inputs)
-                ra, rb = add_ratios(at.scale, bt.scale, y.scale)
-                parts = []
-                for n in op.inputs:
-                    (o0, _, p0, _) = origin[n]
-                    parts.append(env[n][:, :, want[0] - o0:want[1] - o0, want[2] - p0:want[3] - p0])
-                env[op.outputs[0]] = K.add_int8(parts[0], at.zero, ra, parts[1], bt.zero, rb, y.zero)
-            else:
-                raise NotImplementedError(f"{op.kind} inside a patch stage")
-            origin[op.outputs[0]] = want
-        r0, r1, c0, c1 = regions[stage.output]
-        out[:, :, r0:r1, c0:c1] = env[stage.output]
     return out

@@ -1,12 +1,26 @@
-"""The op table: for every op kind, its operands, its output shape rule, its MAC count and its integer semantics.
+"""The op table: for every op kind, its operands, its output shape rule, its MAC count and its semantics, integer
+and floating point.
 
-The semantics text is the contract that the torch executor (`runtime/kernels.py`) and the C kernels implement
-bit for bit. All float arithmetic below is IEEE float32, evaluated in the order written, with no fused
-multiply-add; `rint` is round-half-to-even; `clamp8(v) = min(max(v, -128), 127)`.
+The semantics text is the contract. The C runtime (`codegen/runtime/`) is its reference implementation, one step
+of one image at a time: built for the host it is the device twin, bit-identical to the chip. The torch engine
+(`runtime/`) is the fast batched trainer: bit-exact wherever the arithmetic is integer (the int8 forward, the int8
+weight/bias storage given the same float update), and within the tolerance stated in `docs/semantics.md` elsewhere,
+because it lets torch choose its own float summation orders.
+
+Conventions of the text: all float arithmetic is IEEE float32 (round to nearest even), evaluated in the order
+written; `a * b + c` is two roundings, `fma(a, b, c)` one. A reduction is spelled out as a *chain*:
+`chain_{i in I} fma(a_i, b_i)` means `acc = 0; for i in I in the order given: acc = fma(a_i, b_i, acc)`, and
+`chain_{i in I} add(a_i)` means `acc = 0; for i in I: acc = acc + a_i`; multi-index orders are lexicographic, the
+last index innermost. `rint` is round-half-to-even; `clamp8(v) = min(max(v, -128), 127)`; `expf` / `logf` are the
+runtime's own functions (`mt_math.c`: a fixed sequence of float32 operations each), never the C library's.
+The device runs batch 1; sums over a batch exist only in the torch engine. A `qint8` gradient tensor (--int8-grads)
+stores channel c of the float32 result v as q = clamp(rint(v / s), -127, 127) with s = max|v[c]| / 127 (1 when 0),
+and is read back as float(q) * s.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -38,9 +52,10 @@ def _conv_shape(g: Graph, op: Op) -> list[tuple[int, ...]]:
 
 
 def _conv_macs(g: Graph, op: Op) -> int:
-    o, ci, kh, kw = _shape(g, op, 1)
+    """Every weight part counts: a conv whose weight is split into a trainable slice and a frozen rest (operands
+    x, w_train, w_frozen, b) runs the MACs of both."""
     _, ho, wo = g.tensors[op.outputs[0]].shape
-    return o * ci * kh * kw * ho * wo
+    return sum(math.prod(g.tensors[n].shape) for n in op.inputs[1:-1]) * ho * wo
 
 
 def _declared(g: Graph, op: Op) -> list[tuple[int, ...]]:
@@ -85,43 +100,49 @@ OPS: dict[str, OpDef] = {
         ("x", "w", "b"), lambda g, op: [(_shape(g, op, 1)[0],)],
         lambda g, op: _shape(g, op, 1)[0] * _shape(g, op, 1)[1],
         "classification head. int8 weights: the 1x1 conv rule on a [C] vector (int8 logits). float32 weights: "
-        "logits = w @ (x - x.zero) * x.scale + b in float32 (the paper's fp32 head)."),
+        "logits[k] = chain_{c=0..C-1} fma(float(x[c] - x.zero) * x.scale, w[k,c]) + b[k] (the paper's fp32 head)."),
     # ---- training ops (built by autodiff/; float32 gradients in integer units: g_t = dL/dt_q) ----------------
     "slice_channels": OpDef(
         ("x",), _declared, _none,
         "y = x[:ch] (a contiguous copy of the first ch channels, saved for a weight gradient so x can die)."),
     "softmax_ce": OpDef(
         ("logits", "label"), _declared, _none,
-        "loss = mean_n(logsumexp(z_n) - z_n[label_n]); g = (softmax(z) - onehot(label)) / N."),
+        "batch 1: m = max_k z[k]; e[k] = expf(z[k] - m); s = e[0] + e[1] + ... + e[K-1] (in index order, from e[0]); "
+        "g[k] = e[k] * (1 / s) - [k == label]; loss = -((z[label] - m) - logf(s)). (torch engine, batch N: the "
+        "mean over the batch, g divided by N.)"),
     "linear_grad_input": OpDef(
         ("g", "w"), _declared, lambda g, op: g.tensors[op.inputs[1]].numel,
-        "fp32 head: g_x[c] = x.scale * sum_k w[k,c] * g[k]."),
+        "fp32 head: g_x[c] = chain_{k=0..K-1} fma(g[k], w[k,c]) * x.scale."),
     "avgpool_grad": OpDef(
-        ("g",), _declared, _none, "g_x[c,h,w] = g[c] / float(H*W)."),
+        ("g",), _declared, _none, "g_x[c,h,w] = g[c] / float(H*W) (one division per channel)."),
     "add_grad": OpDef(
         ("g", "mask"), _declared, _none,
-        "g_a = g * mask * ra, g_b = g * mask * rb (mask: the add's pre-clamp value was inside [-128, 127])."),
+        "g_a = (g * float(mask)) * ra, g_b = (g * float(mask)) * rb (mask 1 where the add's pre-clamp value was "
+        "inside [-128, 127], else 0)."),
     "grad_add": OpDef(("a", "b"), _declared, _none, "g = a + b (two consumers' gradient contributions)."),
     "conv2d_grad_acc": OpDef(
         ("g", "mask"), _declared, _none,
-        "g_acc[o] = g[o] * mask[o] * m[o]: the gradient w.r.t. the int32 accumulator (STE through rint)."),
+        "g_acc[o] = (g[o] * float(mask[o])) * m[o]: the gradient w.r.t. the int32 accumulator (STE through rint)."),
     "conv2d_grad_input": OpDef(
         ("g_acc", "w", "..."), _declared, _grad_input_macs,
         "g_x = conv_transpose(g_acc, W) with W = the conv's full weight (trainable slice + frozen rest), read "
-        "before the update of this step."),
+        "before the update of this step: g_x[c,y,x] = chain_{(i,j) row-major, o=0..O-1} fma(g_acc[o,oy,ox], "
+        "float(W[o,c,i,j])) over the taps with oy*s = y+p-i, ox*s = x+p-j inside g_acc (depthwise: o = c only). "
+        "The channel-serial block backward (block_grad) runs this very chain, channel o by channel o."),
     "conv2d_weight_grad": OpDef(
         ("g_acc", "x_saved"), _declared, _weight_grad_macs,
-        "G_w[o,c,i,j] = sum_{y,x} g_acc[o,y,x] * (x_saved[c, y*s+i-p, x*s+j-p] - x.zero) over the trainable channels; "
-        "G_b[o] = sum g_acc[o]."),
+        "G_w[o,c,i,j] = chain_{(y,x) row-major} fma(g_acc[o,y,x], float(x_saved[c, y*s+i-p, x*s+j-p] - x.zero)) over "
+        "the trainable channels and the taps inside x; G_b[o] = chain_{(y,x) row-major} add(g_acc[o,y,x])."),
     "conv2d_update": OpDef(
         ("g_acc", "x_saved", "w_train", "b"), _declared, _weight_grad_macs,
         "fused conv2d_weight_grad + apply_update (operator reordering: no gradient tensor outlives this op)."),
     "linear_weight_grad": OpDef(
         ("g", "x"), _declared, lambda g, op: g.tensors[op.outputs[0]].numel,
-        "fp32 head: G_w = outer(g, (x - x.zero) * x.scale), G_b = g (summed over the batch)."),
+        "fp32 head: G_w[k,c] = g[k] * (float(x[c] - x.zero) * x.scale), G_b = g (torch engine: summed over the "
+        "batch)."),
     "linear_update": OpDef(
         ("g", "x", "w", "b"), _declared, lambda g, op: g.tensors[op.inputs[2]].numel,
-        "fp32 head: w -= lr * outer(g, (x - x.zero) * x.scale), b -= lr * g (summed over the batch)."),
+        "fp32 head: apply_update of linear_weight_grad's G_w and G_b, element by element."),
     "patch_stage": OpDef(
         ("x", "..."), _declared, lambda g, op: int(op.attrs.get("macs", 0)),
         "the frozen early-stage ops `attrs.ops` (conv2d/add) run tile by tile over a grid x grid split of their output "
@@ -134,6 +155,9 @@ OPS: dict[str, OpDef] = {
         "views: the channel planes and pw1's input-gradient accumulators live in the op's scratch buffer."),
     "apply_update": OpDef(
         ("param", "grad"), _declared, _none,
-        "param -= lr * optimizer(G / qas) where qas = w.scale[o]^2 (weights) or (w.scale[o] * x.scale)^2 "
-        "(biases); int8 weights add the step with stochastic rounding (counter hash), int32 biases round to nearest."),
+        "per element: g = G / qas[o] (QAS: ir/quant.py qas_divisor; without QAS g = G); sgd: d = lr * g; sgd-m: "
+        "m = m * momentum + g, d = lr * m; adam: m = fma(1 - b1, g, m * b1), v = fma((1 - b2) * g, g, v * b2), "
+        "d = lr * (m / bc1) / (sqrt(v / bc2) + eps) with bc = float32(1 - beta^step), beta^step by squaring in "
+        "float64. int8 weights: p = clamp8(floor(float(p) - d + u)), u the counter hash of (seed, step, stream, "
+        "element) (stochastic rounding); int32 biases: p = p - rint(d); float32: p = p - d."),
 }

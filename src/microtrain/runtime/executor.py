@@ -4,14 +4,12 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
+from microtrain.compiler.patch import PatchStage, Region, needed_region
 from microtrain.ir.graph import Graph, Op
+from microtrain.ir.quant import add_ratios
 from microtrain.runtime import kernels as K
-
-
-def add_ratios(a_scale: float, b_scale: float, y_scale: float) -> tuple[float, float]:
-    """float32 multipliers of the int8 add (a.scale / y.scale, b.scale / y.scale)."""
-    return float(np.float32(a_scale / y_scale)), float(np.float32(b_scale / y_scale))
 
 
 class Executor:
@@ -76,3 +74,48 @@ class Executor:
         if t.dtype == "int8":
             return (y.to(torch.float32) - t.zero) * float(t.scale)
         return y
+
+
+@torch.no_grad()
+def run_stage_tiled(g: Graph, stage: PatchStage, x: torch.Tensor) -> torch.Tensor:
+    """Execute the stage tile by tile with the integer kernels (the C runtime's algorithm, on the host).
+    Used to prove bit-identity with whole-tensor execution."""
+    ex = Executor(g)
+    yt = g.tensors[stage.output]
+    out = torch.zeros((x.shape[0], *yt.shape), dtype=torch.int8)
+    for regions in stage.tiles:
+        env: dict[str, torch.Tensor] = {g.inputs[0]: x}
+        origin: dict[str, Region] = {g.inputs[0]: (0, x.shape[2], 0, x.shape[3])}
+        for name in stage.ops:
+            op = g.op(name)
+            want = regions.get(op.outputs[0])
+            if want is None:
+                continue
+            y = g.tensors[op.outputs[0]]
+            if op.kind == "conv2d":
+                xt = g.tensors[op.inputs[0]]
+                need = needed_region(op, g, want)
+                src, (o0, _, p0, _) = env[op.inputs[0]], origin[op.inputs[0]]
+                # crop what exists, pad the rest with the zero point (real zero): border handling of the conv
+                lo_r, lo_c = max(need[0], 0), max(need[2], 0)
+                hi_r, hi_c = min(need[1], xt.shape[1]), min(need[3], xt.shape[2])
+                crop = src[:, :, lo_r - o0:hi_r - o0, lo_c - p0:hi_c - p0]
+                pad = (lo_c - need[2], need[3] - hi_c, lo_r - need[0], need[1] - hi_r)
+                crop = F.pad(crop.to(torch.int16), pad, value=xt.zero).to(torch.int8)
+                a = op.attrs
+                env[op.outputs[0]] = K.conv2d_int8(crop, xt.zero, ex.consts[op.inputs[1]], ex.consts[op.inputs[2]],
+                                                   ex.mult[op.name], y.zero, a["stride"], 0, a["groups"])
+            elif op.kind == "add":
+                at, bt = (g.tensors[n] for n in op.inputs)
+                ra, rb = add_ratios(at.scale, bt.scale, y.scale)
+                parts = []
+                for n in op.inputs:
+                    (o0, _, p0, _) = origin[n]
+                    parts.append(env[n][:, :, want[0] - o0:want[1] - o0, want[2] - p0:want[3] - p0])
+                env[op.outputs[0]] = K.add_int8(parts[0], at.zero, ra, parts[1], bt.zero, rb, y.zero)
+            else:
+                raise NotImplementedError(f"{op.kind} inside a patch stage")
+            origin[op.outputs[0]] = want
+        r0, r1, c0, c1 = regions[stage.output]
+        out[:, :, r0:r1, c0:c1] = env[stage.output]
+    return out

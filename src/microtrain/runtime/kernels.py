@@ -13,13 +13,15 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from microtrain.ir import quant
+
 EXACT_F32 = 1 << 24
 MAX_PRODUCT = 255 * 128
 
 
 def requant_multiplier(x_scale: float, w_scale: np.ndarray, y_scale: float) -> torch.Tensor:
-    """m[o] = float32(x_scale * w_scale[o] / y_scale), computed in float64 once; the C code gets this very table."""
-    return torch.from_numpy((float(x_scale) * w_scale.astype(np.float64) / float(y_scale)).astype(np.float32))
+    """m[o] of the op table (ir/quant.py, the very table the C code gets), as a tensor."""
+    return torch.from_numpy(quant.requant_multiplier(x_scale, w_scale, y_scale))
 
 
 def conv_acc(x: torch.Tensor, x_zero: int, w: torch.Tensor, stride: int, padding: int, groups: int) -> torch.Tensor:

@@ -16,10 +16,10 @@ import torch
 import torch.nn.functional as F
 from torch.nn.grad import conv2d_input, conv2d_weight
 
-from microtrain.autodiff.build import TrainConfig, build_training_graph
+from microtrain.autodiff.build import TrainConfig, build_training_graph, frozen_prefix
 from microtrain.ir.graph import Graph, Op
+from microtrain.ir.quant import add_ratios, qas_divisor
 from microtrain.runtime import kernels as K
-from microtrain.runtime.executor import add_ratios
 
 M32 = 0xFFFFFFFF
 
@@ -78,21 +78,7 @@ class GraphTrainStep:
                 x, w, y = graph.tensors[op.inputs[0]], graph.tensors[op.inputs[1]], graph.tensors[op.outputs[0]]
                 self.mult[op.name] = K.requant_multiplier(x.scale, w.scale, y.scale)
         self.forward_ops = [o for o in graph.ops if o.attrs.get("phase") == "forward"]
-        self.frozen_ops, self.boundary = self._frozen_prefix()
-
-    def _frozen_prefix(self) -> tuple[list[Op], list[str]]:
-        """Forward ops that depend on no trainable tensor (their outputs are a pure function of the input image),
-        and the tensors through which the rest of the step reads them. Caching the boundary per image is exact."""
-        state = set(self.g.meta["train"]["state"])
-        frozen, produced = [], set(self.g.inputs[:1])
-        for op in self.forward_ops:
-            if all(n in produced or self.g.tensors[n].data is not None for n in op.inputs) and \
-                    not state & set(op.inputs):
-                frozen.append(op)
-                produced.update(op.outputs)
-        rest = [o for o in self.g.ops if o not in frozen]
-        boundary = sorted({n for o in rest for n in o.inputs if n in produced})
-        return frozen, boundary
+        self.frozen_ops, self.boundary = frozen_prefix(graph)
 
     @torch.no_grad()
     def prefix(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -265,10 +251,9 @@ class GraphTrainStep:
         lr = float(env["lr"])
         if conv is not None and cfg.qas:  # QAS: divide by the squared per-channel scale of the parameter
             cop = self.g.op(conv)
-            s = torch.from_numpy(np.asarray(self.g.tensors[cop.inputs[1]].scale, np.float32))[: grad.shape[0]]
-            if name.endswith(".b"):
-                s = s * float(self.g.tensors[cop.inputs[0]].scale)
-            grad = grad / (s * s).view((-1,) + (1,) * (grad.dim() - 1))
+            x_scale = self.g.tensors[cop.inputs[0]].scale if name.endswith(".b") else None
+            div = torch.from_numpy(qas_divisor(self.g.tensors[cop.inputs[1]].scale, grad.shape[0], x_scale))
+            grad = grad / div.view((-1,) + (1,) * (grad.dim() - 1))
         step = self.step_count + 1
         if cfg.optimizer == "sgd":
             delta = lr * grad

@@ -1,8 +1,7 @@
 /* conv2d (groups = 1) backward w.r.t. its input: gx[c, y, x] = sum_{o, i, j} gacc[o, oy, ox] * w[o, c, i, j] over
  * the taps with y = oy * s - p + i, x = ox * s - p + j, w the full weight (trainable slice + frozen rest) as read
- * before this step's update. Each sum is a chain of fused multiply-adds over (i, j, o), o innermost; a pointwise
- * conv's reduction over more than MT_KBLOCK output channels runs as ceil(O / MT_KBLOCK) equal blocks whose chains
- * are then added in order (the host's oneDNN kernel does exactly this). */
+ * before this step's update. Each sum is one chain of fused multiply-adds from 0 over the taps (i, j) in row-major
+ * order and, for each tap, o = 0..O-1 (ir/ops.py conv2d_grad_input); a pointwise conv's chain is over o alone. */
 #include "mt_runtime.h"
 
 static inline float weight(const mt_weights *w, int32_t cin, int32_t o, int32_t c, int32_t t) {
@@ -20,35 +19,30 @@ MT_INLINE float grad(const float *gacc, const int8_t *gq, int32_t o, int32_t i) 
 /* Pointwise: input channel c of gx, gx[c, p] = sum_o gacc[o, p] * w[o, c], into out (hw floats). */
 static void pw_channel(const float *gacc, const int8_t *gq, mt_dims gd, const mt_weights *w, int32_t cin, int32_t c,
                        int32_t hw, float *out) {
-  const int32_t blocks = (gd.c + MT_KBLOCK - 1) / MT_KBLOCK;
-  const int32_t kb = (gd.c + blocks - 1) / blocks;
   for (int32_t p0 = 0; p0 < hw; p0 += PW_BLOCK) {
     const int32_t n = hw - p0 < PW_BLOCK ? hw - p0 : PW_BLOCK;
-    float sum[PW_BLOCK], acc[PW_BLOCK];
-    for (int32_t o0 = 0; o0 < gd.c; o0 += kb) {
-      for (int32_t q = 0; q < PW_BLOCK; q++) acc[q] = 0.0f;
-      for (int32_t o = o0; o < o0 + kb && o < gd.c; o++) {
-        const float wv = weight(w, cin, o, c, 0);
-        const float *gp = gacc + o * hw + p0;
-        float gv[PW_BLOCK];
-        if (gq) {  /* qint8: the block of channel o dequantized first (a loop of its own: it vectorizes too) */
-          const int8_t *qp = gq + o * hw + p0;
-          if (n == PW_BLOCK) {
-            for (int32_t q = 0; q < PW_BLOCK; q++) gv[q] = (float)qp[q] * gacc[o];
-          } else {
-            for (int32_t q = 0; q < n; q++) gv[q] = (float)qp[q] * gacc[o];
-          }
-          gp = gv;
-        }
-        if (n == PW_BLOCK) {  /* a fixed trip count: vectorized (each element stays its own chain) */
-          for (int32_t q = 0; q < PW_BLOCK; q++) acc[q] = mt_fma(gp[q], wv, acc[q]);
+    float acc[PW_BLOCK];
+    for (int32_t q = 0; q < PW_BLOCK; q++) acc[q] = 0.0f;
+    for (int32_t o = 0; o < gd.c; o++) {
+      const float wv = weight(w, cin, o, c, 0);
+      const float *gp = gacc + o * hw + p0;
+      float gv[PW_BLOCK];
+      if (gq) {  /* qint8: the block of channel o dequantized first (a loop of its own: it vectorizes too) */
+        const int8_t *qp = gq + o * hw + p0;
+        if (n == PW_BLOCK) {
+          for (int32_t q = 0; q < PW_BLOCK; q++) gv[q] = (float)qp[q] * gacc[o];
         } else {
-          for (int32_t q = 0; q < n; q++) acc[q] = mt_fma(gp[q], wv, acc[q]);
+          for (int32_t q = 0; q < n; q++) gv[q] = (float)qp[q] * gacc[o];
         }
+        gp = gv;
       }
-      for (int32_t q = 0; q < n; q++) sum[q] = o0 ? sum[q] + acc[q] : acc[q];
+      if (n == PW_BLOCK) {  /* a fixed trip count: vectorized (each element stays its own chain) */
+        for (int32_t q = 0; q < PW_BLOCK; q++) acc[q] = mt_fma(gp[q], wv, acc[q]);
+      } else {
+        for (int32_t q = 0; q < n; q++) acc[q] = mt_fma(gp[q], wv, acc[q]);
+      }
     }
-    for (int32_t q = 0; q < n; q++) out[p0 + q] = sum[q];
+    for (int32_t q = 0; q < n; q++) out[p0 + q] = acc[q];
   }
 }
 
@@ -108,22 +102,15 @@ void mt_pw_grad_input_channel(const float *gacc, mt_dims gd, const mt_weights *w
 }
 
 /* Output channels e0 .. e0 + n - 1 of a pointwise conv's gradient (n planes g, hw floats each) join the input
- * gradient's sums, total[c, p] (+)= w[e, c] * g[e - e0][p], in the chains pw_channel runs: over e in order, in blocks
- * of at most MT_KBLOCK channels (E in all) whose partial chains (in part) are added to total in order. The n channels
- * lie in one block; one pass over the accumulator takes all n (the same fused multiply-adds in the same order).
- * total starts zeroed. */
-void mt_pw_grad_input_accumulate(const float *g, int32_t n, const mt_weights *w, int32_t cin, int32_t e0, int32_t E,
-                                 int32_t hw, float *total, float *part) {
-  const int32_t blocks = (E + MT_KBLOCK - 1) / MT_KBLOCK;
-  const int32_t kb = (E + blocks - 1) / blocks;
-  const int32_t b = e0 / kb;
-  float *acc = b ? part : total;
-  if (b && e0 % kb == 0)
-    for (int32_t i = 0; i < cin * hw; i++) part[i] = 0.0f;
+ * gradient's sums, total[c, p] = fma(g[e - e0][p], w[e, c], total[c, p]) for e in order: the chains pw_channel runs,
+ * so the channel-serial backward computes the op-by-op kernel's bits. One pass over the accumulator takes all n
+ * channels (the same fused multiply-adds in the same order, less memory traffic). total starts zeroed. */
+void mt_pw_grad_input_accumulate(const float *g, int32_t n, const mt_weights *w, int32_t cin, int32_t e0, int32_t hw,
+                                 float *total) {
   for (int32_t c = 0; c < cin; c++) {
     float wv[MT_BLOCK_BATCH];
     for (int32_t i = 0; i < n; i++) wv[i] = weight(w, cin, e0 + i, c, 0);
-    float *a = acc + c * hw;
+    float *a = total + c * hw;
     int32_t p0 = 0;
     for (; p0 + PW_BLOCK <= hw; p0 += PW_BLOCK) {  /* PW_BLOCK sums held in registers across the n channels */
       float v[PW_BLOCK];
@@ -140,17 +127,4 @@ void mt_pw_grad_input_accumulate(const float *g, int32_t n, const mt_weights *w,
       a[p0] = v;
     }
   }
-  if (b && (e0 + n == E || (e0 + n) % kb == 0))
-    for (int32_t i = 0; i < cin * hw; i++) total[i] = total[i] + part[i];
-}
-
-/* How many channels from e the next accumulate pass takes: up to batch (<= MT_BLOCK_BATCH, the planes the plan
- * reserved), within e's block of MT_KBLOCK. */
-int32_t mt_pw_grad_input_batch(int32_t e, int32_t E, int32_t batch) {
-  const int32_t blocks = (E + MT_KBLOCK - 1) / MT_KBLOCK;
-  const int32_t kb = (E + blocks - 1) / blocks;
-  int32_t n = kb - e % kb;
-  n = n < E - e ? n : E - e;
-  batch = batch < MT_BLOCK_BATCH ? batch : MT_BLOCK_BATCH;
-  return n < batch ? n : batch;
 }

@@ -2,7 +2,8 @@
  *   G_w[o, c, i, j] = sum_{oy, ox} gacc[o, oy, ox] * (x_saved[c, oy * s - p + i, ox * s - p + j] - x.zero)
  *   G_b[o] = sum_{oy, ox} gacc[o, oy, ox]
  * over the trainable channels c < ch (depthwise: channel c of gacc with channel c of x_saved). Each G_w element is a
- * chain of fused multiply-adds over the output pixels in row-major order; G_b uses the host's summation order. A qint8
+ * chain of fused multiply-adds over the output pixels in row-major order from 0; G_b a chain of additions in the same
+ * order (mt_sum). A qint8
  * gacc (the _q8 variants) is read one channel at a time, dequantized into `plane`, and then summed the same way. */
 #include "mt_runtime.h"
 

@@ -1,8 +1,6 @@
-/* exp as torch's softmax computes it (SLEEF's expf, 1-ulp variant with fused multiply-adds: sleefsimdsp.c xexpf),
- * so that the softmax gradient is the host's bit for bit; log through double precision (the loss value only).
- * Neither depends on the C library, so the host and the Cortex-M4 builds agree bit for bit. */
-#include <math.h>
-
+/* The runtime's own exp, log, integer power and sum: fixed sequences of IEEE float32 (and, for mt_powi, float64)
+ * operations, so their results depend on nothing but the arguments: the host twin and the Cortex-M4 agree bit for
+ * bit whatever C library either links (src/microtrain/ir/ops.py states them). */
 #include "mt_runtime.h"
 
 static float pow2i(int32_t e) {  /* 2^e for -126 <= e <= 127 */
@@ -10,6 +8,8 @@ static float pow2i(int32_t e) {  /* 2^e for -126 <= e <= 127 */
   return v.f;
 }
 
+/* exp: q = rint(d * log2(e)), s = d - q * ln2 in two fused steps (Cody-Waite), a degree-6 polynomial in s by fused
+ * multiply-adds, scaled by 2^q in two halves (so 2^q may leave float's exponent range only at the very end). */
 float mt_expf(float d) {
   const float q = mt_rint(d * 1.442695040888963407359924681001892137f);
   const int32_t qi = (int32_t)q;
@@ -23,61 +23,62 @@ float mt_expf(float d) {
   u = mt_fma(u, s, 0.5f);
   u = 1.0f + mt_fma(s * s, u, s);
   if (d < -104.0f) return 0.0f;
-  if (d > 100.0f) return INFINITY;
+  if (d > 100.0f) return __builtin_inff();
   return u * pow2i(qi >> 1) * pow2i(qi - (qi >> 1));
 }
 
-float mt_logf(float x) { return (float)log((double)x); }
-
-/* torch's float32 sum of a contiguous row (aten/src/ATen/native/cpu/SumKernel.cpp, cascade_sum): rows of at least
- * MT_SUM_LANES elements are summed as MT_SUM_LANES-wide vectors, shorter ones element by element; either way in 4
- * interleaved accumulators, each a cascade of 4 levels that flushes every 2^p additions. Same order, same bits.
- * row_sum: `size` items of `w` lanes each (item i = x[i * w .. i * w + w - 1]), result per lane. */
-static void row_sum(const float *x, int32_t size, int32_t w, float *out) {
-  float acc[4][4][MT_SUM_LANES] = {{{0}}};  /* [level][accumulator][lane] */
-  const int32_t rows = size / 4;
-  int32_t p = 0;
-  for (uint32_t v = rows > 2 ? (uint32_t)rows - 1 : 1; v; v >>= 1) p++;  /* CeilLog2 (1 for rows <= 2) */
-  p = p / 4 > 4 ? p / 4 : 4;
-  const int32_t step = 1 << p, mask = step - 1;
-  int32_t i = 0;
-  while (i + step <= rows) {
-    for (int32_t j = 0; j < step; j++, i++)
-      for (int32_t k = 0; k < 4; k++)
-        for (int32_t l = 0; l < w; l++) acc[0][k][l] += x[(i * 4 + k) * w + l];
-    for (int32_t j = 1; j < 4; j++) {
-      for (int32_t k = 0; k < 4; k++)
-        for (int32_t l = 0; l < w; l++) {
-          acc[j][k][l] += acc[j - 1][k][l];
-          acc[j - 1][k][l] = 0.0f;
-        }
-      if (i & (mask << (j * p))) break;
-    }
+/* log for x > 0 (the loss value only): x = 2^e * m with m in [sqrt(1/2), sqrt(2)), f = m - 1, then
+ * log(1 + f) = f - f^2/2 + f^3 * P(f) (a degree-8 minimax polynomial, Horner, no fused operations) and e * ln2 added
+ * in two parts. Non-positive or non-finite x: -inf, NaN or +inf as IEEE log would give. */
+float mt_logf(float x) {
+  if (!(x > 0.0f)) return x == 0.0f ? -__builtin_inff() : __builtin_nanf("");
+  if (x == __builtin_inff()) return x;
+  union { float f; uint32_t u; } v = {x};
+  int32_t e = 0;
+  if (v.u < 0x00800000u) {  /* subnormal: scale into the normal range first */
+    v.f = x * 16777216.0f;
+    e = -24;
   }
-  for (; i < rows; i++)
-    for (int32_t k = 0; k < 4; k++)
-      for (int32_t l = 0; l < w; l++) acc[0][k][l] += x[(i * 4 + k) * w + l];
-  for (int32_t j = 1; j < 4; j++)
-    for (int32_t k = 0; k < 4; k++)
-      for (int32_t l = 0; l < w; l++) acc[0][k][l] += acc[j][k][l];
-  for (i = rows * 4; i < size; i++)
-    for (int32_t l = 0; l < w; l++) acc[0][0][l] += x[i * w + l];
-  for (int32_t k = 1; k < 4; k++)
-    for (int32_t l = 0; l < w; l++) acc[0][0][l] += acc[0][k][l];
-  for (int32_t l = 0; l < w; l++) out[l] = acc[0][0][l];
+  e += (int32_t)(v.u >> 23) - 126;
+  v.u = (v.u & 0x007FFFFFu) | 0x3F000000u;  /* m in [0.5, 1) */
+  float m = v.f;
+  if (m < 0.707106781186547524f) {
+    e -= 1;
+    m = m + m - 1.0f;
+  } else {
+    m = m - 1.0f;
+  }
+  const float z = m * m;
+  float p = 7.0376836292e-2f;
+  p = p * m + -1.1514610310e-1f;
+  p = p * m + 1.1676998740e-1f;
+  p = p * m + -1.2420140846e-1f;
+  p = p * m + 1.4249322787e-1f;
+  p = p * m + -1.6668057665e-1f;
+  p = p * m + 2.0000714765e-1f;
+  p = p * m + -2.4999993993e-1f;
+  p = p * m + 3.3333331174e-1f;
+  float y = p * m * z;
+  const float fe = (float)e;
+  y = y + fe * -2.12194440e-4f;
+  y = y + -0.5f * z;
+  return (m + y) + fe * 0.693359375f;
 }
 
-float mt_sum(const float *x, int32_t n) {
-  float s;
-  if (n >= MT_SUM_LANES) {  /* vectorized_inner_sum: whole vectors, then the tail, then the lanes */
-    float lanes[MT_SUM_LANES];
-    const int32_t nv = n / MT_SUM_LANES;
-    row_sum(x, nv, MT_SUM_LANES, lanes);
-    s = 0.0f;
-    for (int32_t i = nv * MT_SUM_LANES; i < n; i++) s += x[i];
-    for (int32_t l = 0; l < MT_SUM_LANES; l++) s += lanes[l];
-  } else {  /* scalar_inner_sum */
-    row_sum(x, n, 1, &s);
+/* b^n by squaring (float64 multiplications in a fixed order): Adam's bias corrections 1 - beta^step. */
+double mt_powi(double b, uint32_t n) {
+  double r = 1.0;
+  while (n) {
+    if (n & 1u) r = r * b;
+    b = b * b;
+    n >>= 1;
   }
-  return 0.0f + s;  /* the output starts at zero and accumulates the row's sum */
+  return r;
+}
+
+/* sum_i x[i]: one chain of float32 additions in index order, from 0. */
+float mt_sum(const float *x, int32_t n) {
+  float s = 0.0f;
+  for (int32_t i = 0; i < n; i++) s = s + x[i];
+  return s;
 }

@@ -6,8 +6,9 @@
  *    c * cs + y * rs + x, so a patch tile or a sub-window of a whole tensor needs no copy.
  *  - No allocation: every buffer is a pointer into the generated program's static arena or state.
  *  - Float arithmetic is IEEE float32 in the order written; the build uses -ffp-contract=off so that no multiply-add
- *    is fused behind our back. Reductions in the backward pass use explicit fused multiply-adds (mt_fma) in the
- *    order of the host's BLAS kernels (sequential chains), which is what makes most layers bit-identical to it.
+ *    is fused behind our back. Every reduction runs in the order that src/microtrain/ir/ops.py states (chains of
+ *    explicit fused multiply-adds, mt_fma, or of additions, in a stated index order), and exp / log / pow are this
+ *    runtime's own (mt_math.c): the same bits on any machine, the host twin and the device alike.
  *  - 1-bit masks: bit i of byte i / 8 (LSB first) is element i of the compact output tensor.
  */
 #ifndef MT_RUNTIME_H
@@ -17,24 +18,8 @@
 
 #include "mt_config.h"
 
-/* The host's float reductions, so that the C program can sum in the same order. mt_config.h (generated) holds the
- * values measured on the host that generated the program (codegen/hostorder.py); any value gives a correct program,
- * only bit-exactness with that host depends on them.
- *   MT_SUM_LANES      vector width of torch's sum kernel (8 on the AVX-512 machine this was written on: AVX2 code)
- *   MT_SOFTMAX_LANES  vector width of torch's softmax kernel (16 there)
- *   MT_KBLOCK         longest reduction the host's convolution backward (oneDNN) runs as one chain before it splits
- *                     the reduction into equal blocks */
-#ifndef MT_SUM_LANES
-#define MT_SUM_LANES 8
-#endif
-#ifndef MT_KBLOCK
-#define MT_KBLOCK 384
-#endif
 #ifndef MT_ROW_MAX  /* widest output row of a conv (an int32 row of this many lives on the stack) */
 #define MT_ROW_MAX 128
-#endif
-#ifndef MT_SOFTMAX_LANES
-#define MT_SOFTMAX_LANES 16
 #endif
 
 typedef struct {
@@ -66,17 +51,6 @@ typedef struct {
   int32_t x_zero, y_zero;
 } mt_conv;
 
-/* A summation order: the postfix program of a tree over the terms of a dot product (see mt_dot_tree.c). */
-#define MT_TREE_FMA 16384
-#define MT_TREE_ADD (-1)
-#define MT_TREE_STACK 64
-typedef struct {
-  const int16_t *ops;
-  int32_t n;
-} mt_tree;
-float mt_dot_tree(const float *a, const float *b, int32_t bs, const mt_tree *t);
-float mt_dot_tree_q8(const int8_t *x, int32_t x_zero, float x_scale, const float *b, int32_t bs, const mt_tree *t);
-
 /* ---- forward (integer-exact) ------------------------------------------------------------------------------- */
 void mt_conv2d(const int8_t *x, mt_dims xd, const mt_conv *p, int8_t *y, mt_dims yd, uint8_t *mask);
 /* scratch != NULL: y shares x's buffer; each channel is computed into scratch (one output channel) and copied. */
@@ -86,15 +60,12 @@ void mt_add(const int8_t *a, mt_dims ad, int32_t a_zero, float ra, const int8_t 
             float rb, int8_t *y, mt_dims yd, int32_t y_zero, uint8_t *mask);
 void mt_avgpool(const int8_t *x, int32_t c, int32_t hw, int8_t *y);
 void mt_slice_channels(const int8_t *x, int32_t nbytes, int8_t *y);
-/* trees: one summation order per class (NULL: a chain of fused multiply-adds in feature order) */
 void mt_linear(const int8_t *x, int32_t c, int32_t x_zero, float x_scale, const float *w, const float *b,
-               int32_t k, float *logits, const mt_tree *trees);
+               int32_t k, float *logits);
 
 /* ---- loss and backward (float32 gradients in integer units) ------------------------------------------------ */
 float mt_softmax_ce(const float *z, int32_t k, int32_t label, float *grad);
-/* trees: one summation order per feature (NULL: a chain of fused multiply-adds in class order) */
-void mt_linear_grad_input(const float *g, const float *w, int32_t k, int32_t c, float x_scale, float *gx,
-                          const mt_tree *trees);
+void mt_linear_grad_input(const float *g, const float *w, int32_t k, int32_t c, float x_scale, float *gx);
 void mt_avgpool_grad(const float *g, int32_t c, int32_t hw, float *gx);
 void mt_add_grad(const float *g, const uint8_t *mask, int32_t n, float ra, float rb, float *ga, float *gb);
 void mt_grad_add(const float *a, const float *b, int32_t n, float *y);
@@ -114,8 +85,7 @@ void mt_depthwise_grad_input(const float *gacc, mt_dims gd, const mt_weights *w,
  * Per-element kernels compute a channel twice (its maximum, then its values); the conv kernels keep one float32
  * channel in `plane`, a workspace the planner counts (`<op>.scratch`). In place (the planner's aliases) every
  * channel's scale and values are read before that channel is written. */
-void mt_linear_grad_input_q8(const float *g, const float *w, int32_t k, int32_t c, float x_scale, float *gx,
-                             const mt_tree *trees);
+void mt_linear_grad_input_q8(const float *g, const float *w, int32_t k, int32_t c, float x_scale, float *gx);
 void mt_avgpool_grad_q8(const float *g, int32_t c, int32_t hw, float *gx);
 void mt_add_grad_q8(const float *g, const uint8_t *mask, int32_t c, int32_t hw, float ra, float rb, float *ga,
                     float *gb);
@@ -152,7 +122,7 @@ typedef struct {
   int32_t optimizer;  /* MT_SGD | MT_SGDM | MT_ADAM */
   float momentum;     /* the host's Python floats, rounded to float32 where it rounds them */
   float beta1, beta2, one_minus_beta1, one_minus_beta2, eps;
-  double beta1_d, beta2_d;  /* Adam's bias corrections 1 - beta^step are computed in double, as on the host */
+  double beta1_d, beta2_d;  /* Adam's bias corrections 1 - beta^step are computed in double (mt_powi) */
   uint32_t seed;      /* stochastic rounding seed */
 } mt_optimizer;
 
@@ -205,9 +175,8 @@ void mt_conv2d_weight_grad_q8(const float *gacc, mt_dims gd, const int8_t *x_sav
 void mt_pw_grad_input_channel(const float *gacc, mt_dims gd, const mt_weights *w, int32_t cin, int32_t c, int32_t hw,
                               int32_t q8, float *out);
 #define MT_BLOCK_BATCH 4  /* the most channel planes one accumulate pass takes (compiler/blockgrad.py BATCH) */
-void mt_pw_grad_input_accumulate(const float *g, int32_t n, const mt_weights *w, int32_t cin, int32_t e0, int32_t E,
-                                 int32_t hw, float *total, float *part);
-int32_t mt_pw_grad_input_batch(int32_t e, int32_t E, int32_t batch);
+void mt_pw_grad_input_accumulate(const float *g, int32_t n, const mt_weights *w, int32_t cin, int32_t e0, int32_t hw,
+                                 float *total);
 void mt_depthwise_grad_input_channel(const float *g, mt_dims gd, const mt_weights *w, int32_t c, int32_t stride,
                                      int32_t pad, float *out, mt_dims xd);
 void mt_conv2d_grad_acc_plane(float *g, const uint8_t *mask, int32_t c, int32_t hw, float mult);
@@ -222,7 +191,8 @@ void mt_q8_round(float *v, int32_t n);
 #define MT_INLINE static inline __attribute__((always_inline))
 float mt_expf(float x);
 float mt_logf(float x);
-float mt_sum(const float *x, int32_t n);  /* the host's (torch's) float32 summation order */
+float mt_sum(const float *x, int32_t n);  /* one chain of additions in index order */
+double mt_powi(double b, uint32_t n);
 
 static inline float mt_fma(float a, float b, float c) {
 #if defined(__FP_FAST_FMAF)

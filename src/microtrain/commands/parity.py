@@ -1,9 +1,11 @@
-"""Host trainer vs generated C: run both on one ordered stream at batch 1 and measure how far apart they end up.
+"""The torch engine vs the device twin (the generated C): run both on one ordered stream at batch 1 and measure how far
+apart they end up. Not a command of its own: the wiring of the two backends that the tests, the benchmarks and
+`train --engine device` use (backends never import each other).
 
-The host side is `runtime.trainstep.GraphTrainStep` (the trainer's executor) on the unscheduled training graph,
-stepping one image at a time; the C side is whatever `run_host` / `run_qemu` produced. Integer tensors are compared
-element by element (share equal, largest difference), float tensors by their largest difference relative to the
-tensor's largest magnitude.
+The torch side is `runtime.trainstep.GraphTrainStep` (the trainer's engine) on the training graph, stepping one image
+at a time; the C side is whatever the twin, `run_host` or `run_qemu` produced. Integer tensors are compared element by
+element (share equal, largest difference), float tensors by their largest difference relative to the tensor's
+largest magnitude.
 """
 
 from __future__ import annotations
@@ -109,41 +111,3 @@ def compare_states(c: dict[str, np.ndarray], host: dict[str, np.ndarray], names:
             a.int_max_diff = max(a.int_max_diff, int(d.max()) if d.size else 0)
             a.per_tensor[n] = {"equal": eq, "elements": x.size, "max_diff": int(d.max()) if d.size else 0}
     return a
-
-
-SKIMAGE_PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "hubble_deep_field", "immunohistochemistry")
-
-
-def real_images(n: int, resolution: int, seed: int = 0, num_classes: int = 10, source: str = "auto"
-                ) -> tuple[np.ndarray, np.ndarray, str]:
-    """n real images as the model's int8 input [n, 3, R, R] with labels, in a seeded shuffled order: CIFAR-10 (the
-    evaluation transform) when it is on disk (source "auto" or "cifar10"), else random crops of scikit-image's
-    bundled photos (label = photo; source "skimage")."""
-    from microtrain.data.datasets import batches, open_dataset, resize_batch
-    from microtrain.errors import MicrotrainError
-
-    order = np.random.default_rng(seed).permutation(n)
-    try:
-        if source == "skimage":
-            raise MicrotrainError("scikit-image photos requested")
-        ds = open_dataset("cifar10", "train", subset=n, seed=seed, progress=False)
-        xs, ys = zip(*((x.numpy(), y.numpy()) for x, y in batches(ds, 256, augment=None, resolution=resolution)),
-                     strict=True)
-        return np.concatenate(xs)[order], (np.concatenate(ys) % num_classes)[order], "cifar10"
-    except MicrotrainError:
-        if source == "cifar10":
-            raise
-        import skimage.data
-
-        rng = np.random.default_rng(seed)
-        photos = [np.asarray(getattr(skimage.data, p)())[..., :3] for p in SKIMAGE_PHOTOS]
-        xs, ys = [], []
-        for i in range(n):
-            k = i % len(photos)
-            p = photos[k]
-            s = int(rng.integers(min(p.shape[:2]) // 3, min(p.shape[:2]) + 1))
-            r, c = (int(rng.integers(0, d - s + 1)) for d in p.shape[:2])
-            crop = np.ascontiguousarray(p[r:r + s, c:c + s].transpose(2, 0, 1))[None]
-            xs.append(resize_batch(torch.from_numpy(crop), resolution, crop=1.0).numpy())
-            ys.append(k % num_classes)
-        return np.concatenate(xs)[order], np.asarray(ys)[order], "skimage"
