@@ -11,10 +11,6 @@ from __future__ import annotations
 import re
 
 IDENT_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
-C_KEYWORDS = frozenset(
-    "auto break case char const continue default do double else enum extern float for goto if inline int long "
-    "register restrict return short signed sizeof static struct switch typedef union unsigned void volatile while "
-    "_Bool _Complex _Imaginary".split())
 _COMMENT_SAFE = re.compile(r"[^A-Za-z0-9 _.,:;@#+\-=()\[\]<>%!&|^~{}']")  # no *, /, \, ?, quotes, control chars
 
 
@@ -35,7 +31,7 @@ class Names:
             ident, i = base, 1
             while ident in self.taken:
                 ident, i = f"{base}_{i}", i + 1
-            assert IDENT_RE.fullmatch(ident) and ident not in C_KEYWORDS, ident
+            assert IDENT_RE.fullmatch(ident), ident  # a prefix and _ first: never a C keyword
             self.taken.add(ident)
             self.ids[key] = ident
         return self.ids[key]

@@ -327,7 +327,8 @@ class Emitter:
         base = self.off("patch_stage.scratch")
         image = g.inputs[0]
         outer = {st["output"]} if self.streaming else {image, st["output"]}
-        code = [f"/* patch stage: {len(ops)} ops up to {c_comment(st['output'])}, {st['grid']}x{st['grid']} tiles, tile arena "
+        code = [f"/* patch stage: {len(ops)} ops up to {c_comment(st['output'])}, "
+                f"{st['grid']}x{st['grid']} tiles, tile arena "
                 f"{tp['arena_bytes']} B at {base} */"]
         for ti, regions in enumerate(tiles):
             code.append(f"/* tile {ti}: {c_comment(st['output'])} rows {regions[st['output']][:2]} cols "
@@ -605,7 +606,8 @@ class Emitter:
             if op.name in groups:
                 grp = groups[op.name]
                 skip.update(grp["members"])
-                bwd += [f"/* {c_comment(grp['block'])}: channel-serial backward of {c_comment(', '.join(grp['members']))} */",
+                bwd += [f"/* {c_comment(grp['block'])}: channel-serial backward of "
+                        f"{c_comment(', '.join(grp['members']))} */",
                         self.block_grad(grp), *self.trace(grp["outputs"], "backward")]
                 continue
             bwd += [f"/* {c_comment(op.name)}: {c_comment(op.kind)} */", *map(block, self.backward_op(op)),
@@ -627,7 +629,8 @@ class Emitter:
         inputs = (STREAM_INPUT if self.streaming else SLOT_INPUT).format(image=self.off(image) if not self.streaming
                                                                           else -1, image_bytes=img.nbytes)
         source = SOURCE.format(
-            name=c_comment(g.name), consts="\n".join(self.consts), sram="\n".join(self.sram), arena=self.plan.arena_bytes,
+            name=c_comment(g.name),
+            consts="\n".join(self.consts), sram="\n".join(self.sram), arena=self.plan.arena_bytes,
             optimizer=opt, forward="\n  ".join(fwd), backward="\n  ".join(bwd), inputs=inputs,
             loss=self.off("loss"), label=self.off("label"), lr=self.off("lr"),
             logits=self.off("logits"), classes=classes, step0=self.step0, state_table=state_table,

@@ -19,7 +19,14 @@ from typing import Any
 
 import numpy as np
 
-from microtrain.codegen.emit import HARNESS_FILES, KERNEL_FILES, STATE_MAGIC, TARGETS, Emitter, Program, runtime_dir
+from microtrain.codegen.emit import HARNESS_FILES, KERNEL_FILES, TARGETS, Emitter, Program, runtime_dir
+from microtrain.codegen.statefile import (
+    STATE_SOURCES,
+    read_state_file,
+    state_from_file_bytes,
+    state_to_file_bytes,
+    write_state_file,
+)
 from microtrain.compiler.planner import Plan
 from microtrain.errors import MicrotrainError
 from microtrain.ir.graph import Graph
@@ -35,7 +42,7 @@ MAKEFILE_HOST = """\
 # (AddressSanitizer + UBSan); `make run ARGS="..."` runs the harness (see mt_main.c for its options).
 CC = gcc
 SRCS = model.c {kernels} {harness}
-HDRS = model.h mt_runtime.h mt_io.h mt_config.h
+HDRS = model.h mt_runtime.h mt_io.h mt_config.h mt_state.h
 CFLAGS = -std=c99 -O2 -Wall -Wextra -Werror -ffp-contract=off
 # explicit fmaf() is an instruction where the CPU has one (results are identical, it is only faster)
 ARCH := $(if $(filter x86_64,$(shell uname -m)),$(shell grep -qw fma /proc/cpuinfo 2>/dev/null && echo -mfma))
@@ -73,7 +80,7 @@ MAKEFILE_M4 = """\
 CC = arm-none-eabi-gcc
 CPU = {cpu}
 SRCS = model.c {kernels} {harness}
-HDRS = model.h mt_runtime.h mt_io.h mt_config.h
+HDRS = model.h mt_runtime.h mt_io.h mt_config.h mt_state.h
 CFLAGS = -std=c99 -O2 -Wall -Wextra -Werror -ffp-contract=off $(CPU) -ffunction-sections -fdata-sections
 LDFLAGS = $(CPU) --specs=rdimon.specs -nostartfiles -T mt_m4.ld -Wl,--gc-sections -Wl,-Map=prog.map \\
 \t-Wl,--defsym=_min_stack_size={stack}
@@ -112,9 +119,9 @@ def emit_project(tg: Graph, plan: Plan, out_dir: str | Path, target: str = "host
                                      "graph. */\n#ifndef MT_CONFIG_H\n"
                                      f"#define MT_CONFIG_H\n{defines}#endif\n")
     rt = runtime_dir()
-    for f in ("mt_runtime.h", *KERNEL_FILES, *HARNESS_FILES[target]):
+    for f in ("mt_runtime.h", *KERNEL_FILES, *STATE_SOURCES, *HARNESS_FILES[target]):
         shutil.copyfile(rt / f, out / f)
-    kernels = " ".join(KERNEL_FILES)
+    kernels = " ".join((*KERNEL_FILES, *(f for f in STATE_SOURCES if f.endswith(".c"))))
     harness = " ".join(f for f in HARNESS_FILES[target] if f.endswith(".c"))
     if target == "host":
         mk = MAKEFILE_HOST.format(kernels=kernels, harness=harness)
@@ -193,7 +200,7 @@ def run_host(out_dir: str | Path, args: list[str], program: str = "prog", timeou
              wrapper: list[str] | None = None) -> dict[str, Any]:
     """Run the host harness in OUT_DIR (relative file names resolve there)."""
     out = Path(out_dir)
-    r = _run([*(wrapper or []), str(out / program), *args], out, timeout)
+    r = _run([*(wrapper or []), str((out / program).resolve()), *args], out, timeout)
     res = parse_output(r.stdout)
     res.update(returncode=r.returncode, stdout=r.stdout, stderr=r.stderr)
     if r.returncode or "error" in res:
@@ -202,7 +209,7 @@ def run_host(out_dir: str | Path, args: list[str], program: str = "prog", timeou
 
 
 def qemu_command(out_dir: str | Path, args: list[str], icount: bool = False) -> list[str]:
-    cmd = [*QEMU, *(["-icount", "shift=0"] if icount else []), "-kernel", str(Path(out_dir) / "prog.elf")]
+    cmd = [*QEMU, *(["-icount", "shift=0"] if icount else []), "-kernel", str((Path(out_dir) / "prog.elf").resolve())]
     return [*cmd, "-append", " ".join(["prog", *args])]
 
 
@@ -271,37 +278,26 @@ def write_records(path: str | Path, images: np.ndarray, labels: np.ndarray, lrs:
 
 
 def state_from_bytes(raw: bytes, program: dict[str, Any], source: str = "state") -> dict[str, np.ndarray]:
-    """What `save_state` wrote, as a host state_dict (graph dtypes, `__step__`)."""
-    if len(raw) < 16:
-        raise MicrotrainError(f"{source}: not a state file of this program (too short)")
-    magic, fp, step, nbytes = struct.unpack_from("<IIII", raw)
-    if magic != STATE_MAGIC or fp != program["state_fingerprint"] or len(raw) != 16 + nbytes:
-        raise MicrotrainError(f"{source}: not a state file of this program")
-    out: dict[str, np.ndarray] = {}
-    off = 16
-    for t in program["state"]:
-        out[t["name"]] = np.frombuffer(raw, t["dtype"], int(np.prod(t["shape"], dtype=np.int64)),
-                                       off).reshape(t["shape"]).copy()
-        off += t["nbytes"]
-    out["__step__"] = np.array(step, np.int64)
-    return out
+    """A state file's bytes (the two-slot store of mt_state.h) as a host state_dict (graph dtypes, `__step__`): the
+    newest slot whose header and CRC check out (codegen/statefile.py)."""
+    return state_from_file_bytes(raw, program, source)
 
 
 def state_to_bytes(state: dict[str, np.ndarray], program: dict[str, Any]) -> bytes:
-    """The inverse of `state_from_bytes`: what `load_state` reads."""
-    body = b"".join(np.ascontiguousarray(np.asarray(state[t["name"]], t["dtype"])).tobytes() for t in program["state"])
-    step = int(np.asarray(state.get("__step__", 0)))
-    return struct.pack("<IIII", STATE_MAGIC, program["state_fingerprint"], step, len(body)) + body
+    """The inverse of `state_from_bytes`: a new state file holding `state` in slot 0 (what `-o` writes into a new
+    file)."""
+    return state_to_file_bytes(state, program)
 
 
 def read_state(path: str | Path, program: dict[str, Any]) -> dict[str, np.ndarray]:
-    """A state file written by `save_state` as a host state_dict (graph dtypes, `__step__`)."""
-    return state_from_bytes(Path(path).read_bytes(), program, str(path))
+    """The newest valid state of a state file written by `save_state` (codegen/statefile.py) as a host state_dict
+    (graph dtypes, `__step__`); a file without one is a one-line error."""
+    return read_state_file(path, program)
 
 
 def write_state(path: str | Path, state: dict[str, np.ndarray], program: dict[str, Any]) -> None:
     """The inverse of `read_state` (e.g. to start the device from a host checkpoint without recompiling)."""
-    Path(path).write_bytes(state_to_bytes(state, program))
+    write_state_file(path, state, program)
 
 
 def read_trace(path: str | Path, program: dict[str, Any]) -> dict[str, np.ndarray]:

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from microtrain.codegen.project import build, emit_project, load_program, state_from_bytes, state_to_bytes, toolchain
+from microtrain.codegen.statefile import CStore, MemoryStore, payload_bytes
 from microtrain.compiler.planner import Plan
 from microtrain.errors import MicrotrainError
 from microtrain.ir.graph import Graph
@@ -57,8 +58,8 @@ class DeviceTwin:
         self.lib.predict.argtypes = [ctypes.c_void_p, ctypes.c_void_p]
         self.lib.predict.restype = ctypes.c_int
         self.lib.trained_steps.restype = ctypes.c_uint32
-        for fn in (self.lib.save_state, self.lib.load_state):
-            fn.argtypes = [_IO, ctypes.c_void_p]
+        for fn in (self.lib.save_state, self.lib.load_state):  # through an in-memory two-slot store (mt_state.h)
+            fn.argtypes = [ctypes.POINTER(CStore)]
             fn.restype = ctypes.c_int
         self.image_shape = tuple(self.program["image_shape"])
         self.num_classes = int(self.program["num_classes"])
@@ -83,30 +84,17 @@ class DeviceTwin:
         return torch.from_numpy(out)
 
     def state_bytes(self) -> bytes:
-        """What `save_state` streams (the device's `state.bin`)."""
-        chunks: list[bytes] = []
-
-        def write(ctx: int, data: int, n: int) -> int:
-            chunks.append(ctypes.string_at(data, n))
-            return 0
-
-        if self.lib.save_state(_IO(write), None):
+        """What `save_state` writes into a new file (the harness's `-o state.bin`)."""
+        store = MemoryStore(payload_bytes(self.program))
+        if self.lib.save_state(ctypes.byref(store.c)):
             raise MicrotrainError("the device twin could not save its state")
-        return b"".join(chunks)
+        return store.image()
 
     def load_state_bytes(self, raw: bytes) -> None:
-        pos = 0
-
-        def read(ctx: int, data: int, n: int) -> int:
-            nonlocal pos
-            if pos + n > len(raw):
-                return -1
-            ctypes.memmove(data, raw[pos:pos + n], n)
-            pos += n
-            return 0
-
-        if self.lib.load_state(_IO(read), None):
-            raise MicrotrainError("the device twin rejected the state (not this program's layout)")
+        """A state file's bytes: the newest valid slot, or an error and the state as it was."""
+        store = MemoryStore(payload_bytes(self.program), raw)
+        if self.lib.load_state(ctypes.byref(store.c)):
+            raise MicrotrainError("the device twin rejected the state (no valid slot of this program's layout)")
 
     def state_dict(self) -> dict[str, np.ndarray]:
         return state_from_bytes(self.state_bytes(), self.program, "device twin")

@@ -11,6 +11,7 @@ from __future__ import annotations
 import codecs
 import io
 import pickle
+import re
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -18,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from microtrain.errors import MicrotrainError
-from microtrain.ir.graph import Graph, Op, Tensor
+from microtrain.ir.graph import Graph, GraphFormatError, Op, Tensor, check_graph
 
 
 class ModelLoadError(MicrotrainError):
@@ -83,23 +84,50 @@ def read_pkl(path: str | Path) -> dict[str, Any]:
     return obj
 
 
+MAX_RESOLUTION = 1024  # in_shape of the stem (a larger image could never be trained in 256 KB anyway)
+MAX_CHANNELS = 8192
+MAX_KERNEL = 11
+MAX_PARAMS = 1 << 26
+
+
+def _num(v: Any) -> bool:
+    return isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, (bool, np.bool_))
+
+
+def _int(v: Any) -> bool:
+    return isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_))
+
+
 def _check_schema(path: Path, d: Any) -> None:
+    """Every key, type, shape, dtype, group count and finite value the converter reads, and size caps, before any
+    array is derived from the file."""
     def fail(why: str) -> None:
         raise ModelLoadError(f"{path}: not a tiny-training model ({why})")
 
     if not isinstance(d, dict) or not {"first_conv", "blocks", "classifier"} <= set(d):
         fail("expected a dict with first_conv, blocks, classifier")
+    if not isinstance(d["first_conv"], dict):
+        fail("first_conv is not a dict")
+    h = d["first_conv"].get("in_shape")
+    if not _int(h) or not 1 <= h <= MAX_RESOLUTION:
+        fail(f"first_conv.in_shape {str(h)[:40]} is not an integer in [1, {MAX_RESOLUTION}]")
     convs = [("first_conv", d["first_conv"]), ("classifier", d["classifier"])]
     if not isinstance(d["blocks"], list):
         fail("blocks is not a list")
     for i, b in enumerate(d["blocks"]):
-        if not isinstance(b, dict) or "depthwise" not in b or "pointwise2" not in b:
+        if not isinstance(b, dict) or not b.get("depthwise") or not b.get("pointwise2"):
             fail(f"block {i} lacks depthwise/pointwise2")
         if b.get("se") is not None:
             fail(f"block {i}: squeeze-excitation is an unsupported op")
         convs += [(f"blocks[{i}].{k}", b[k]) for k in ("pointwise1", "depthwise", "pointwise2") if b.get(k)]
+        if b.get("residual"):
+            r = b["residual"].get("params") if isinstance(b["residual"], dict) else None
+            if not isinstance(r, dict):
+                fail(f"blocks[{i}].residual has no params")
+            _check_quant(fail, f"blocks[{i}].residual", r)
     if d.get("feature_mix") is not None:
         fail("feature_mix is an unsupported op")
+    total = 0
     for where, c in convs:
         p = c.get("params") if isinstance(c, dict) else None
         if not isinstance(p, dict):
@@ -107,13 +135,61 @@ def _check_schema(path: Path, d: Any) -> None:
         w, b, s = p.get("weight"), p.get("bias"), p.get("w_scales")
         if not (isinstance(w, np.ndarray) and w.dtype == np.int8 and w.ndim == 4):
             fail(f"{where}.weight is not an int8 OIHW array")
-        if not (isinstance(b, np.ndarray) and b.dtype == np.int32 and b.shape == (w.shape[0],)):
-            fail(f"{where}.bias is not int32 [{w.shape[0]}]")
-        if not (isinstance(s, np.ndarray) and s.shape == (w.shape[0],)):
-            fail(f"{where}.w_scales is not [{w.shape[0]}]")
-        for k in ("x_scale", "x_zero", "y_scale", "y_zero"):
-            if not isinstance(p.get(k), (int, float, np.integer, np.floating)):
-                fail(f"{where}.{k} missing")
+        o, ci, kh, kw = w.shape
+        if not (0 < o <= MAX_CHANNELS and 0 < ci <= MAX_CHANNELS and kh == kw and kh % 2 == 1 and kh <= MAX_KERNEL):
+            fail(f"{where}.weight shape {list(w.shape)} (channels <= {MAX_CHANNELS}, square odd kernel <= "
+                 f"{MAX_KERNEL})")
+        total += w.size
+        if not (isinstance(b, np.ndarray) and b.dtype == np.int32 and b.shape == (o,)):
+            fail(f"{where}.bias is not int32 [{o}]")
+        if not (isinstance(s, np.ndarray) and s.dtype.kind == "f" and s.shape == (o,)):
+            fail(f"{where}.w_scales is not float [{o}]")
+        if not (np.isfinite(s).all() and (s > 0).all()):
+            fail(f"{where}.w_scales holds values that are not finite and positive")
+        _check_quant(fail, where, p)
+        if where == "classifier":
+            if kh != 1:
+                fail(f"classifier kernel is {kh}x{kw}, not 1x1")
+            continue
+        stride, groups = c.get("stride"), c.get("groups")
+        if not _int(stride) or not 1 <= stride <= 4:
+            fail(f"{where}.stride {str(stride)[:40]} is not an integer in [1, 4]")
+        if not _int(groups) or not 1 <= groups <= MAX_CHANNELS or o % groups:
+            fail(f"{where}.groups {str(groups)[:40]} does not divide its {o} output channels")
+    if total > MAX_PARAMS:
+        fail(f"{total} weights (at most {MAX_PARAMS})")
+
+
+def _check_quant(fail: Any, where: str, p: dict[str, Any]) -> None:
+    for k in ("x_scale", "y_scale"):
+        v = p.get(k)
+        if not (_num(v) and np.isfinite(v) and v > 0):
+            fail(f"{where}.{k} {str(v)[:40]} is missing or not a finite positive number")
+    for k in ("x_zero", "y_zero"):
+        v = p.get(k)
+        if not ((_int(v) or (_num(v) and float(v).is_integer())) and -128 <= v <= 127):
+            fail(f"{where}.{k} {str(v)[:40]} is missing or not an integer in [-128, 127]")
+
+
+def graph_name(stem: str) -> str:
+    """A graph name from a file name: characters outside the name grammar (ir/graph.py NAME_RE) become _."""
+    name = re.sub(r"[^A-Za-z0-9_.+-]", "_", stem)[:100]
+    return name if name and (name[0].isalnum() or name[0] == "_") else f"m_{name}"
+
+
+def load_pkl_model(path: str | Path) -> Graph:
+    """A tiny-training `.pkl` as a checked graph: one-line ModelLoadError for anything the schema or the op table
+    refuses (channel counts that do not chain, groups, quantization that does not match its producer)."""
+    path = Path(path)
+    d = read_pkl(path)
+    try:
+        g = pkl_to_graph(d, name=graph_name(path.stem))
+        check_graph(g)
+    except ModelLoadError as e:
+        raise ModelLoadError(f"{path}: {e}") from None
+    except (GraphFormatError, KeyError, IndexError, TypeError, ValueError, ZeroDivisionError) as e:
+        raise ModelLoadError(f"{path}: not a valid model ({type(e).__name__}: {e})") from None
+    return g
 
 
 def pkl_to_graph(d: dict[str, Any], name: str) -> Graph:

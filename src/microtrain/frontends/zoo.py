@@ -12,8 +12,8 @@ import zipfile
 from importlib import resources
 from pathlib import Path
 
-from microtrain.frontends.pkl import ModelLoadError, pkl_to_graph, read_pkl
-from microtrain.ir.graph import Graph
+from microtrain.frontends.pkl import ModelLoadError, load_pkl_model, pkl_to_graph, read_pkl
+from microtrain.ir.graph import Graph, GraphFormatError
 
 ZOO_MODELS = ("mbv2-w0.35", "proxyless-w0.3", "mcunet-5fps")
 
@@ -33,9 +33,11 @@ def load_model(spec: str | Path) -> Graph:
     if path.suffix in (".json", ".npz"):
         try:
             return Graph.load(path.with_suffix(""))
+        except GraphFormatError as e:
+            raise ModelLoadError(str(e)) from None
         except (OSError, ValueError, KeyError, json.JSONDecodeError, zipfile.BadZipFile, EOFError) as e:
             raise ModelLoadError(f"{path}: corrupt microtrain model ({type(e).__name__}: {e})") from None
-    return pkl_to_graph(read_pkl(path), name=path.stem)
+    return load_pkl_model(path)
 
 
 def class_names() -> list[str]:

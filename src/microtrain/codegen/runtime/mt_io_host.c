@@ -16,10 +16,11 @@
 static FILE *files[MAX_FILES];
 static unsigned char *stack;
 
-int io_open(const char *path, int write) {
+int io_open(const char *path, int mode) {
   for (int h = 0; h < MAX_FILES; h++) {
     if (files[h]) continue;
-    files[h] = fopen(path, write ? "wb" : "rb");
+    files[h] = fopen(path, mode == 1 ? "wb" : mode == 2 ? "r+b" : "rb");
+    if (!files[h] && mode == 2) files[h] = fopen(path, "w+b");
     return files[h] ? h : -1;
   }
   return -1;
@@ -28,6 +29,16 @@ int io_open(const char *path, int write) {
 int io_read(int h, void *data, uint32_t n) { return fread(data, 1, n, files[h]) == n ? 0 : -1; }
 int io_write(int h, const void *data, uint32_t n) { return fwrite(data, 1, n, files[h]) == n ? 0 : -1; }
 int io_seek(int h, uint32_t pos) { return fseek(files[h], (long)pos, SEEK_SET) ? -1 : 0; }
+
+int64_t io_size(int h) {
+  long here = ftell(files[h]);
+  if (here < 0 || fseek(files[h], 0, SEEK_END)) return -1;
+  long end = ftell(files[h]);
+  if (fseek(files[h], here, SEEK_SET)) return -1;
+  return end;
+}
+
+int io_sync(int h) { return fflush(files[h]) ? -1 : 0; }
 
 void io_close(int h) {
   fclose(files[h]);

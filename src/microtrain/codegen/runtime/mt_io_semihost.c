@@ -4,7 +4,7 @@
 
 #include "mt_io.h"
 
-enum { SYS_OPEN = 0x01, SYS_CLOSE = 0x02, SYS_WRITE0 = 0x04, SYS_WRITE = 0x05, SYS_READ = 0x06, SYS_SEEK = 0x0A,
+enum { SYS_OPEN = 0x01, SYS_CLOSE = 0x02, SYS_WRITE0 = 0x04, SYS_WRITE = 0x05, SYS_READ = 0x06, SYS_SEEK = 0x0A, SYS_FLEN = 0x0C,
        SYS_GET_CMDLINE = 0x15, SYS_EXIT_EXTENDED = 0x20 };
 
 static int semihost(int op, void *arg) {
@@ -14,9 +14,14 @@ static int semihost(int op, void *arg) {
   return r0;
 }
 
-int io_open(const char *path, int write) {
-  uint32_t args[3] = {(uint32_t)path, write ? 5u : 1u, (uint32_t)strlen(path)};  /* "wb" / "rb" */
-  return semihost(SYS_OPEN, args);
+int io_open(const char *path, int mode) {
+  uint32_t args[3] = {(uint32_t)path, mode == 1 ? 5u : mode == 2 ? 3u : 1u, (uint32_t)strlen(path)}; /* wb r+b rb */
+  int h = semihost(SYS_OPEN, args);
+  if (h < 0 && mode == 2) {
+    args[1] = 7u; /* "w+b": create */
+    h = semihost(SYS_OPEN, args);
+  }
+  return h;
 }
 
 int io_read(int h, void *data, uint32_t n) {
@@ -33,6 +38,13 @@ int io_seek(int h, uint32_t pos) {
   uint32_t args[2] = {(uint32_t)h, pos};
   return semihost(SYS_SEEK, args) == 0 ? 0 : -1;
 }
+
+int64_t io_size(int h) {
+  uint32_t args[1] = {(uint32_t)h};
+  return semihost(SYS_FLEN, args);
+}
+
+int io_sync(int h) { return h < 0 ? -1 : 0; } /* semihosting writes are synchronous */
 
 void io_close(int h) {
   uint32_t args[1] = {(uint32_t)h};

@@ -5,8 +5,13 @@
  *   prog [-i STATE_IN] [-o STATE_OUT] [-t TRACE_OUT [-k STEP]] [-e EVAL_IN -p PRED_OUT] [-n MAX_STEPS] [-q] STREAM
  *
  * Record files: header uint32 {magic "MTD1", count, image bytes}, then per record int32 label, float32 lr, int8
- * image (CHW). Predictions: per image int32 class, float32 logits[MT_NUM_CLASSES]. Trace (of step STEP, default 1):
- * per tensor the step writes, uint32 name length, name, uint32 bytes, data. All little-endian. */
+ * image (CHW); the file is exactly that long, every training label is in [0, MT_NUM_CLASSES) and every learning rate
+ * finite and >= 0, or the program stops with one error line before the step. Predictions: per image int32 class,
+ * float32 logits[MT_NUM_CLASSES]. Trace (of step STEP, default 1): per tensor the step writes, uint32 name length,
+ * name, uint32 bytes, data. All little-endian. State files: the two-slot store of mt_state.h on pages of
+ * STATE_FILE_PAGE bytes (slot 1 at mt_state_slot_bytes()); -o writes the slot that does not hold the newest valid
+ * state, so the file always holds the old or the new state, whenever the program stops; -i and -o may name the same
+ * file. */
 #include <string.h>
 
 #include "model.h"
@@ -28,6 +33,11 @@ static void put_u64(uint64_t v) {
   int n = 0;
   do b[n++] = (char)('0' + v % 10); while ((v /= 10) && n < 23);
   while (n) { char s[2] = {b[--n], 0}; put(s); }
+}
+
+static void put_i64(int64_t v) {
+  if (v < 0) put("-");
+  put_u64(v < 0 ? (uint64_t)(-(v + 1)) + 1u : (uint64_t)v);
 }
 
 static void put_hex(uint32_t v) {
@@ -74,9 +84,42 @@ static int fail(const char *what, const char *arg) {
   return 1;
 }
 
+/* A record that cannot be trained on: one line naming the record, the value and the rule. */
+static int bad_record(const char *file, uint32_t i, const char *what, int64_t v, const char *rule) {
+  put("error: ");
+  put(file);
+  put(": record ");
+  put_u64(i + 1u);
+  put(": ");
+  put(what);
+  put(" ");
+  put_i64(v);
+  put(rule);
+  flush();
+  return 1;
+}
+
 /* ---- state and trace through the io layer --------------------------------------------------------------------- */
-static int read_cb(void *ctx, void *data, uint32_t n) { return io_read(*(int *)ctx, data, n); }
-static int write_cb(void *ctx, void *data, uint32_t n) { return io_write(*(int *)ctx, data, n); }
+#define STATE_FILE_PAGE 256u /* codegen/statefile.py FILE_PAGE */
+static uint32_t state_slot_bytes(void) { return mt_state_slot_bytes(STATE_FILE_PAGE, MT_STATE_PAYLOAD_BYTES); }
+
+static int store_read(void *ctx, uint32_t slot, uint32_t off, void *data, uint32_t n) {
+  const int h = *(int *)ctx;
+  return io_seek(h, slot * state_slot_bytes() + off) || io_read(h, data, n) ? -1 : 0;
+}
+
+static int store_write(void *ctx, uint32_t slot, uint32_t off, const void *data, uint32_t n) {
+  const int h = *(int *)ctx;
+  return io_seek(h, slot * state_slot_bytes() + off) || io_write(h, data, n) ? -1 : 0;
+}
+
+static int store_sync(void *ctx) { return io_sync(*(int *)ctx); }
+
+static mt_store file_store(int *h) {
+  mt_store s = {h, STATE_FILE_PAGE, 0, store_read, store_write, 0, store_sync};
+  s.slot_bytes = state_slot_bytes();
+  return s;
+}
 
 static int trace_file = -1;
 static void trace(const char *name, const void *data, uint32_t nbytes) {
@@ -134,6 +177,8 @@ static int predict_record(file_image *img, float *logits) {
 #endif
 }
 
+/* A record file whose header is this program's and whose size is exactly header + count records; -1 when it cannot
+ * be opened, -2 for a foreign header, -3 for a size that does not match (truncated, or trailing bytes). */
 static int open_records(const char *path, uint32_t *count) {
   uint32_t head[3];
   int h = io_open(path, 0);
@@ -142,8 +187,19 @@ static int open_records(const char *path, uint32_t *count) {
     io_close(h);
     return -2;
   }
+  const int64_t size = io_size(h);
+  if (size < 0 || (uint64_t)size != RECORD_HEAD + (uint64_t)head[1] * RECORD_BYTES) {
+    io_close(h);
+    return -3;
+  }
   *count = head[1];
   return h;
+}
+
+static int records_error(int rc, const char *path) {
+  if (rc == -1) return fail("cannot open ", path);
+  if (rc == -2) return fail("not a record file of this program (magic, image size): ", path);
+  return fail("record file size does not match its header (truncated or trailing bytes): ", path);
 }
 
 static uint32_t parse_u32(const char *p) {
@@ -173,16 +229,17 @@ int harness_main(int argc, char **argv) {
   if (state_in) {
     int h = io_open(state_in, 0);
     if (h < 0) return fail("cannot open ", state_in);
-    int rc = load_state(read_cb, &h);
+    const mt_store store = file_store(&h);
+    int rc = load_state(&store);
     io_close(h);
-    if (rc) return fail("state file does not match this program: ", state_in);
+    if (rc) return fail("state file does not match this program or is corrupt (no valid slot): ", state_in);
   }
   uint64_t train_ns = 0;
   uint32_t done = 0;
   if (stream) {
     uint32_t count;
     int h = open_records(stream, &count);
-    if (h < 0) return fail("cannot read record file ", stream);
+    if (h < 0) return records_error(h, stream);
     if (trace_out) {
       trace_file = io_open(trace_out, 1);
       if (trace_file < 0) return fail("cannot write ", trace_out);
@@ -193,6 +250,12 @@ int harness_main(int argc, char **argv) {
       float lr;
       file_image img;
       if (read_record(h, done, &label, &lr, &img)) return fail("truncated record file ", stream);
+      if (label < 0 || label >= MT_NUM_CLASSES) return bad_record(stream, done, "label", label, " is not a class");
+      if (!(lr >= 0.0f && lr <= 3.4028234e38f)) {
+        uint32_t bits;
+        memcpy(&bits, &lr, 4);
+        return bad_record(stream, done, "learning rate with bits", bits, " is not finite and >= 0");
+      }
       const uint64_t t0 = io_time_ns();
       const float loss = train_record(&img, label, lr);
       train_ns += io_time_ns() - t0;
@@ -214,16 +277,19 @@ int harness_main(int argc, char **argv) {
     if (trace_file >= 0) io_close(trace_file);
   }
   if (state_out) {
-    int h = io_open(state_out, 1);
+    int h = io_open(state_out, 2);
     if (h < 0) return fail("cannot write ", state_out);
-    int rc = save_state(write_cb, &h);
+    const mt_store store = file_store(&h);
+    int rc = save_state(&store);
     io_close(h);
     if (rc) return fail("cannot write ", state_out);
   }
   if (eval_in && pred_out) {
     uint32_t count;
-    int h = open_records(eval_in, &count), o = io_open(pred_out, 1);
-    if (h < 0 || o < 0) return fail("cannot open ", h < 0 ? eval_in : pred_out);
+    int h = open_records(eval_in, &count);
+    if (h < 0) return records_error(h, eval_in);
+    int o = io_open(pred_out, 1);
+    if (o < 0) return fail("cannot write ", pred_out);
     for (uint32_t i = 0; i < count; i++) {
       int32_t label;
       float lr, logits[MT_NUM_CLASSES];
