@@ -31,8 +31,7 @@ def sample_images(tmp_path_factory) -> dict[str, str]:
     return out
 
 
-@pytest.fixture(scope="session")
-def images32():
+def load_images32():
     """80 real 32x32 images of the tiny model's classes: 60 to train on (labels), 20 held out."""
     from microtrain.data.samples import real_images
 
@@ -40,6 +39,25 @@ def images32():
 
     x, y, _ = real_images(80, 32, seed=1, num_classes=CLASSES)
     return x[:60], y[:60], x[60:]
+
+
+@pytest.fixture(scope="session")
+def images32():
+    return load_images32()
+
+
+STREAM_IMAGES, STREAM_EPOCHS = 50, 2
+
+
+@pytest.fixture(scope="session")
+def stream128():
+    """50 real 128x128 images, two shuffled passes (100 steps): enough for the loss to go down; and 8 held out."""
+    from microtrain.data.samples import real_images
+
+    x, y, _ = real_images(STREAM_IMAGES + 8, 128, seed=3)
+    rng = np.random.default_rng(0)
+    order = np.concatenate([rng.permutation(STREAM_IMAGES) for _ in range(STREAM_EPOCHS)])
+    return x[order], y[order], x[STREAM_IMAGES:]
 
 
 def need_shared() -> Path:

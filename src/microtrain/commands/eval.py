@@ -6,7 +6,8 @@ import argparse
 import json
 from pathlib import Path
 
-from microtrain.commands.train import GRAPH
+from microtrain.codegen.project import read_state
+from microtrain.commands.train import GRAPH, device_twin
 from microtrain.data.datasets import open_dataset
 from microtrain.errors import MicrotrainError
 from microtrain.ir.graph import Graph
@@ -22,6 +23,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--data", help="dataset name or ImageFolder directory (default: the run's dataset)")
     p.add_argument("--split", default="test")
     p.add_argument("--subset", type=int)
+    p.add_argument("--engine", choices=("torch", "device"), default="torch",
+                   help="torch (default) or the device twin (the generated C built for this machine: the chip's "
+                        "predictions bit for bit)")
+    p.add_argument("--state", metavar="STATE_BIN",
+                   help="evaluate a device's saved state (the state.bin of `compile --run` or of a board running the "
+                        "generated C) instead of the run's last checkpoint")
     p.add_argument("--json", action="store_true")
     p.set_defaults(run=run)
 
@@ -32,11 +39,17 @@ def run(args: argparse.Namespace) -> int:
     if not (run_dir / f"{GRAPH}.json").exists() or not metrics_path.exists():
         raise MicrotrainError(f"{run_dir}: not a training run (no {GRAPH}.json / metrics.json)")
     metrics = json.loads(metrics_path.read_text())
-    step = GraphTrainStep(Graph.load(run_dir / GRAPH), metrics.get("precision", "int8"))
-    step.load_state_dict(load_checkpoint(run_dir / "checkpoint.npz"))
+    graph = Graph.load(run_dir / GRAPH)
+    # a device state file is read with the layout of the program that wrote it: the twin's (same graph, same layout)
+    twin = device_twin(graph, run_dir / "device" / "eval") if args.engine == "device" or args.state else None
+    state = read_state(args.state, twin.program) if args.state else load_checkpoint(run_dir / "checkpoint.npz")
+    step = twin if args.engine == "device" else GraphTrainStep(graph, metrics.get("precision", "int8"))
+    step.load_state_dict(state)
     data = args.data or metrics.get("data", metrics["dataset"])
     ds = open_dataset(data, args.split, subset=args.subset, progress=not args.json)
     acc = evaluate(step, ds, resolution=metrics["resolution"], eval_crop=metrics["eval_crop"])
-    result = {"run": str(run_dir), "dataset": ds.name, "split": args.split, "images": len(ds), "accuracy": acc}
+    result = {"run": str(run_dir), "dataset": ds.name, "split": args.split, "images": len(ds), "accuracy": acc,
+              "engine": args.engine, "state": args.state or str(run_dir / "checkpoint.npz"),
+              "step": int(state.get("__step__", 0))}
     print(json.dumps(result) if args.json else f"{ds.name}/{args.split}: {acc:.2%} top-1 on {len(ds)} images")
     return 0

@@ -111,3 +111,73 @@ def compare_states(c: dict[str, np.ndarray], host: dict[str, np.ndarray], names:
             a.int_max_diff = max(a.int_max_diff, int(d.max()) if d.size else 0)
             a.per_tensor[n] = {"equal": eq, "elements": x.size, "max_diff": int(d.max()) if d.size else 0}
     return a
+
+
+# ---- the torch engine vs the device twin, one step at a time ---------------------------------------------------------
+@dataclass(frozen=True)
+class StepTolerance:
+    """How far the torch engine's step may land from the device twin's, both starting from the twin's state on the
+    same image (docs/semantics.md states and explains these numbers; tests/test_twin.py checks them). The int8
+    forward is integer-exact either way; the float backward differs only in summation order (torch picks its own),
+    which moves float32 values by a few ulps and, rarely, a stochastic-rounding or int8-gradient decision."""
+
+    loss_rel: float = 1e-5  # |loss_c - loss_t| <= loss_rel * |loss_t|
+    float_rel: float = 1e-5  # float32 state: max |c - t| <= float_rel * max |t|
+    int8_share: float = 0.999  # int8 weights: this share equal, the rest 1 apart
+    int32_update_rel: float = 0.02  # int32 biases: |c - t| <= 1 + int32_update_rel * max |t - before|
+
+    @classmethod
+    def for_config(cls, int8_grads: bool) -> StepTolerance:
+        """With --int8-grads, a float difference that crosses an int8 gradient's rounding boundary moves that
+        gradient by one quantum (1/127 of its channel's range), so more weights land one apart."""
+        return cls(int8_share=0.98) if int8_grads else cls()
+
+
+@dataclass
+class StepAgreement:
+    steps: int = 0
+    loss_max_rel: float = 0.0
+    float_max_rel: float = 0.0
+    int8_min_share: float = 1.0
+    int8_max_diff: int = 0
+    int32_max_excess: float = 0.0  # max over tensors and steps of (|c - t| - 1) / max |t - before|
+
+    def within(self, tol: StepTolerance) -> bool:
+        return (self.loss_max_rel <= tol.loss_rel and self.float_max_rel <= tol.float_rel
+                and self.int8_min_share >= tol.int8_share and self.int8_max_diff <= 1
+                and self.int32_max_excess <= tol.int32_update_rel)
+
+    def summary(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+def teacher_forced(twin: Any, engine: GraphTrainStep, images: np.ndarray, labels: np.ndarray,
+                   lrs: np.ndarray) -> StepAgreement:
+    """Step the twin through the stream; before each step, load the twin's state into the torch engine and step it
+    on the same image: the per-step distance, free of the drift that any two float orders accumulate over a stream
+    (one flipped stochastic rounding and the trajectories part)."""
+    a = StepAgreement()
+    with torch_threads(1), torch.no_grad():
+        for i in range(len(labels)):
+            before = twin.state_dict()
+            engine.load_state_dict(before)
+            lt = engine.step(torch.from_numpy(images[i:i + 1]), torch.tensor([int(labels[i])]), float(lrs[i]))
+            lc = twin.step(images[i:i + 1], labels[i:i + 1], float(lrs[i]))
+            c, t = twin.state_dict(), engine.state_dict()
+            a.steps += 1
+            a.loss_max_rel = max(a.loss_max_rel, abs(lc - lt) / max(abs(lt), 1e-30))
+            for t_ in twin.program["state"]:
+                n = t_["name"]
+                x, y, b = c[n], t[n], before[n]
+                if x.dtype.kind == "f":
+                    a.float_max_rel = max(a.float_max_rel, float(np.abs(x.astype(np.float64) - y).max()
+                                                                 / max(float(np.abs(y).max()), 1e-30)))
+                    continue
+                d = np.abs(x.astype(np.int64) - y)
+                if x.dtype == np.int8:
+                    a.int8_min_share = min(a.int8_min_share, float((d == 0).mean()))
+                    a.int8_max_diff = max(a.int8_max_diff, int(d.max()))
+                else:
+                    update = max(int(np.abs(y.astype(np.int64) - b).max()), 1)
+                    a.int32_max_excess = max(a.int32_max_excess, (int(d.max()) - 1) / update)
+    return a

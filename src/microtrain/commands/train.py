@@ -42,7 +42,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="trainable weight slices as int8 with stochastic rounding (default) or an fp32 shadow")
     p.add_argument("--int8-grads", action="store_true",
                    help="propagate activation gradients as per-channel quantized int8 (less SRAM; see `plan`)")
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--engine", choices=("torch", "device"), default="torch",
+                   help="torch: the fast batched engine (default); device: the device twin, i.e. the generated C "
+                        "training step built for this machine and run one image at a time: bit-identical to what "
+                        "the chip computes (the final run before flashing; int8 precision and storage, batch 1)")
+    p.add_argument("--batch-size", type=int, help="images per step (default 64; the device engine trains 1)")
     p.add_argument("--subset", type=int, help="class-balanced subset of N training images")
     p.add_argument("--test-subset", type=int, help="class-balanced subset of N test images")
     p.add_argument("--augment", choices=AUGMENTS, help="default: the paper's for the dataset")
@@ -72,7 +76,30 @@ def parse_lrs(text: str) -> list[float]:
     return lrs
 
 
+def device_twin(graph: Any, out_dir: Path, state: dict | None = None) -> Any:
+    """The device engine: `graph`'s C training step (planned with the default levers: the numerics do not depend on
+    the plan) built into out_dir as a host library."""
+    from microtrain.codegen.twin import DeviceTwin
+    from microtrain.compiler.memory import plan_training_graph
+
+    sched, best = plan_training_graph(graph)
+    return DeviceTwin(sched, best.plan, out_dir, state)
+
+
+def check_engine(args: argparse.Namespace) -> int:
+    """The batch size, and what the device engine supports (int8 precision and storage, one image per step)."""
+    if args.engine == "torch":
+        return 64 if args.batch_size is None else args.batch_size
+    device = {"--precision": (args.precision, "int8"), "--update-storage": (args.update_storage, "int8"),
+              "--batch-size": (args.batch_size, 1)}
+    for flag, (value, want) in device.items():
+        if value is not None and value != want:
+            raise MicrotrainError(f"--engine device trains as the device does: {flag} {want} (got {value})")
+    return 1
+
+
 def run(args: argparse.Namespace) -> int:
+    batch_size = check_engine(args)
     model = load_model(args.model)
     scheme = resolve_scheme(args.scheme, model)
     info = dataset_info(args.data)
@@ -88,19 +115,22 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     graph.save(out / GRAPH)
-    cache = augment in ("flip", "none") and not args.no_prefix_cache
+    cache = augment in ("flip", "none") and not args.no_prefix_cache and args.engine == "torch"
     shared: dict = {}
+    twins = iter(range(1 << 30))
 
     def make_step() -> Any:
+        if args.engine == "device":
+            return device_twin(graph, out / "device" / f"twin-{next(twins)}")
         step = GraphTrainStep(graph, args.precision)
         return PrefixCache(step, entries=shared) if cache else step
 
     data = str(Path(args.data).resolve()) if Path(args.data).is_dir() else args.data
     extra = {"model": model.name, "data": data, "scheme": scheme.to_dict(), "precision": args.precision,
              "qas": cfg.qas, "optimizer": cfg.optimizer, "update_storage": cfg.update_storage,
-             "int8_grads": cfg.int8_grads, "prefix_cache": cache,
+             "int8_grads": cfg.int8_grads, "prefix_cache": cache, "engine": args.engine,
              "analytic_extra_bytes": analytic_extra_bytes(model, scheme), "classes": train_ds.classes}
-    common = dict(epochs=epochs, batch_size=args.batch_size, warmup_epochs=warmup, augment=augment,
+    common = dict(epochs=epochs, batch_size=batch_size, warmup_epochs=warmup, augment=augment,
                   resolution=model.tensors[model.inputs[0]].shape[1], seed=args.seed, resume=args.resume,
                   eval_every=args.eval_every, progress=progress, stop_on_blowup=not args.no_blowup_stop,
                   extra=extra)
