@@ -25,6 +25,7 @@ from microtrain.codegen.twin import DeviceTwin
 from microtrain.commands.parity import StepTolerance, teacher_forced
 from microtrain.compiler.memory import plan_training_graph
 from microtrain.frontends.zoo import load_model
+from microtrain.ir.ops import OPS
 from microtrain.runtime.trainstep import GraphTrainStep
 from microtrain.sparse.scheme import Scheme, resolve_scheme
 
@@ -161,3 +162,14 @@ def test_layers(package, forbidden):
     """frontends -> IR -> autodiff -> compiler -> backends; backends never import each other; only commands wire."""
     bad = sorted(m for m in imports(package) if m.startswith(forbidden))
     assert not bad, bad
+
+
+def test_macs_count_every_weight_part():
+    """A conv whose weight is split into a trainable slice and a frozen rest runs the MACs of both: the training
+    graph's forward counts exactly the model's (mcunet-5fps paper-99kb splits b13.pw1 and b14.pw1)."""
+    g = load_model("mcunet-5fps")
+    tg = build_training_graph(g, resolve_scheme("paper-99kb", g), 10)
+    split = [o for o in tg.ops if o.kind == "conv2d" and len(o.inputs) == 4]
+    assert split, "the scheme splits some conv's weight"
+    fwd = sum(OPS[o.kind].macs(tg, o) for o in tg.ops if o.attrs.get("phase") == "forward" and o.kind == "conv2d")
+    assert fwd == sum(OPS[o.kind].macs(g, o) for o in g.ops if o.kind == "conv2d")
