@@ -16,7 +16,6 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from microtrain.autodiff.build import TrainConfig, build_training_graph
 from microtrain.data.datasets import DATASETS, open_dataset
 from microtrain.errors import MicrotrainError
 from microtrain.fleet import core
@@ -81,7 +80,7 @@ def prepare(args: argparse.Namespace) -> core.Job:
     if args.workers < 1 or args.threads < 1:
         raise MicrotrainError(f"--workers and --threads must be >= 1 (got {args.workers}, {args.threads})")
     model = load_model(args.model)
-    scheme = resolve_scheme(args.scheme, model)
+    resolve_scheme(args.scheme, model)  # a bad scheme fails here, before any data is read
     progress = not args.quiet
     train_ds = open_dataset(args.data, "train", subset=args.subset, seed=args.seed, progress=progress)
     test_ds = open_dataset(args.data, "test", subset=args.test_subset, seed=args.seed, progress=progress)
@@ -89,12 +88,16 @@ def prepare(args: argparse.Namespace) -> core.Job:
         raise MicrotrainError(f"{args.data}: no test images")
     out = Path(args.out).resolve()
     data = str(Path(args.data).resolve()) if Path(args.data).is_dir() else args.data
-    job = core.Job(run_dir=str(out), model=model.name, scheme=args.scheme, data=data, clients=args.clients,
+    job = core.Job(run_dir=str(out), model=model.name,
+                   scheme=str(Path(args.scheme).resolve()) if Path(args.scheme).is_file() else args.scheme,
+                   data=data, clients=args.clients,
                    rounds=args.rounds, local_steps=args.local_steps, partition=args.partition, sample=args.sample,
                    lr=args.lr, warmup_rounds=args.warmup_rounds, augment=args.augment, seed=args.seed,
                    resolution=model.tensors[model.inputs[0]].shape[1], train_images=len(train_ds),
                    test_images=len(test_ds), keep_client_states=args.keep_client_states,
-                   program=str(Path(args.program).resolve()) if args.program else None)
+                   program=str(Path(args.program).resolve()) if args.program else None,
+                   model_spec=str(Path(args.model).resolve()) if Path(args.model).is_file() else args.model,
+                   num_classes=train_ds.num_classes)
     core.validate(job)
     if args.program and not (Path(args.program) / "program.json").is_file():
         raise MicrotrainError(f"{args.program}: no program.json (not a `microtrain compile` project)")
@@ -112,9 +115,8 @@ def prepare(args: argparse.Namespace) -> core.Job:
             (out / stale).unlink(missing_ok=True)
         shutil.rmtree(out / "rounds", ignore_errors=True)
     parts = core.partition(train_ds.labels, train_ds.num_classes, job.clients, job.partition, job.seed)
-    graph = build_training_graph(model, scheme, train_ds.num_classes, TrainConfig(seed=job.seed))
     out.mkdir(parents=True, exist_ok=True)
-    graph.save(out / core.GRAPH)
+    core.training_graph(job).save(out / core.GRAPH)  # what `microtrain compile --from RUN` reads
     train_ds.save(out / core.DATA / "train.npz")
     test_ds.save(out / core.DATA / "test.npz")
     np.savez(out / core.DATA / "partition.npz", clients=np.array(job.clients),
@@ -181,9 +183,7 @@ def _read_progress(run: Path) -> dict[str, Any] | None:
 def summarize(job: core.Job, command: str, wall: float) -> dict[str, Any]:
     """RUN/metrics.json from the server's checkpoint record; also draws RUN/accuracy.png."""
     run = Path(job.run_dir)
-    from microtrain.ir.graph import Graph
-
-    graph = Graph.load(run / core.GRAPH)
+    graph = core.training_graph(job)
     info = json.loads((run / core.STATE).read_text())
     hist = info["history"]
     parts = core.load_partition(run)

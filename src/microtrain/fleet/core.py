@@ -69,6 +69,8 @@ class Job:
     eval_batch: int = 100
     keep_client_states: bool = False
     program: str | None = None  # a `microtrain compile` project: RUN/state.bin is written in its state format
+    model_spec: str = ""  # what --model named (zoo name or absolute path): devices rebuild the graph from it
+    num_classes: int = 0
 
     def save(self, path: Path) -> None:
         write_json(path, asdict(self))
@@ -105,6 +107,23 @@ def validate(job: Job) -> None:
     if job.augment not in AUGMENTS:
         raise MicrotrainError(f"--augment must be one of {', '.join(AUGMENTS)}, got {job.augment!r}")
     parse_partition(job.partition)
+
+
+_graphs: dict[str, Graph] = {}
+
+
+def training_graph(job: Job) -> Graph:
+    """The job's training graph, rebuilt from the model and scheme (deterministic: the one RUN/train_graph holds)."""
+    key = json.dumps([job.model_spec, job.scheme, job.num_classes, job.seed])
+    if key not in _graphs:
+        from microtrain.autodiff.build import TrainConfig, build_training_graph
+        from microtrain.frontends.zoo import load_model
+        from microtrain.sparse.scheme import resolve_scheme
+
+        model = load_model(job.model_spec)
+        _graphs[key] = build_training_graph(model, resolve_scheme(job.scheme, model), job.num_classes,
+                                            TrainConfig(seed=job.seed))
+    return _graphs[key]
 
 
 def write_json(path: Path, obj: Any) -> None:
@@ -292,7 +311,7 @@ class Server:
     def __init__(self, job: Job, *, resume: bool):
         self.job = job
         self.run = Path(job.run_dir)
-        self.graph = Graph.load(self.run / GRAPH)
+        self.graph = training_graph(job)
         self.names = trainable_names(self.graph)
         self.sizes = [len(p) for p in load_partition(self.run)]
         self.test = ImageDataset.load(self.run / DATA / "test.npz")

@@ -23,7 +23,6 @@ from microtrain.data.datasets import ImageDataset
 from microtrain.errors import MicrotrainError
 from microtrain.fleet.core import (
     DATA,
-    GRAPH,
     PROGRESS,
     Device,
     Job,
@@ -31,9 +30,9 @@ from microtrain.fleet.core import (
     load_partition,
     sample_clients,
     trainable_names,
+    training_graph,
     write_json,
 )
-from microtrain.ir.graph import Graph
 
 NODE_WAIT_S = 120.0
 POLL_S = 0.05
@@ -55,7 +54,7 @@ def _device(job_path: str, pid: int) -> Device:
         if job_path not in _train_sets:
             _train_sets[job_path] = ImageDataset.load(run / DATA / "train.npz")
         shard = _train_sets[job_path].take(load_partition(run)[pid])
-        _devices[key] = Device(Graph.load(run / GRAPH), shard, pid, job)
+        _devices[key] = Device(training_graph(job), shard, pid, job)
     return _devices[key]
 
 
