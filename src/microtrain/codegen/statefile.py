@@ -112,6 +112,8 @@ def state_from_file_bytes(raw: bytes, program: dict[str, Any], source: str = "st
         count = int(np.prod(t["shape"], dtype=np.int64))
         out[t["name"]] = np.frombuffer(slot.payload, t["dtype"], count, off).reshape(t["shape"]).copy()
         off += int(t["nbytes"])
+        if out[t["name"]].dtype.kind == "f" and not np.isfinite(out[t["name"]]).all():
+            raise StateFileError(f"{source}: state tensor {t['name']} holds NaN or infinite values")
     out["__step__"] = np.array(step, np.int64)
     return out
 
@@ -125,6 +127,8 @@ def state_to_file_bytes(state: dict[str, np.ndarray], program: dict[str, Any]) -
         a = np.ascontiguousarray(np.asarray(state[t["name"]], t["dtype"]))
         if list(a.shape) != list(t["shape"]):
             raise StateFileError(f"state tensor {t['name']}: shape {list(a.shape)}, the program's is {t['shape']}")
+        if a.dtype.kind == "f" and not np.isfinite(a).all():
+            raise StateFileError(f"state tensor {t['name']} holds NaN or infinite values")
         parts.append(a.tobytes())
     return build_file(b"".join(parts), int(program["state_fingerprint"]))
 
