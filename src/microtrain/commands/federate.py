@@ -99,8 +99,10 @@ def prepare(args: argparse.Namespace) -> core.Job:
                    model_spec=str(Path(args.model).resolve()) if Path(args.model).is_file() else args.model,
                    num_classes=train_ds.num_classes)
     core.validate(job)
-    if args.program and not (Path(args.program) / "program.json").is_file():
-        raise MicrotrainError(f"{args.program}: no program.json (not a `microtrain compile` project)")
+    if args.program:
+        if not (Path(args.program) / "program.json").is_file():
+            raise MicrotrainError(f"{args.program}: no program.json (not a `microtrain compile` project)")
+        core.check_program(job.program, core.training_graph(job))
     if args.resume:
         f = out / core.STATE
         if not f.is_file():

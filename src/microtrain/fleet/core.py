@@ -383,19 +383,26 @@ def load_partition(run: Path) -> list[np.ndarray]:
         return [z[f"client{k}"] for k in range(int(z["clients"]))]
 
 
-def write_state_bin(path: Path, state: dict[str, np.ndarray], step: int, program_dir: str) -> None:
-    """The aggregated state in the state format of the C project `program_dir` (codegen.project.write_state), which
-    its harness loads with `-i state.bin`. The project must train the same scheme (same state tensors)."""
-    from microtrain.codegen.project import load_program, write_state
+def check_program(program_dir: str, graph: Graph) -> dict[str, Any]:
+    """The C project's program.json, if its state is exactly the federation's trainable state (else one line)."""
+    from microtrain.codegen.project import load_program
 
     prog = load_program(program_dir)
     want = {t["name"]: (tuple(t["shape"]), t["dtype"]) for t in prog["state"]}
-    have = {n: (tuple(a.shape), str(a.dtype)) for n, a in state.items()}
+    have = {n: (tuple(graph.tensors[n].shape), graph.tensors[n].dtype) for n in trainable_names(graph)}
     if want != have:
-        diff = sorted(set(want.items()) ^ set(have.items()))[:3]
+        diff = ", ".join(sorted(set(want) ^ set(have))[:3]) or "shapes or dtypes"
         raise MicrotrainError(f"{program_dir}: the program's state differs from the federation's ({diff}); compile "
                               "it from the same model and scheme (e.g. `microtrain compile --from RUN`)")
-    write_state(path, {**state, "__step__": np.array(step, np.int64)}, prog)
+    return prog
+
+
+def write_state_bin(path: Path, state: dict[str, np.ndarray], step: int, program_dir: str) -> None:
+    """The aggregated state in the state format of the C project `program_dir` (codegen.project.write_state, the
+    project's own writer), which its harness loads with `-i state.bin`."""
+    from microtrain.codegen.project import load_program, write_state
+
+    write_state(path, {**state, "__step__": np.array(step, np.int64)}, load_program(program_dir))
 
 
 def plot_rounds(history: list[dict[str, Any]], path: Path, title: str,
