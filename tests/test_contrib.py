@@ -129,15 +129,18 @@ def test_ray_missing_is_one_line(tiny, tmp_path, monkeypatch):
         C.analyse(tiny, protocol(tiny), cache_root=tmp_path, ray_address="local", progress=False)
 
 
-def test_ray_local(tiny, tmp_path):
+def test_ray_local_equals_the_process_pool(tiny, tmp_path):
     ray = pytest.importorskip("ray")
-    p = protocol(tiny, weight_convs=(9,), k_grid=(5,), base_k=5)
-    serial = C.analyse(tiny, p, cache_root=tmp_path / "a", progress=False)
+    p = protocol(tiny, weight_convs=(9,), k_grid=(2, 5), base_k=5)
+    pool = C.analyse(tiny, p, cache_root=tmp_path / "a", workers=2, progress=False)
     try:
-        on_ray = C.analyse(tiny, p, cache_root=tmp_path / "b", ray_address="local", progress=False)
+        on_ray = C.analyse(tiny, p, cache_root=tmp_path / "b", workers=2, ray_address="local", progress=False)
     finally:
         ray.shutdown()
-    assert on_ray["bias"] == serial["bias"] and on_ray["weight"] == serial["weight"]
+    assert not ray.is_initialized()  # the local instance it started is shut down
+    assert on_ray["trials_from_cache"] == pool["trials_from_cache"] == 0
+    assert on_ray["bias"] == pool["bias"] and on_ray["weight"] == pool["weight"]
+    assert on_ray["baselines"] == pool["baselines"] and len(on_ray["weight"]) > 0
 
 
 def test_shipped_files_match_their_models():

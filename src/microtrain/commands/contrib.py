@@ -56,8 +56,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--weight-convs", help="convs whose weights are measured, e.g. 21-41 (default: the last base-k)")
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--workers", type=int, default=2, help="parallel trial processes (default 2)")
-    p.add_argument("--ray", metavar="ADDRESS", help="run the trials on a Ray cluster ('auto', 'local' or host:port; "
-                                                    "needs the optional ray package and a shared --cache-dir)")
+    p.add_argument("--ray", metavar="ADDRESS", help="run the trials as Ray tasks: 'local' (a private Ray instance with "
+                                                    "--workers CPUs), 'auto' or host:port (a running cluster; needs a "
+                                                    "shared --cache-dir); pip install 'microtrain[ray]'")
     p.add_argument("--cache-dir", help=f"trial cache root (default {default_cache_root()})")
     p.add_argument("--json", action="store_true", help="print the contribution file to stdout")
     p.add_argument("--quiet", action="store_true", help="no progress bars")

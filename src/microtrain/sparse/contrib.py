@@ -21,12 +21,10 @@ runs only its remaining frozen ops (exact: the same kernels on the same values; 
 
 from __future__ import annotations
 
-import concurrent.futures as cf
 import datetime
 import hashlib
 import json
 import math
-import multiprocessing
 import os
 import shutil
 import sys
@@ -47,6 +45,7 @@ from microtrain.errors import MicrotrainError
 from microtrain.frontends.zoo import ZOO_MODELS, load_model
 from microtrain.ir.graph import Graph
 from microtrain.runtime.prefix_cache import PrefixCache, PrefixStep
+from microtrain.runtime.tasks import run_tasks
 from microtrain.runtime.trainer import DivergedError, fit
 from microtrain.runtime.trainstep import GraphTrainStep
 from microtrain.sparse.cost import analytic_extra_bytes
@@ -462,7 +461,8 @@ def _cost_order(a: Analysis, trials: list[Trial]) -> list[Trial]:
 
 def run_trials(a: Analysis, *, workers: int = 1, ray_address: str | None = None, progress: bool = True,
                on_result: Callable[[dict[str, Any]], None] | None = None) -> dict[str, dict[str, Any]]:
-    """Runs every trial without a cached result: in-process (workers=1), in a process pool, or on Ray."""
+    """Runs every trial without a cached result: in-process (workers=1), in a process pool, or on Ray ('local': a
+    private instance with `workers` CPUs; see runtime.tasks.run_tasks)."""
     results = cached_results(a)
     todo = _cost_order(a, [t for t in a.trials if t.key not in results])
     bar = tqdm(total=len(a.trials), initial=len(results), desc=f"contrib {a.model}", unit="trial",
@@ -478,50 +478,10 @@ def run_trials(a: Analysis, *, workers: int = 1, ray_address: str | None = None,
             on_result(r)
 
     try:
-        if ray_address:
-            _run_on_ray(ray_address, args, done)
-        elif workers <= 1:
-            for a_ in args:
-                done(run_trial(*a_))
-        else:
-            ctx = multiprocessing.get_context("spawn")  # the parent used torch threads: never fork it
-            pool = cf.ProcessPoolExecutor(max_workers=workers, mp_context=ctx)
-            futures = [pool.submit(run_trial, *a_) for a_ in args]
-            try:
-                for f in cf.as_completed(futures):
-                    done(f.result())
-            except BaseException:
-                # interrupted (or a trial failed): stop now instead of waiting for the running trials; finished
-                # ones are on disk and the next run resumes from them
-                procs = list(getattr(pool, "_processes", {}).values())  # no public way to stop running workers
-                pool.shutdown(wait=False, cancel_futures=True)
-                for proc in procs:
-                    proc.terminate()
-                raise
-            pool.shutdown()
+        run_tasks(run_trial, args, workers=workers, ray_address=ray_address, on_result=done)
     finally:
         bar.close()
     return results
-
-
-def _run_on_ray(address: str, args: list[tuple], done: Callable[[dict[str, Any]], None]) -> None:
-    """The same trials as Ray tasks (one CPU each). Workers read the work dir: use a shared filesystem on a cluster."""
-    try:
-        import ray
-    except ImportError:
-        raise MicrotrainError("--ray needs the optional package ray (pip install 'ray[default]')") from None
-    started = not ray.is_initialized()
-    if started:
-        ray.init(address=None if address == "local" else address, include_dashboard=False, log_to_driver=False)
-    try:
-        remote = ray.remote(num_cpus=1)(run_trial)
-        pending = [remote.remote(*a) for a in args]
-        while pending:
-            ready, pending = ray.wait(pending, num_returns=1)
-            done(ray.get(ready[0]))
-    finally:
-        if started:
-            ray.shutdown()
 
 
 def summarize(a: Analysis, results: dict[str, dict[str, Any]], *, command: str | None = None,
