@@ -34,6 +34,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--epochs", type=int, help="default: the paper's protocol for the dataset (50; VWW 10)")
     p.add_argument("--lr", type=float, default=0.05, help="peak learning rate (default 0.05)")
     p.add_argument("--lr-sweep", help="comma-separated learning rates to try instead of --lr, e.g. 0.01,0.03,0.1")
+    p.add_argument("--workers", type=int, default=1,
+                   help="with --lr-sweep: learning rates trained at the same time, in spawned processes with one "
+                        "torch thread each (default 1: one after the other in this process)")
+    p.add_argument("--ray", metavar="ADDRESS",
+                   help="with --lr-sweep: train the learning rates as Ray tasks ('local': a private instance with "
+                        "--workers CPUs; 'auto' or host:port: a running cluster that sees --out); same results as "
+                        "--workers; pip install 'microtrain[ray]'")
     p.add_argument("--optimizer", choices=OPTIMIZERS, default="sgd", help="sgd (no momentum, default), sgd-m, adam")
     p.add_argument("--no-qas", action="store_true", help="disable Quantization-Aware Scaling (paper baseline)")
     p.add_argument("--precision", choices=("int8", "fp32"), default="int8",
@@ -135,7 +142,16 @@ def run(args: argparse.Namespace) -> int:
                   eval_every=args.eval_every, progress=progress, stop_on_blowup=not args.no_blowup_stop,
                   extra=extra)
     if args.lr_sweep:
-        result = sweep(make_step, parse_lrs(args.lr_sweep), train_ds, test_ds, out_dir=out, **common)
+        if args.workers > 1 or args.ray:
+            from microtrain.runtime.sweeps import parallel_sweep, step_spec
+
+            if args.engine != "torch":
+                raise MicrotrainError("--workers / --ray sweeps run the torch engine (drop --engine device)")
+            spec = step_spec(args.model, args.scheme, train_ds.num_classes, cfg, args.precision, cache)
+            result = parallel_sweep(spec, parse_lrs(args.lr_sweep), train_ds, test_ds, out_dir=out,
+                                    workers=args.workers, ray_address=args.ray, **common)
+        else:
+            result = sweep(make_step, parse_lrs(args.lr_sweep), train_ds, test_ds, out_dir=out, **common)
         summary = f"best lr {result['best_lr']:g}: test accuracy {result['best_test_accuracy']:.2%}"
         if result["diverged_lrs"]:
             summary += f" (diverged at lr {', '.join(f'{v:g}' for v in result['diverged_lrs'])})"
