@@ -16,7 +16,7 @@ system-deps:
 # torch is pinned to the CPU build on this machine's disk; anything newer pulls a multi-GB CUDA build.
 python-deps:
 	$(PIP) install -q torch==2.13.0
-	$(PIP) install -q -e '.[dev]'
+	$(PIP) install -q -e '.[dev,fleet,ray]'
 
 demo: install
 	microtrain demo
