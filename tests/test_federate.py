@@ -4,6 +4,7 @@ runtime whose aggregate equals the average computed here by hand."""
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -144,6 +145,29 @@ def test_three_devices_two_rounds_on_flower(fleet_inputs, tmp_path, capsys):
     assert b["payload_per_transfer"] == sum(v.nbytes for v in want.values()) < b["full_model"]
     assert b["wire_per_round_per_client"]["up"] >= b["payload_per_transfer"]
     assert (run / core.PLOT).stat().st_size > 0 and m["command"].startswith("microtrain federate --model")
+
+    # interrupted after round 1: --resume runs round 2 only and ends with the same state and accuracy
+    part = tmp_path / "part"
+    shutil.copytree(run, part, ignore=shutil.ignore_patterns("rounds"))
+    with np.load(run / "rounds" / "round-1" / "aggregate.npz") as z:
+        np.savez(part / core.CHECKPOINT, **{n: z[n] for n in z.files}, __step__=np.array(6, np.int64))
+    info = json.loads((run / core.STATE).read_text())
+    info.update(history=info["history"][:1], global_step=6, checkpoint_sha256=core.sha256(part / core.CHECKPOINT))
+    core.write_json(part / core.STATE, info)
+    rc = main(["federate", "--model", str(fleet_inputs / "tiny.json"), "--scheme", "last:3", "--data",
+               str(fleet_inputs / "data"), "--clients", "3", "--rounds", "2", "--local-steps", "6", "--partition",
+               "dirichlet:1", "--lr", "0.01", "--seed", "2", "--quiet", "--out", str(part), "--resume", "--json"])
+    assert rc == 0
+    resumed = json.loads(capsys.readouterr().out)
+    assert resumed["test_accuracy_per_round"] == m["test_accuracy_per_round"]
+    assert resumed["train_loss_per_round"] == m["train_loss_per_round"]
+    with np.load(part / core.CHECKPOINT) as z:
+        assert all(np.array_equal(z[n], ckpt[n]) for n in ckpt)
+    # a changed configuration is refused
+    rc = main(["federate", "--model", str(fleet_inputs / "tiny.json"), "--scheme", "last:3", "--data",
+               str(fleet_inputs / "data"), "--clients", "3", "--rounds", "2", "--local-steps", "7", "--partition",
+               "dirichlet:1", "--lr", "0.01", "--seed", "2", "--quiet", "--out", str(part), "--resume"])
+    assert rc == 2 and "configuration changed local_steps 6 -> 7" in capsys.readouterr().err
 
 
 def test_state_bin_for_the_c_program(fleet_inputs, tmp_path, capsys):
