@@ -197,8 +197,9 @@ class Saturating(LeastSquaresStep):
 def test_finite_blowup_counts_as_diverged(data, tmp_path, monkeypatch):
     train, test = data
     monkeypatch.setattr(T, "BLOWUP_WINDOW", 4)
-    with pytest.raises(T.DivergedError, match=r"loss blew up \(mean 1e\+03 over the last 4 iterations, above "
-                                              r"11 = 10x chance\) at epoch 2, iteration 10;") as ei:
+    # the window spans epochs: epoch 1's last 3 losses and the first blown-up one of epoch 2
+    with pytest.raises(T.DivergedError, match=r"loss blew up \(mean 2\d\d over the last 4 iterations, above "
+                                              r"11 = 10x chance\) at epoch 2, iteration 7;") as ei:
         T.fit(Saturating(after=7), train, test, lr=0.01, out_dir=tmp_path, **KW)
     assert json.loads((tmp_path / "metrics.json").read_text())["status"] == "diverged" and ei.value.epoch == 2
     # a short spike does not stop the run, and the guard can be switched off
@@ -206,6 +207,17 @@ def test_finite_blowup_counts_as_diverged(data, tmp_path, monkeypatch):
     assert m["status"] == "completed"
     m = T.fit(Saturating(after=7), train, test, lr=0.01, out_dir=tmp_path / "off", stop_on_blowup=False, **KW)
     assert m["status"] == "completed" and m["train_loss"][-1] == 1e3
+
+
+def test_blowup_stop_with_fewer_iterations_than_the_window(data, tmp_path):
+    """Issue 12: 3 epochs of 6 iterations (18 < BLOWUP_WINDOW = 50) whose loss saturates from the 3rd step on: the
+    whole run is the window, and the run ends diverged instead of "completed" with a loss of 1e3."""
+    train, test = data
+    assert 3 * 6 < T.BLOWUP_WINDOW
+    with pytest.raises(T.DivergedError, match=r"loss blew up \(mean \d+ over the last 18 iterations") as ei:
+        T.fit(Saturating(after=3), train, test, lr=0.01, out_dir=tmp_path, **KW)
+    assert ei.value.epoch == 3 and ei.value.iteration == 18
+    assert json.loads((tmp_path / "metrics.json").read_text())["status"] == "diverged"
 
 
 def test_sweep_reports_every_lr_including_diverged(data, tmp_path):

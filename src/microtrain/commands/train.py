@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +13,7 @@ from microtrain.data.datasets import AUGMENTS, DATASETS, dataset_info, open_data
 from microtrain.errors import MicrotrainError
 from microtrain.frontends.zoo import ZOO_MODELS, load_model
 from microtrain.runtime.prefix_cache import PrefixCache
+from microtrain.runtime.rundir import open_run_dir
 from microtrain.runtime.trainer import fit, sweep
 from microtrain.runtime.trainstep import GraphTrainStep
 from microtrain.sparse.cost import analytic_extra_bytes
@@ -66,7 +68,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                         "mean loss over 50 iterations exceeds 10x chance level stops as diverged)")
     p.add_argument("--eval-every", type=int, default=1, help="evaluate every N epochs (and after the last)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted run in --out (same model, data, "
+                                                         "scheme, optimizer, precision, QAS, storage: checked)")
+    p.add_argument("--force", action="store_true", help="replace the run that --out holds (completed or unfinished)")
     p.add_argument("--out", required=True, metavar="RUN_DIR")
     p.add_argument("--json", action="store_true", help="print metrics.json (or sweep.json) to stdout at the end")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -81,6 +85,34 @@ def parse_lrs(text: str) -> list[float]:
     if not lrs or any(lr <= 0 for lr in lrs):
         raise MicrotrainError(f"--lr-sweep: need positive learning rates, got {text!r}")
     return lrs
+
+
+def check_numbers(args: argparse.Namespace) -> None:
+    """Numeric options that argparse accepts but no run can use: one line each, before anything is loaded."""
+    def bad(flag: str, v: Any, rule: str) -> MicrotrainError:
+        return MicrotrainError(f"{flag} must be {rule}, got {v}")
+
+    for flag, v in (("--epochs", args.epochs), ("--batch-size", args.batch_size), ("--subset", args.subset),
+                    ("--test-subset", args.test_subset), ("--eval-every", args.eval_every)):
+        if v is not None and v < 1:
+            raise bad(flag, v, "an integer >= 1")
+    if args.epochs is not None and args.epochs > 100_000:
+        raise bad("--epochs", args.epochs, "at most 100000")
+    if not (math.isfinite(args.lr) and args.lr > 0):
+        raise bad("--lr", args.lr, "a finite number > 0")
+    if args.warmup_epochs is not None and not (math.isfinite(args.warmup_epochs) and args.warmup_epochs >= 0):
+        raise bad("--warmup-epochs", args.warmup_epochs, "a finite number >= 0")
+
+
+def run_identity(args: argparse.Namespace, model: Any, scheme: Any, graph: Any, train_ds: Any) -> dict[str, Any]:
+    """What a run is (runtime/rundir.py): --resume must name the same, or it is refused before any file changes."""
+    from microtrain.runtime.rundir import graph_hash
+
+    data = str(Path(args.data).resolve()) if Path(args.data).is_dir() else args.data
+    return {"model": model.name, "data": data, "scheme": scheme.to_dict(), "optimizer": args.optimizer,
+            "precision": args.precision, "qas": not args.no_qas, "update_storage": args.update_storage,
+            "int8_grads": args.int8_grads, "engine": args.engine, "classes": list(train_ds.classes),
+            "lr_sweep": args.lr_sweep and parse_lrs(args.lr_sweep), "graph_sha256": graph_hash(graph)}
 
 
 def device_twin(graph: Any, out_dir: Path, state: dict | None = None) -> Any:
@@ -106,6 +138,7 @@ def check_engine(args: argparse.Namespace) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
+    check_numbers(args)
     batch_size = check_engine(args)
     model = load_model(args.model)
     scheme = resolve_scheme(args.scheme, model)
@@ -120,7 +153,7 @@ def run(args: argparse.Namespace) -> int:
                       int8_grads=args.int8_grads, seed=args.seed)
     graph = build_training_graph(model, scheme, train_ds.num_classes, cfg)
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    open_run_dir(out, run_identity(args, model, scheme, graph, train_ds), resume=args.resume, force=args.force)
     graph.save(out / GRAPH)
     cache = augment in ("flip", "none") and not args.no_prefix_cache and args.engine == "torch"
     shared: dict = {}

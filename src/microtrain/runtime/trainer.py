@@ -276,9 +276,12 @@ def fit(step: TrainStep, train_ds: ImageDataset, test_ds: ImageDataset, *, epoch
     if st["epoch"]:
         log(f"resuming {run.dir} after epoch {st['epoch']}/{epochs}")
     limit = blowup_threshold(train_ds.num_classes) if stop_on_blowup else math.inf
+    # the blow-up window spans epochs (and is checkpointed), and a run shorter than the window is judged on all of
+    # its iterations: a few iterations per epoch must not hide a blown-up loss
+    window: deque[float] = deque((info or {}).get("blowup_window", []), maxlen=BLOWUP_WINDOW)
+    need = min(BLOWUP_WINDOW, total)
     for epoch in range(st["epoch"], epochs):
         loss_sum, seen, t0 = 0.0, 0, time.perf_counter()
-        window: deque[float] = deque(maxlen=BLOWUP_WINDOW)
         bar = tqdm(batches(train_ds, batch_size, shuffle=True, seed=seed, epoch=epoch, augment=augment,
                            resolution=resolution, drop_last=drop_last),
                    total=ipe, desc=f"epoch {epoch + 1}/{epochs}", unit="batch", disable=not progress, leave=False)
@@ -289,10 +292,10 @@ def fit(step: TrainStep, train_ds: ImageDataset, test_ds: ImageDataset, *, epoch
                 bar.close()
                 raise stop(epoch, f"loss became {'nan' if math.isnan(loss) else 'inf'}") from None
             window.append(loss)
-            if len(window) == BLOWUP_WINDOW and sum(window) / BLOWUP_WINDOW > limit:
+            if len(window) >= need and sum(window) / len(window) > limit:
                 bar.close()
-                raise stop(epoch, f"loss blew up (mean {sum(window) / BLOWUP_WINDOW:.3g} over the last "
-                                  f"{BLOWUP_WINDOW} iterations, above {limit:.3g} = {BLOWUP_FACTOR:g}x chance)")
+                raise stop(epoch, f"loss blew up (mean {sum(window) / len(window):.3g} over the last "
+                                  f"{len(window)} iterations, above {limit:.3g} = {BLOWUP_FACTOR:g}x chance)")
             loss_sum += loss * len(y)
             seen += len(y)
             st["iteration"] += 1
@@ -316,7 +319,8 @@ def fit(step: TrainStep, train_ds: ImageDataset, test_ds: ImageDataset, *, epoch
         st["epoch"] = epoch + 1
         st["train_loss"].append(loss_sum / seen)
         st["test_accuracy_per_epoch"].append(acc)
-        run.save(step, {**{k: st[k] for k in st if k != "diverged"}, "config": config})
+        run.save(step, {**{k: st[k] for k in st if k != "diverged"}, "config": config,
+                        "blowup_window": list(window)})
         m = metrics("completed" if epoch + 1 == epochs else "running")
         log(f"epoch {epoch + 1}/{epochs}  loss {loss_sum / seen:.4f}"
             + (f"  test acc {acc:.2%}" if acc is not None else "")
