@@ -22,6 +22,7 @@ import json
 import math
 import os
 import re
+import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -354,14 +355,17 @@ class Server:
                 np.savez(d / f"client-{k}.npz", **replies[k][0])
             np.savez(d / "aggregate.npz", **self.state)
         self.eval_step.load_state_dict({**self.state, "__step__": np.array(self.global_step, np.int64)})
+        t0 = time.perf_counter()
         acc = evaluate(self.eval_step, self.test, batch_size=self.job.eval_batch, resolution=self.job.resolution,
                        eval_crop=1.0)
+        eval_seconds = time.perf_counter() - t0
         n = sum(self.sizes[k] for k in clients)
         rec = {"round": rnd + 1, "clients": clients, "test_accuracy": acc,
                "train_loss": sum(replies[k][1]["loss"] * self.sizes[k] for k in clients) / n,
                "global_step": self.global_step, "payload_bytes_down_per_client": payload_bytes(self.graph),
                "payload_bytes_up_per_client": payload_bytes(self.graph),
-               "wire_bytes_down": wire["down"], "wire_bytes_up": wire["up"], "seconds": round(seconds, 3)}
+               "wire_bytes_down": wire["down"], "wire_bytes_up": wire["up"], "seconds": round(seconds, 3),
+               "eval_seconds": round(eval_seconds, 3)}
         self.history.append(rec)
         self.save()
         return rec
