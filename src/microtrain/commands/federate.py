@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import fcntl
 import json
 import re
 import shlex
 import shutil
 import subprocess
+import tempfile
 import time
 from importlib import resources
 from pathlib import Path
@@ -149,11 +151,17 @@ def simulate(job: core.Job, *, resume: bool, workers: int, threads: int, progres
     bar = tqdm(total=job.rounds * job.per_round, initial=done0, desc=f"federate {job.clients} devices",
                unit="device-round", disable=not progress, dynamic_ncols=True)
     state: dict[str, Any] = {}
+    lock = open(Path(tempfile.gettempdir()) / "microtrain-flower.lock", "wb")  # noqa: SIM115 (released below)
     with open(log, "wb") as f:
+        # Flower starts its local SuperLink on first use: two federations starting at once would both try, so
+        # starts are serialised on this machine until Flower has accepted the run
+        fcntl.flock(lock, fcntl.LOCK_EX)
         proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=run)
         try:
             while proc.poll() is None:
                 time.sleep(0.5)
+                if not lock.closed and b"Successfully started run" in log.read_bytes():
+                    lock.close()
                 state = _read_progress(run) or state
                 if state.get("status") == "running":
                     bar.n = state["round"] * job.per_round + (state["done"] if state["done"] < state["of"] else 0)
@@ -166,6 +174,7 @@ def simulate(job: core.Job, *, resume: bool, workers: int, threads: int, progres
                 subprocess.run([cmd[0], "stop", run_id.group(1).decode()], capture_output=True, timeout=60)
             raise
         finally:
+            lock.close()
             bar.close()
     state = _read_progress(run) or state
     if state.get("status") != "completed":
