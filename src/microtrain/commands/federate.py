@@ -9,6 +9,7 @@ import re
 import shlex
 import shutil
 import subprocess
+import sys
 import tempfile
 import time
 from importlib import resources
@@ -130,7 +131,8 @@ def prepare(args: argparse.Namespace) -> core.Job:
 
 
 def flower_command(job: core.Job, resume: bool, workers: int, threads: int) -> list[str]:
-    flwr = shutil.which("flwr")
+    beside = Path(sys.executable).parent / "flwr"  # the CLI of this interpreter's flwr, even outside PATH
+    flwr = str(beside) if beside.is_file() else shutil.which("flwr")
     if flwr is None:
         raise MicrotrainError("federate needs the optional package flwr with its simulation runtime "
                               "(pip install 'microtrain[fleet]')")
