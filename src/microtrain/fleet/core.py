@@ -416,6 +416,7 @@ def plot_rounds(history: list[dict[str, Any]], path: Path, title: str,
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     fig, ax = plt.subplots(figsize=(6, 3.6), dpi=120)
     ax.plot([h["round"] for h in history], [100 * h["test_accuracy"] for h in history], "o-", ms=3,
@@ -423,6 +424,7 @@ def plot_rounds(history: list[dict[str, Any]], path: Path, title: str,
     if reference:
         ax.axhline(100 * reference[1], color="tab:red", ls="--", label=f"{reference[0]} {100 * reference[1]:.2f}%")
     ax.set_xlabel("round")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_ylabel("test accuracy (%)")
     ax.set_title(title, fontsize=9)
     ax.grid(alpha=0.3)
