@@ -213,7 +213,7 @@ def test_blowup_stop_with_fewer_iterations_than_the_window(data, tmp_path):
     """Issue 12: 3 epochs of 6 iterations (18 < BLOWUP_WINDOW = 50) whose loss saturates from the 3rd step on: the
     whole run is the window, and the run ends diverged instead of "completed" with a loss of 1e3."""
     train, test = data
-    assert 3 * 6 < T.BLOWUP_WINDOW
+    assert T.BLOWUP_WINDOW > 3 * 6
     with pytest.raises(T.DivergedError, match=r"loss blew up \(mean \d+ over the last 18 iterations") as ei:
         T.fit(Saturating(after=3), train, test, lr=0.01, out_dir=tmp_path, **KW)
     assert ei.value.epoch == 3 and ei.value.iteration == 18

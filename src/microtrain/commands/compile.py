@@ -27,6 +27,7 @@ from microtrain.data.samples import real_images
 from microtrain.errors import MicrotrainError
 from microtrain.frontends.zoo import load_model
 from microtrain.ir.graph import Graph
+from microtrain.outputs import check_output_dir
 from microtrain.sparse.scheme import resolve_scheme
 
 
@@ -68,7 +69,7 @@ def training_graph(args: argparse.Namespace) -> tuple[Graph, dict[str, np.ndarra
     """The training graph and the state to start from: a run directory's, or a fresh one."""
     if args.run_dir:
         from microtrain.commands.train import GRAPH
-        from microtrain.runtime.trainer import CHECKPOINT, load_checkpoint
+        from microtrain.runtime.rundir import load_run_checkpoint
 
         run_dir = Path(args.run_dir)
         if not (run_dir / f"{GRAPH}.json").is_file():
@@ -81,12 +82,11 @@ def training_graph(args: argparse.Namespace) -> tuple[Graph, dict[str, np.ndarra
             raise MicrotrainError(f"--scheme {args.scheme} does not match the run's scheme {tr['scheme']['name']}")
         if args.int8_grads and not tr["config"].get("int8_grads"):
             raise MicrotrainError("--int8-grads does not match the run (trained with float32 activation gradients)")
-        state = load_checkpoint(run_dir / CHECKPOINT) if (run_dir / CHECKPOINT).is_file() else None
-        return tg, state
+        return tg, load_run_checkpoint(run_dir)
     if not (args.model and args.scheme):
         raise MicrotrainError("give --model and --scheme, or --from RUN_DIR")
-    if args.classes < 1:
-        raise MicrotrainError(f"--classes must be >= 1, got {args.classes}")
+    if not 1 <= args.classes <= 65536:
+        raise MicrotrainError(f"--classes must be in [1, 65536], got {args.classes}")
     model = load_model(args.model)
     cfg = TrainConfig(optimizer=args.optimizer, reorder=not args.no_reorder, int8_grads=args.int8_grads, seed=args.seed)
     return build_training_graph(model, resolve_scheme(args.scheme, model), args.classes, cfg), None
@@ -100,6 +100,7 @@ def run(args: argparse.Namespace) -> int:
     if args.steps < 1:
         raise MicrotrainError(f"--steps must be >= 1, got {args.steps}")
     levers = planner_levers(args)
+    check_output_dir(args.out, "-o")
     tg, state = training_graph(args)
     sched, best = plan_training_graph(tg, **levers)
     out = Path(args.out)

@@ -10,6 +10,7 @@ from pathlib import Path
 from microtrain.data.datasets import DATASETS
 from microtrain.errors import MicrotrainError
 from microtrain.frontends.zoo import ZOO_MODELS, load_model
+from microtrain.outputs import check_output_file
 from microtrain.sparse.contrib import Protocol, analyse, default_cache_root, default_protocol
 
 
@@ -75,7 +76,8 @@ def run(args: argparse.Namespace) -> int:
                              probe_lr=args.probe_lr, augment=args.augment,
                              seed=args.seed, k_grid=_ints(args.k_grid, "--k-grid"), base_k=args.base_k,
                              weight_convs=_ints(args.weight_convs, "--weight-convs"))
-    out = Path(args.out or f"contrib-{graph.name}-{Path(args.data).name}.json")
+    # checked before the trials, not after them
+    out = check_output_file(args.out or f"contrib-{graph.name}-{Path(args.data).name}.json", "--out")
     command = shlex.join(["microtrain", "contrib", *_argv(args, proto, out)])
     result = analyse(args.model, proto, cache_root=args.cache_dir, workers=args.workers, ray_address=args.ray,
                      progress=not args.quiet, command=command)

@@ -55,6 +55,9 @@ def _datasets(subset: int):
 
 
 def run(args: argparse.Namespace) -> int:
+    for flag, v in (("--subset", args.subset), ("--epochs", args.epochs), ("--steps", args.steps)):
+        if v < 1:  # before the dataset fallback below could read a bad value as "no CIFAR-10 here"
+            raise MicrotrainError(f"{flag} must be >= 1, got {v}")
     model = load_model(args.model)
     scheme = resolve_scheme(args.scheme, model)
     train_ds, test_ds = _datasets(args.subset)

@@ -11,7 +11,8 @@ from microtrain.commands.train import GRAPH, device_twin
 from microtrain.data.datasets import open_dataset
 from microtrain.errors import MicrotrainError
 from microtrain.ir.graph import Graph
-from microtrain.runtime.trainer import evaluate, load_checkpoint
+from microtrain.runtime.rundir import load_run_checkpoint, read_metrics
+from microtrain.runtime.trainer import evaluate
 from microtrain.runtime.trainstep import GraphTrainStep
 
 
@@ -35,18 +36,21 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     run_dir = Path(args.run_dir)
-    metrics_path = run_dir / "metrics.json"
-    if not (run_dir / f"{GRAPH}.json").exists() or not metrics_path.exists():
-        raise MicrotrainError(f"{run_dir}: not a training run (no {GRAPH}.json / metrics.json)")
-    metrics = json.loads(metrics_path.read_text())
+    if not (run_dir / f"{GRAPH}.json").exists():
+        raise MicrotrainError(f"{run_dir}: not a training run (no {GRAPH}.json)")
+    metrics = read_metrics(run_dir)
     graph = Graph.load(run_dir / GRAPH)
     # a device state file is read with the layout of the program that wrote it: the twin's (same graph, same layout)
     twin = device_twin(graph, run_dir / "device" / "eval") if args.engine == "device" or args.state else None
-    state = read_state(args.state, twin.program) if args.state else load_checkpoint(run_dir / "checkpoint.npz")
+    state = read_state(args.state, twin.program) if args.state else load_run_checkpoint(run_dir)
     step = twin if args.engine == "device" else GraphTrainStep(graph, metrics.get("precision", "int8"))
     step.load_state_dict(state)
     data = args.data or metrics.get("data", metrics["dataset"])
     ds = open_dataset(data, args.split, subset=args.subset, progress=not args.json)
+    trained = metrics.get("classes")
+    if trained is not None and list(ds.classes) != list(trained):
+        raise MicrotrainError(f"{data}: classes {', '.join(map(str, ds.classes[:5]))}... are not the run's "
+                              f"{', '.join(map(str, trained[:5]))}...: its labels would not match the head's outputs")
     acc = evaluate(step, ds, resolution=metrics["resolution"], eval_crop=metrics["eval_crop"])
     result = {"run": str(run_dir), "dataset": ds.name, "split": args.split, "images": len(ds), "accuracy": acc,
               "engine": args.engine, "state": args.state or str(run_dir / "checkpoint.npz"),

@@ -52,10 +52,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     results, errors = predict(args.model, args.images)
+    if not results:  # one line: the reason itself for one image, the count and the first reason for several
+        raise MicrotrainError(errors[0] if len(errors) == 1 else
+                              f"none of the {len(args.images)} images could be decoded (first: {errors[0]})")
     for e in errors:
         print(f"microtrain: skipped: {e}", file=sys.stderr)
-    if not results:
-        raise MicrotrainError(f"none of the {len(args.images)} image(s) could be decoded")
     if args.json:
         print(json.dumps(results, indent=1))
     else:

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from microtrain.errors import MicrotrainError
 from microtrain.frontends.zoo import ZOO_MODELS, load_model
+from microtrain.outputs import check_output_file
 from microtrain.sparse.contrib import Contributions, shipped_contributions
 from microtrain.sparse.cost import kb
 from microtrain.sparse.search import Space, parse_bytes, planner_peak, plot_curves, search
@@ -48,6 +49,13 @@ def run(args: argparse.Namespace) -> int:
         raise MicrotrainError("--samples must be >= 1, --random-samples >= 0 and --population >= 2")
     if args.out and Path(args.out).suffix not in (".yaml", ".yml", ".json"):
         raise MicrotrainError(f"-o {args.out}: a scheme file ends in .yaml, .yml or .json")
+    if args.population > 100_000 or args.samples > 10_000_000 or (args.random_samples or 0) > 10_000_000:
+        raise MicrotrainError("--population must be <= 100000 and --samples / --random-samples <= 10000000")
+    if not 1 <= args.classes <= 65536:
+        raise MicrotrainError(f"--classes must be in [1, 65536], got {args.classes}")
+    for flag, path in (("-o", args.out), ("--plot", args.plot)):
+        if path:
+            check_output_file(path, flag)  # before the search, not after it
     if args.plot and Path(args.plot).suffix.lower() != ".png":
         raise MicrotrainError(f"--plot writes a PNG: {args.plot} does not end in .png")
     graph = load_model(args.model)

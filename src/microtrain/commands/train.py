@@ -115,6 +115,17 @@ def run_identity(args: argparse.Namespace, model: Any, scheme: Any, graph: Any, 
             "lr_sweep": args.lr_sweep and parse_lrs(args.lr_sweep), "graph_sha256": graph_hash(graph)}
 
 
+def report_skipped(*datasets: Any) -> None:
+    """Undecodable images are skipped, and the console says so (with the first reason), not only metrics.json."""
+    import sys
+
+    for ds in datasets:
+        if ds.skipped:
+            path, why = ds.skipped[0]
+            print(f"microtrain: skipped {len(ds.skipped)} undecodable image(s) in {ds.name}/{ds.split} (first: "
+                  f"{path}: {why}); all are listed in metrics.json", file=sys.stderr)
+
+
 def device_twin(graph: Any, out_dir: Path, state: dict | None = None) -> Any:
     """The device engine: `graph`'s C training step (planned with the default levers: the numerics do not depend on
     the plan) built into out_dir as a host library."""
@@ -146,6 +157,7 @@ def run(args: argparse.Namespace) -> int:
     progress = not args.quiet
     train_ds = open_dataset(args.data, "train", subset=args.subset, seed=args.seed, progress=progress)
     test_ds = open_dataset(args.data, "test", subset=args.test_subset, seed=args.seed, progress=progress)
+    report_skipped(train_ds, test_ds)
     augment = args.augment or (info.augment if info else "paper")
     epochs = args.epochs or (info.epochs if info else 50)
     warmup = args.warmup_epochs if args.warmup_epochs is not None else (info.warmup_epochs if info else 5)

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm import tqdm
 
+from microtrain.data.images import to_rgb
 from microtrain.errors import MicrotrainError
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm", ".pbm"}
@@ -122,7 +123,7 @@ def _decode(path: Path, size: int | None) -> np.ndarray:
     with Image.open(path) as im:
         if size is not None and im.format == "JPEG":
             im.draft("RGB", (size, size))  # DCT-domain downscale: large JPEGs decode several times faster
-        im = im.convert("RGB")
+        im = to_rgb(im)
         if size is not None:
             w, h = im.size
             s = min(w, h)
@@ -208,6 +209,7 @@ class ImageFolderDataset(ImageDataset):
         files, labels, classes = _scan_folder(root, split, test_fraction, split_seed)
         if not files:
             raise MicrotrainError(f"{root}: no image files found for split {split!r}")
+        check_classes(f"{root}/{split}", classes, labels, split)
         order = _round_robin(labels, len(classes), seed) if subset is not None and subset < len(files) else None
         cache = None
         if cache_dir is not None:
@@ -223,6 +225,8 @@ class ImageFolderDataset(ImageDataset):
             images, kept, skipped = self._decode_subset(files, order, subset, size, f"decoding {name}/{split}",
                                                         progress)
         super().__init__(images, labels[kept], classes, name, split, skipped)
+        if subset is None:
+            check_classes(f"{root}/{split}", classes, self.labels, split, "after skipping undecodable images")
         if cache is not None:
             self.save(cache)
 
@@ -250,6 +254,20 @@ class ImageFolderDataset(ImageDataset):
         images = np.concatenate(parts) if parts else np.zeros((0, 3, 1, 1), np.uint8)
         srt = np.argsort(idx, kind="stable")
         return images[srt], idx[srt], skipped
+
+
+def check_classes(where: str, classes: Sequence[str], labels: np.ndarray, split: str, when: str = "") -> None:
+    """A dataset to train on needs two classes or more, and (training split) images of every class: a class with no
+    images would be a head output that is never trained, and one class is "100% accuracy" by construction."""
+    if len(classes) < 2:
+        raise MicrotrainError(f"{where}: {len(classes)} class ({', '.join(classes)}): need at least 2 to train a "
+                              "classifier")
+    if split == "train":
+        counts = np.bincount(np.asarray(labels, np.int64), minlength=len(classes))
+        empty = [c for c, n in zip(classes, counts, strict=True) if n == 0]
+        if empty:
+            raise MicrotrainError(f"{where}: class{'es' if len(empty) > 1 else ''} {', '.join(empty[:5])} "
+                                  f"ha{'ve' if len(empty) > 1 else 's'} no images{' ' + when if when else ''}")
 
 
 def _scan_folder(root: Path, split: str, test_fraction: float, split_seed: int

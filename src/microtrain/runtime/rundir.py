@@ -154,3 +154,32 @@ def open_run_dir(out: Path, identity: dict[str, Any], *, resume: bool, force: bo
     if runs or (out / RUN_FILE).is_file():
         _clear(out)
     _write_json(out / RUN_FILE, identity)
+
+
+def read_metrics(run_dir: Path) -> dict[str, Any]:
+    """RUN_DIR/metrics.json as a dict, or one line saying why not."""
+    path = run_dir / "metrics.json"
+    if not path.is_file():
+        raise MicrotrainError(f"{run_dir}: not a training run (no metrics.json)")
+    m = _read_json(path)
+    if not isinstance(m, dict) or not isinstance(m.get("resolution"), int):
+        raise MicrotrainError(f"{path}: not the metrics of a training run")
+    return m
+
+
+def load_run_checkpoint(run_dir: Path) -> dict[str, Any]:
+    """The run's last checkpoint, checked against the sha256 that checkpoint.json records for it (a torn or
+    tampered checkpoint.npz is refused), as a state dict."""
+    from microtrain.runtime.trainer import CHECKPOINT, STATE, load_checkpoint
+
+    ckpt, state = run_dir / CHECKPOINT, run_dir / STATE
+    if not ckpt.is_file() or not state.is_file():
+        raise MicrotrainError(f"{run_dir}: no {CHECKPOINT} / {STATE} (the run never saved a checkpoint)")
+    info = _read_json(state)
+    digest = hashlib.sha256(ckpt.read_bytes()).hexdigest()
+    if not isinstance(info, dict) or info.get("checkpoint_sha256") != digest:
+        raise MicrotrainError(f"{ckpt}: does not match the sha256 in {STATE} (corrupt, or written by another run)")
+    try:
+        return load_checkpoint(ckpt)
+    except (OSError, ValueError, EOFError, KeyError) as e:
+        raise MicrotrainError(f"{ckpt}: unreadable checkpoint ({type(e).__name__}: {e})") from None

@@ -598,16 +598,20 @@ class Contributions:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any], source: str = "") -> Contributions:
-        if d.get("format") != FORMAT:
+        if not isinstance(d, dict) or d.get("format") != FORMAT:
             raise MicrotrainError(f"{source or 'contribution file'}: not a {FORMAT} file")
-        pts = {0: 0.0} | {int(b["k"]): float(b["delta"]) for b in d["bias"] if b["delta"] is not None}
-        k = np.array(sorted(pts))
-        w: dict[int, dict[float, float]] = {}
-        for e in d["weight"]:
-            if e["delta"] is not None:
-                w.setdefault(int(e["conv"]), {})[float(e["ratio"])] = float(e["delta"])
-        return cls(d["model"], int(d["num_convs"]), k, np.array([pts[i] for i in k]), w, source,
-                   {k_: d.get(k_) for k_ in ("data", "protocol", "command", "protocol_text")})
+        try:
+            pts = {0: 0.0} | {int(b["k"]): float(b["delta"]) for b in d["bias"] if b["delta"] is not None}
+            k = np.array(sorted(pts))
+            w: dict[int, dict[float, float]] = {}
+            for e in d["weight"]:
+                if e["delta"] is not None:
+                    w.setdefault(int(e["conv"]), {})[float(e["ratio"])] = float(e["delta"])
+            return cls(str(d["model"]), int(d["num_convs"]), k, np.array([pts[i] for i in k]), w, source,
+                       {k_: d.get(k_) for k_ in ("data", "protocol", "command", "protocol_text")})
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
+            raise MicrotrainError(f"{source or 'contribution file'}: malformed {FORMAT} file "
+                                  f"({type(e).__name__}: {e})") from None
 
     @classmethod
     def load(cls, path: str | Path) -> Contributions:
