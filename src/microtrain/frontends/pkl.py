@@ -19,11 +19,14 @@ from typing import Any
 import numpy as np
 
 from microtrain.errors import MicrotrainError
-from microtrain.ir.graph import Graph, GraphFormatError, Op, Tensor, check_graph
+from microtrain.ir.graph import Graph, GraphFormatError, Op, Tensor, check_graph, one_line
 
 
 class ModelLoadError(MicrotrainError):
     """A model file could not be read; the message names the file and the reason on one line."""
+
+    def __init__(self, message: str):
+        super().__init__(one_line(message))
 
 
 def _safe_dtype(*args: Any) -> np.dtype:

@@ -186,6 +186,16 @@ class Graph:
         """A graph from its JSON description and arrays, checked before anything is allocated or run: every key,
         name (the identifier grammar `NAME_RE`), shape, dtype, role, quantization parameter, array and op against
         the op table (`check_graph`). Raises `GraphFormatError` (one line) on anything else."""
+        try:
+            return cls._from_checked(d, arrays)
+        except GraphFormatError:
+            raise
+        except (TypeError, ValueError, KeyError, IndexError, AttributeError, OverflowError, ZeroDivisionError,
+                RecursionError) as e:  # a check this validator does not name: still one line, never a traceback
+            raise GraphFormatError(f"malformed graph ({type(e).__name__}: {e})") from None
+
+    @classmethod
+    def _from_checked(cls, d: Any, arrays: dict[str, np.ndarray]) -> Graph:
         d = _check_description(d)
         g = cls(name=d["name"], inputs=list(d["inputs"]), outputs=list(d["outputs"]), meta=dict(d["meta"]))
         known = set(d["tensors"]) | {n + "@scale" for n in d["tensors"]}
@@ -220,7 +230,7 @@ class Graph:
             raise GraphFormatError(f"{e.filename}: no such file") from None
         except OSError as e:
             raise GraphFormatError(f"{jpath}: cannot read ({e.strerror or e})") from None
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
             raise GraphFormatError(f"{jpath}: not a JSON model ({e})") from None
         except (ValueError, zipfile.BadZipFile, EOFError, KeyError) as e:
             raise GraphFormatError(f"{npath}: corrupt arrays ({type(e).__name__}: {e})") from None
@@ -228,7 +238,16 @@ class Graph:
 
 # ---- validation: everything a model file says is checked before it is used ------------------------------------------
 class GraphFormatError(MicrotrainError, ValueError):
-    """A graph description or its arrays break the format; the message is one line."""
+    """A graph description or its arrays break the format; the message is one line (values quoted from the file
+    have their control characters escaped)."""
+
+    def __init__(self, message: str):
+        super().__init__(one_line(message))
+
+
+def one_line(text: str) -> str:
+    """`text` with every non-printable character (newlines included) written as its escape."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in str(text))
 
 
 NAME_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.:@#+-]{0,199}")  # graph, tensor and op names; nothing that C or a
@@ -292,9 +311,9 @@ def _check_description(d: Any) -> dict[str, Any]:
         if numel > MAX_ELEMENTS:
             raise GraphFormatError(f"tensor {n}: {numel} elements (at most {MAX_ELEMENTS})")
         total += numel
-        if td.get("dtype") not in DTYPE_BYTES:
+        if not isinstance(td.get("dtype"), str) or td["dtype"] not in DTYPE_BYTES:
             raise GraphFormatError(f"tensor {n}: unknown dtype {str(td.get('dtype'))[:40]!r}")
-        if td.get("role") not in ROLES:
+        if not isinstance(td.get("role"), str) or td["role"] not in ROLES:
             raise GraphFormatError(f"tensor {n}: unknown role {str(td.get('role'))[:40]!r}")
         if not _is_int(td.get("zero")) or not -128 <= td["zero"] <= 255:
             raise GraphFormatError(f"tensor {n}: zero point {str(td.get('zero'))[:40]} is not an integer in "
@@ -396,8 +415,11 @@ def _read_npz(path: Path) -> dict[str, np.ndarray]:
         declared = sum(i.file_size for i in infos)
         if declared > MAX_NPZ_BYTES:
             raise GraphFormatError(f"{path}: inflates to {declared >> 20} MB (at most {MAX_NPZ_BYTES >> 20} MB)")
-    with np.load(path, allow_pickle=False) as z:
-        return {k: z[k] for k in z.files}
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            return {k: z[k] for k in z.files}
+    except Exception as e:  # hostile bytes: zipfile, zlib and numpy's format reader raise many types
+        raise GraphFormatError(f"{path}: corrupt arrays ({type(e).__name__}: {e})") from None
 
 
 def check_graph(g: Graph) -> None:
