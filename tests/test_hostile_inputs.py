@@ -490,3 +490,17 @@ def test_non_finite_state_is_refused(tmp_path):
         write_state(tmp_path / "s.bin", {"head.w": np.array([1.0, np.nan], np.float32)}, prog)
     write_state(tmp_path / "s.bin", {"head.w": np.array([1.0, 2.0], np.float32)}, prog)
     assert read_state(tmp_path / "s.bin", prog)["head.w"].tolist() == [1.0, 2.0]
+
+
+def test_pkl_zip_bomb_is_refused_before_inflating(tmp_path, monkeypatch):
+    """A .pkl zip whose data.pkl declares more than MAX_PICKLE_BYTES (lowered to 1 MB here) is refused by the
+    declared size; the issue's 1 MB zip inflating to 1 GiB is the same case at the default 256 MB cap."""
+    import microtrain.frontends.pkl as pkl
+
+    monkeypatch.setattr(pkl, "MAX_PICKLE_BYTES", 1 << 20)
+    path = tmp_path / "bomb.pkl"
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as z:
+        z.writestr("archive/data.pkl", b"\x80\x02" + b"\0" * (8 << 20))
+    assert path.stat().st_size < 100_000
+    with pytest.raises(ModelLoadError, match="inflates to 8 MB"):
+        load_model(path)

@@ -21,6 +21,8 @@ import numpy as np
 from microtrain.errors import MicrotrainError
 from microtrain.ir.graph import Graph, GraphFormatError, Op, Tensor, check_graph, one_line
 
+MAX_PICKLE_BYTES = 256 << 20  # the paper's models are a few MB
+
 
 class ModelLoadError(MicrotrainError):
     """A model file could not be read; the message names the file and the reason on one line."""
@@ -60,6 +62,8 @@ def read_pkl(path: str | Path) -> dict[str, Any]:
     """Return the model dict of a tiny-training `.pkl` (zip archive or raw pickle), refusing any code."""
     path = Path(path)
     try:
+        if path.stat().st_size > MAX_PICKLE_BYTES:
+            raise ModelLoadError(f"{path}: larger than {MAX_PICKLE_BYTES >> 20} MB")
         raw = path.read_bytes()
     except OSError as e:
         raise ModelLoadError(f"{path}: cannot read file ({e.strerror})") from None
@@ -69,7 +73,14 @@ def read_pkl(path: str | Path) -> dict[str, Any]:
                 names = [n for n in z.namelist() if n.endswith("/data.pkl") or n == "data.pkl"]
                 if not names:
                     raise ModelLoadError(f"{path}: zip archive has no data.pkl")
-                payload = z.read(names[0])
+                size = z.getinfo(names[0]).file_size
+                if size > MAX_PICKLE_BYTES:  # a zip bomb is refused by its declared size, before inflating
+                    raise ModelLoadError(f"{path}: data.pkl inflates to {size >> 20} MB (at most "
+                                         f"{MAX_PICKLE_BYTES >> 20} MB)")
+                with z.open(names[0]) as f:
+                    payload = f.read(MAX_PICKLE_BYTES + 1)
+                if len(payload) > MAX_PICKLE_BYTES:
+                    raise ModelLoadError(f"{path}: data.pkl is larger than it declares")
         elif raw[:1] == b"\x80":
             payload = raw
         else:
