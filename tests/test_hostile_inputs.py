@@ -504,3 +504,32 @@ def test_pkl_zip_bomb_is_refused_before_inflating(tmp_path, monkeypatch):
     assert path.stat().st_size < 100_000
     with pytest.raises(ModelLoadError, match="inflates to 8 MB"):
         load_model(path)
+
+
+@needs_gcc
+def test_c_refuses_a_state_with_nan_even_with_a_valid_crc(tiny_prog, tmp_path):
+    """A state whose CRC is right but whose float tensor holds a NaN (no training step makes one) is not a valid slot:
+    alone it is refused with one line; next to an older valid slot, the older one is loaded."""
+    from microtrain.codegen.statefile import build_file, payload_bytes
+
+    prog = load_program(tiny_prog)
+    f32 = next(t for t in prog["state"] if t["dtype"] == "float32")
+    _records(tmp_path / "a.bin", [0, 1], 0.02)
+    st = tmp_path / "s.bin"
+    run_host(tiny_prog, harness_args(str(tmp_path / "a.bin"), state_out=str(st), quiet=True))
+    good = st.read_bytes()
+    state = read_state(st, prog)
+    payload = bytearray(int(state["__step__"]).to_bytes(4, "little"))
+    for t in prog["state"]:
+        a = np.array(state[t["name"]], t["dtype"])
+        if t is f32:
+            a.reshape(-1)[0] = np.nan
+        payload += a.tobytes()
+    assert len(payload) == payload_bytes(prog)
+    bad = build_file(bytes(payload), prog["state_fingerprint"], seq=2)
+    (tmp_path / "nan.bin").write_bytes(bad)
+    with pytest.raises(MicrotrainError, match="does not match this program or is corrupt"):
+        run_host(tiny_prog, harness_args(state_in=str(tmp_path / "nan.bin"), state_out=str(tmp_path / "o.bin")))
+    (tmp_path / "both.bin").write_bytes(good + bad)  # slot 0: the valid state (seq 1), slot 1: NaN (seq 2)
+    run_host(tiny_prog, harness_args(state_in=str(tmp_path / "both.bin"), state_out=str(tmp_path / "o.bin")))
+    assert int(read_state(tmp_path / "o.bin", prog)["__step__"]) == 2

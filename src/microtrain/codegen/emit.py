@@ -621,7 +621,8 @@ class Emitter:
         opt = (f"static const mt_optimizer OPT = {{{OPTIMIZER[o.optimizer]}, {c_float(o.momentum)}, "
                f"{c_float(o.betas[0])}, {c_float(o.betas[1])}, {c_float(1 - o.betas[0])}, {c_float(1 - o.betas[1])}, "
                f"{c_float(o.eps)}, {c_double(o.betas[0])}, {c_double(o.betas[1])}, {int(o.seed) & 0xFFFFFFFF}u}};")
-        state_table = "\n".join(f'  {{{self.tensor(n)}, {g.tensors[n].nbytes}u}},  /* {c_comment(n)} */'
+        kinds = {n: "MT_STATE_F32" if g.tensors[n].dtype == "float32" else "MT_STATE_RAW" for n in self.state_names}
+        state_table = "\n".join(f'  {{{self.tensor(n)}, {g.tensors[n].nbytes}u, {kinds[n]}}},  /* {c_comment(n)} */'
                                 for n in self.state_names)
         header = HEADER.format(c=img.shape[0], h=img.shape[1], w=img.shape[2], image_bytes=img.nbytes,
                                classes=classes, arena=self.plan.arena_bytes, name=c_comment(g.name), fingerprint=fp,
@@ -822,7 +823,7 @@ int predict_from(mt_input_fn read, void *ctx, float *logits) {{
 
 /* ---- state: the step counter, then every state tensor in the graph's order (mt_state.c) ------------------------ */
 static const mt_state_part state_parts[] = {{
-  {{&steps, 4u}},
+  {{&steps, 4u, MT_STATE_RAW}},
 {state_table}
 }};
 

@@ -47,8 +47,32 @@ static int config_ok(const mt_store *s, uint32_t payload) {
          s->slot_bytes >= mt_state_slot_bytes(s->page_bytes, payload);
 }
 
-/* The slot's sequence number if its header and payload CRC check out; *valid = 0 otherwise. Reads through `page`. */
-static uint32_t check_slot(const mt_store *s, uint32_t slot, uint32_t fingerprint, uint32_t payload, int *valid) {
+/* Walks the payload byte stream part by part: 0 when a float32 part holds a NaN or an infinity. */
+typedef struct {
+  const mt_state_part *parts;
+  uint32_t count, part, at, word;
+} finite_walk;
+
+static int finite_bytes(finite_walk *w, const uint8_t *p, uint32_t n) {
+  for (uint32_t i = 0; i < n; i++) {
+    while (w->part < w->count && w->at == w->parts[w->part].nbytes) w->part++, w->at = 0;
+    if (w->part == w->count) return 1;
+    if (w->parts[w->part].kind == MT_STATE_F32) {
+      w->word |= (uint32_t)p[i] << (8 * (w->at & 3u));
+      if ((w->at & 3u) == 3u) {
+        if ((w->word & 0x7F800000u) == 0x7F800000u) return 0;
+        w->word = 0;
+      }
+    }
+    w->at++;
+  }
+  return 1;
+}
+
+/* The slot's sequence number if its header and payload CRC check out and its float32 parts are finite; *valid = 0
+ * otherwise. Reads through `page`. */
+static uint32_t check_slot(const mt_store *s, uint32_t slot, uint32_t fingerprint, const mt_state_part *parts,
+                           uint32_t count, uint32_t payload, int *valid) {
   uint8_t h[MT_STATE_HEADER_BYTES];
   *valid = 0;
   if (s->read(s->ctx, slot, 0, h, sizeof h)) return 0;
@@ -56,20 +80,26 @@ static uint32_t check_slot(const mt_store *s, uint32_t slot, uint32_t fingerprin
       get32(h + 20) != s->page_bytes || get32(h + 28) != mt_crc32(0, h, 28))
     return 0;
   uint32_t crc = 0, base = header_region(s->page_bytes);
+  finite_walk walk = {parts, count, 0, 0, 0};
+  int finite = 1;
   for (uint32_t off = 0; off < payload; off += s->page_bytes) {
     uint32_t n = payload - off < s->page_bytes ? payload - off : s->page_bytes;
     if (s->read(s->ctx, slot, base + off, page, n)) return 0;
     crc = mt_crc32(crc, page, n);
+    if (parts) finite = finite && finite_bytes(&walk, page, n);
   }
+  if (!finite) return 0;
   if (crc != get32(h + 16)) return 0;
   *valid = 1;
   return get32(h + 8);
 }
 
 /* The newest valid slot (-1 if none) and its sequence number. */
-static int newest(const mt_store *s, uint32_t fingerprint, uint32_t payload, uint32_t *seq) {
+static int newest(const mt_store *s, uint32_t fingerprint, const mt_state_part *parts, uint32_t count,
+                  uint32_t payload, uint32_t *seq) {
   int v0, v1;
-  uint32_t s0 = check_slot(s, 0, fingerprint, payload, &v0), s1 = check_slot(s, 1, fingerprint, payload, &v1);
+  uint32_t s0 = check_slot(s, 0, fingerprint, parts, count, payload, &v0);
+  uint32_t s1 = check_slot(s, 1, fingerprint, parts, count, payload, &v1);
   if (v0 && v1) {
     int second = (int32_t)(s1 - s0) > 0;
     *seq = second ? s1 : s0;
@@ -82,7 +112,7 @@ static int newest(const mt_store *s, uint32_t fingerprint, uint32_t payload, uin
 uint32_t mt_state_sequence(const mt_store *s, uint32_t fingerprint, uint32_t payload_bytes) {
   uint32_t seq = 0;
   if (!config_ok(s, payload_bytes)) return 0;
-  return newest(s, fingerprint, payload_bytes, &seq) < 0 ? 0 : seq;
+  return newest(s, fingerprint, 0, 0, payload_bytes, &seq) < 0 ? 0 : seq;
 }
 
 static int sync(const mt_store *s) { return s->sync ? s->sync(s->ctx) : 0; }
@@ -92,7 +122,7 @@ int mt_state_save(const mt_store *s, uint32_t fingerprint, const mt_state_part *
   if (!config_ok(s, payload)) return MT_STATE_CONFIG;
   const uint32_t pg = s->page_bytes, base = header_region(pg);
   uint32_t seq;
-  const int live = newest(s, fingerprint, payload, &seq);
+  const int live = newest(s, fingerprint, parts, count, payload, &seq);
   const uint32_t slot = live == 0 ? 1u : 0u;
   /* 1. the target slot stops being valid before any of its payload changes */
   if (s->erase) {
@@ -144,7 +174,7 @@ int mt_state_load(const mt_store *s, uint32_t fingerprint, const mt_state_part *
   const uint32_t payload = payload_of(parts, count);
   if (!config_ok(s, payload)) return MT_STATE_CONFIG;
   uint32_t seq;
-  const int slot = newest(s, fingerprint, payload, &seq);
+  const int slot = newest(s, fingerprint, parts, count, payload, &seq);
   if (slot < 0) return MT_STATE_NONE;
   uint8_t h[MT_STATE_HEADER_BYTES];
   if (s->read(s->ctx, (uint32_t)slot, 0, h, sizeof h)) return MT_STATE_CHANGED;

@@ -40,10 +40,13 @@ typedef struct {
   int (*sync)(void *ctx);
 } mt_store;
 
-/* One piece of the live state (the step counter, a tensor), saved in table order. */
+/* One piece of the live state (the step counter, a tensor), saved in table order. A slot whose MT_STATE_F32 part
+ * holds a NaN or an infinity is not valid (a state no training step can produce: it would poison every step). */
+enum { MT_STATE_RAW = 0, MT_STATE_F32 = 1 };
 typedef struct {
   void *data;
   uint32_t nbytes;
+  uint32_t kind;
 } mt_state_part;
 
 /* Bytes one slot needs for `payload_bytes` of state on pages of `page_bytes`. */
