@@ -36,7 +36,9 @@ KERNEL_FILES = ("mt_conv2d.c", "mt_depthwise_conv2d.c", "mt_add.c", "mt_avgpool.
                 "mt_slice_channels.c", "mt_linear.c", "mt_softmax_ce.c", "mt_linear_grad_input.c", "mt_avgpool_grad.c",
                 "mt_add_grad.c", "mt_grad_add.c", "mt_conv2d_grad_acc.c", "mt_conv2d_grad_input.c",
                 "mt_depthwise_grad_input.c", "mt_conv2d_update.c", "mt_linear_update.c", "mt_update.c", "mt_math.c",
-                "mt_q8.c")  # the channel-serial block backward's helpers live in the kernels they share code with
+                "mt_q8.c", "mt_profile.c")
+# (the channel-serial block backward's helpers live in the kernels they share code with; mt_profile.c is empty unless
+# the profile build defines MT_PROFILE)
 HARNESS_FILES = {"host": ("mt_main.c", "mt_io.h", "mt_io_host.c"),
                  "cortex-m4": ("mt_main.c", "mt_io.h", "mt_io_semihost.c", "mt_startup_m4.c", "mt_m4.ld")}
 C_DTYPE = {"int8": "int8_t", "int32": "int32_t", "float32": "float"}
@@ -153,6 +155,7 @@ class Emitter:
         self.params: dict[str, str] = {}  # state tensor -> mt_param identifier
         self.traces: list[dict[str, Any]] = []
         self.row_widths: list[int] = []  # output row widths of the convs (MT_ROW_MAX)
+        self.prof_kinds: list[str] = []  # the profile build's op kinds (MT_PROF)
         self.stage = g.meta.get("patch_stage")
         self.streaming = bool(self.stage and self.stage.get("stream_input"))
         phases = [op.attrs.get("phase") for op in g.ops]
@@ -566,6 +569,12 @@ class Emitter:
                                     f"{e_count}) + e * {hw1});")
                     else:
                         body += rounded(op.outputs[0], "pb", hw1)
+            if role != "pw1_upd" or not batched:
+                body.append(self.prof(f"block_grad {self.prof_kind(op)}"))
+            else:
+                after.append(self.prof(f"block_grad {self.prof_kind(op)}"))
+        if rc:
+            body.insert(2, self.prof("block_grad recompute"))
         text = " ".join
 
         if not batched:
@@ -578,6 +587,7 @@ class Emitter:
                     f"const int32_t n = {e_count} - e0 < {batch} ? {e_count} - e0 : {batch}; "
                     f"for (int32_t e = e0; e < e0 + n; e++) {{ {plane} {text(body)} }} "
                     f"mt_pw_grad_input_accumulate(pbs, n, {wt}, {cin}, e0, {hw1}, total); "
+                    f"{self.prof('block_grad ' + self.prof_kind(r['pw1_gi']))} "
                     + (f"for (int32_t e = e0; e < e0 + n; e++) {{ {plane} {text(after)} }} " if after else "")
                     + "e0 += n; }")
         return "{ " + text(pre) + " " + loop + " " + text(post) + " }"
@@ -594,9 +604,11 @@ class Emitter:
             if [o.name for o in self.forward_ops[:len(stage_ops)]] != self.stage["ops"]:
                 raise MicrotrainError("the patch stage is not a prefix of the schedule")
             fwd += [line if line.startswith(("/*", "TRACE")) else block(line) for line in self.patch_stage()]
+            fwd.append(self.prof("patch_stage"))
         for op in self.forward_ops:
             if op.name not in stage_ops and op.name not in self.dropped:
-                fwd += [f"/* {c_comment(op.name)}: {c_comment(op.kind)} */", *map(block, self.forward_op(op))]
+                fwd += [f"/* {c_comment(op.name)}: {c_comment(op.kind)} */", *map(block, self.forward_op(op)),
+                        self.prof(self.prof_kind(op))]
         bwd: list[str] = []
         groups = {grp["members"][0]: grp for grp in g.meta.get("block_grads", [])}
         skip: set[str] = set()
@@ -608,10 +620,10 @@ class Emitter:
                 skip.update(grp["members"])
                 bwd += [f"/* {c_comment(grp['block'])}: channel-serial backward of "
                         f"{c_comment(', '.join(grp['members']))} */",
-                        self.block_grad(grp), *self.trace(grp["outputs"], "backward")]
+                        self.block_grad(grp), *self.trace(grp["outputs"], "backward"), self.prof("block_grad")]
                 continue
             bwd += [f"/* {c_comment(op.name)}: {c_comment(op.kind)} */", *map(block, self.backward_op(op)),
-                    *self.trace(op.outputs, op.attrs.get("phase", "backward"))]
+                    *self.trace(op.outputs, op.attrs.get("phase", "backward")), self.prof(self.prof_kind(op))]
         for n in self.state_names:  # state that no op touched (e.g. a frozen head) still belongs to the state
             self.tensor(n)
         layout = [{"name": n, "dtype": g.tensors[n].dtype, "shape": list(g.tensors[n].shape),
@@ -635,11 +647,28 @@ class Emitter:
             optimizer=opt, forward="\n  ".join(fwd), backward="\n  ".join(bwd), inputs=inputs,
             loss=self.off("loss"), label=self.off("label"), lr=self.off("lr"),
             logits=self.off("logits"), classes=classes, step0=self.step0, state_table=state_table,
-            state_count=len(self.state_names) + 1)
+            state_count=len(self.state_names) + 1,
+            prof_names=", ".join(c_string(k) for k in self.prof_kinds) or "0", prof_count=len(self.prof_kinds))
         prog = Program(self.plan.arena_bytes, layout, fp, list(self.traces), tuple(img.shape), classes,
                        {k: v for k, v in self.stage.items() if k != "tile_plan"} if self.stage else None,
                        self.config(), self.streaming)
         return header, source, prog
+
+    # ---- the profile build (make profile): instructions per op kind ----------------------------------------------
+    def prof(self, kind: str) -> str:
+        """`MT_PROF(k);`: charges the time since the previous mark to op kind k (nothing unless MT_PROFILE)."""
+        if kind not in self.prof_kinds:
+            self.prof_kinds.append(kind)
+        return f"MT_PROF({self.prof_kinds.index(kind)});"
+
+    def prof_kind(self, op: Op) -> str:
+        """The profile's name for an op: its kind, convolutions split into pointwise / depthwise / k x k."""
+        if op.kind not in ("conv2d", "conv2d_grad_input", "conv2d_update", "conv2d_weight_grad"):
+            return op.kind
+        conv = op if op.kind == "conv2d" else self.g.op(op.attrs["conv"])
+        k = self.g.tensors[conv.inputs[1]].shape[2]
+        sub = "depthwise" if conv.attrs["groups"] > 1 else "pointwise" if k == 1 else f"{k}x{k}"
+        return f"{op.kind} {sub}"
 
     def config(self) -> dict[str, int]:
         """mt_config.h: sizes the runtime needs from this graph (the widest conv output row)."""
@@ -765,7 +794,15 @@ static void read_region(int8_t *dst, int32_t c, int32_t r0, int32_t r1, int32_t 
 void (*mt_trace)(const char *name, const void *data, uint32_t nbytes) = 0;
 #define TRACE(name, ptr, n) do {{ if (mt_trace) mt_trace(name, ptr, n); }} while (0)
 
+#ifdef MT_PROFILE
+static const char *const prof_names[] = {{{prof_names}}};
+#define MT_PROF_STEP() mt_prof_report(prof_names, {prof_count})
+#else
+#define MT_PROF_STEP() ((void)0)
+#endif
+
 static void forward(void) {{
+  MT_PROF(-1);
   {forward}
 }}
 
@@ -786,6 +823,7 @@ static float run_step(int label, float lr) {{
   if (input_failed) return NAN;
   backward(lr);
   steps++;
+  MT_PROF_STEP();
   return *F({loss});
 }}
 

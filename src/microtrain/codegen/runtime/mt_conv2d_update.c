@@ -30,16 +30,44 @@ static void row(const float *g, int32_t o, mt_dims gd, const int8_t *x_saved, in
   if (b || gb) {
     const float v = mt_sum(g, hw);
     if (gb) gb[o] = v;
-    else mt_update_element(s, b, o, v);
+    else mt_update_one(s, b, o, v);
   }
   if (!(w || gw) || (depthwise && o >= ch)) return;
   const int32_t c0 = depthwise ? o : 0, c1 = depthwise ? o + 1 : ch;
+  if (!depthwise && k == 1 && stride == 1 && pad == 0 && gd.h == xd.h && gd.w == xd.w) {
+    /* pointwise: four channels' chains at a time share each g[p] load; each chain runs over p in order */
+    int32_t c = c0;
+    for (; c + 4 <= c1; c += 4) {
+      const int8_t *x0 = x_saved + (c - xc0) * hw, *x1 = x0 + hw, *x2 = x1 + hw, *x3 = x2 + hw;
+      float a0 = 0.0f, a1 = 0.0f, a2 = 0.0f, a3 = 0.0f;
+      for (int32_t q = 0; q < hw; q++) {
+        const float gv = g[q];
+        a0 = mt_fma(gv, (float)((int32_t)x0[q] - x_zero), a0);
+        a1 = mt_fma(gv, (float)((int32_t)x1[q] - x_zero), a1);
+        a2 = mt_fma(gv, (float)((int32_t)x2[q] - x_zero), a2);
+        a3 = mt_fma(gv, (float)((int32_t)x3[q] - x_zero), a3);
+      }
+      const float v[4] = {a0, a1, a2, a3};
+      for (int32_t u = 0; u < 4; u++) {
+        if (gw) gw[o * ch + c + u] = v[u];
+        else mt_update_one(s, w, o * ch + c + u, v[u]);
+      }
+    }
+    for (; c < c1; c++) {
+      const int8_t *xc = x_saved + (c - xc0) * hw;
+      float a = 0.0f;
+      for (int32_t q = 0; q < hw; q++) a = mt_fma(g[q], (float)((int32_t)xc[q] - x_zero), a);
+      if (gw) gw[o * ch + c] = a;
+      else mt_update_one(s, w, o * ch + c, a);
+    }
+    return;
+  }
   for (int32_t c = c0; c < c1; c++) {
     for (int32_t t = 0; t < kk; t++) {
       const float v = weight_grad(g, gd, x_saved + (c - xc0) * xd.h * xd.w, xd, x_zero, t / k, t % k, stride, pad);
       const int32_t idx = depthwise ? o * kk + t : (o * ch + c) * kk + t;
       if (gw) gw[idx] = v;
-      else mt_update_element(s, w, idx, v);
+      else mt_update_one(s, w, idx, v);
     }
   }
 }

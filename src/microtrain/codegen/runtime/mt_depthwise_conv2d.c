@@ -7,37 +7,73 @@
 
 #include "mt_runtime.h"
 
-/* One output channel, a row at a time: for each tap, the output columns it reaches accumulate into an int32 row
- * (integer sums: any order is exact), so the innermost loop is a plain run over columns. */
+/* Four interior output pixels (every tap inside the row): a[q] += sum_{i, j} x[i][q * S + j] * w[i][j] over rows
+ * [0, rows), the x_zero term left to the caller. K and S are constants where it pays (unrolled, loads shared). */
+MT_INLINE void interior4(const int8_t *xr, int32_t rs, const int32_t *w, int32_t rows, int32_t K, int32_t S,
+                         int32_t *a) {
+  int32_t a0 = 0, a1 = 0, a2 = 0, a3 = 0;
+  for (int32_t i = 0; i < rows; i++) {
+    const int8_t *r = xr + i * rs;
+    const int32_t *wr = w + i * K;
+    for (int32_t j = 0; j < K; j++) {
+      const int32_t wv = wr[j];
+      a0 += r[j] * wv, a1 += r[S + j] * wv, a2 += r[2 * S + j] * wv, a3 += r[3 * S + j] * wv;
+    }
+  }
+  a[0] = a0, a[1] = a1, a[2] = a2, a[3] = a3;
+}
+
+/* One output channel, a row at a time into an int32 row: columns whose taps all lie inside the input four at a time
+ * with sum x * w - x.zero * sum w over the valid tap rows, the border columns tap by tap with (x - x.zero) * w.
+ * Integer sums: exact in any order. */
 static void channel(const int8_t *x, mt_dims xd, const mt_conv *p, int32_t c, int8_t *out, int32_t rs,
                     uint8_t *mask, int32_t mask_base, int32_t oh, int32_t ow) {
-  const int32_t k = p->w.k, ch = p->w.ch, s = p->stride;
+  const int32_t k = p->w.k, ch = p->w.ch, s = p->stride, z = p->x_zero, pl = p->pad_left;
   const int8_t *w = c < ch ? p->w.w_train + c * k * k : p->w.w_frozen + (c - ch) * k * k;
   const int8_t *xc = x + c * xd.cs;
+  int32_t wk[MT_DW_KMAX * MT_DW_KMAX];
+  const int fast = k <= MT_DW_KMAX;
+  if (fast)
+    for (int32_t t = 0; t < k * k; t++) wk[t] = w[t];
+  /* interior columns: ox * s - pl >= 0 and ox * s - pl + k <= xd.w */
+  int32_t lo = pl <= 0 ? 0 : (pl + s - 1) / s, hi = xd.w - k + pl < 0 ? 0 : (xd.w - k + pl) / s + 1;
+  if (!fast) lo = hi = 0;
+  if (hi > ow) hi = ow;
+  if (lo > hi) lo = hi;
   int32_t acc[MT_ROW_MAX];
   for (int32_t oy = 0; oy < oh; oy++) {
     const int32_t y0 = oy * s - p->pad_top;
     const int32_t i0 = y0 < 0 ? -y0 : 0, i1 = y0 + k > xd.h ? xd.h - y0 : k;
-    for (int32_t ox = 0; ox < ow; ox++) acc[ox] = 0;
-    for (int32_t i = i0; i < i1; i++) {
-      const int8_t *xr = xc + (y0 + i) * xd.rs;
-      for (int32_t j = 0; j < k; j++) {
-        int32_t lo, hi;
-        mt_tap_range(ow, xd.w, s, p->pad_left, j, &lo, &hi);
-        const int32_t wv = w[i * k + j], off = j - p->pad_left;
-        if (s == 1) {
-          for (int32_t ox = lo; ox < hi; ox++) acc[ox] += ((int32_t)xr[ox + off] - p->x_zero) * wv;
-        } else {
-          for (int32_t ox = lo; ox < hi; ox++) acc[ox] += ((int32_t)xr[ox * s + off] - p->x_zero) * wv;
-        }
-      }
+    const int8_t *xr = xc + (y0 + i0) * xd.rs;  /* the first tap row inside the input */
+    const int32_t *wr = wk + i0 * k, n = i1 - i0;
+    int32_t wsum = 0;
+    for (int32_t i = i0; i < i1; i++)
+      for (int32_t j = 0; j < k; j++) wsum += w[i * k + j];
+    const int32_t corr = -z * wsum;
+    int32_t ox = lo;
+    for (; ox + 4 <= hi; ox += 4) {
+      const int8_t *r = xr + ox * s - pl;
+      int32_t *a = acc + ox;
+      if (k == 3 && s == 1) interior4(r, xd.rs, wr, n, 3, 1, a);
+      else if (k == 3 && s == 2) interior4(r, xd.rs, wr, n, 3, 2, a);
+      else if (k == 5 && s == 1) interior4(r, xd.rs, wr, n, 5, 1, a);
+      else if (k == 5 && s == 2) interior4(r, xd.rs, wr, n, 5, 2, a);
+      else if (k == 7 && s == 1) interior4(r, xd.rs, wr, n, 7, 1, a);
+      else if (k == 7 && s == 2) interior4(r, xd.rs, wr, n, 7, 2, a);
+      else interior4(r, xd.rs, wr, n, k, s, a);
+      a[0] += corr, a[1] += corr, a[2] += corr, a[3] += corr;
     }
-    for (int32_t ox = 0; ox < ow; ox++) {
-      float v = (float)(int32_t)((uint32_t)acc[ox] + (uint32_t)p->bias[c]) * p->mult[c];
-      float r = mt_rint(v) + (float)p->y_zero;
-      if (mask) mt_mask_set(mask, mask_base + oy * ow + ox, r >= -128.0f && r <= 127.0f);
-      out[oy * rs + ox] = mt_clamp8(r);
+    for (int32_t b = 0; b < ow; b++) {  /* the border columns and the interior's last ones */
+      if (b == lo) b = ox;
+      if (b >= ow) break;
+      int32_t jl, jh, v = 0;
+      const int32_t x0 = b * s - pl;
+      jl = x0 < 0 ? -x0 : 0, jh = x0 + k > xd.w ? xd.w - x0 : k;
+      for (int32_t i = i0; i < i1; i++)
+        for (int32_t j = jl; j < jh; j++) v += ((int32_t)xr[(i - i0) * xd.rs + x0 + j] - z) * w[i * k + j];
+      acc[b] = v;
     }
+    mt_requant_row(acc, ow, p->bias[c], p->mult[c], p->y_zero, out + oy * rs, mask, mask_base + oy * ow);
   }
 }
 

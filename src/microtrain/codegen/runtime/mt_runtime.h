@@ -18,6 +18,8 @@
 
 #include "mt_config.h"
 
+#define MT_DW_KMAX 7  /* depthwise kernels up to 7 x 7 take the register-blocked path */
+
 #ifndef MT_ROW_MAX  /* widest output row of a conv (an int32 row of this many lives on the stack) */
 #define MT_ROW_MAX 128
 #endif
@@ -145,6 +147,16 @@ typedef struct {
   float bc1, bc2;  /* float32(1 - beta1^step), float32(1 - beta2^step) */
 } mt_step;
 
+static inline float mt_sr_uniform_inline(uint32_t seed, uint32_t step, uint32_t stream, uint32_t index) {
+  uint32_t x = index * 0x9E3779B1u + (step * 0x85EBCA77u + stream * 0xC2B2AE3Du + seed * 0x27D4EB2Fu);
+  x ^= x >> 16;
+  x *= 0x7FEB352Du;
+  x ^= x >> 15;
+  x *= 0x846CA68Bu;
+  x ^= x >> 16;
+  return (float)(x >> 8) * (1.0f / 16777216.0f);
+}
+
 float mt_sr_uniform(uint32_t seed, uint32_t step, uint32_t stream, uint32_t index);
 void mt_update_element(const mt_step *s, const mt_param *p, int32_t i, float grad);
 void mt_apply_update(const mt_step *s, const mt_param *p, const float *grad);
@@ -186,6 +198,15 @@ void mt_conv2d_grads_row(const mt_step *s, const float *g, int32_t o, mt_dims gd
 mt_conv mt_conv_channel(const mt_conv *p, int32_t cin, int32_t o, int32_t depthwise);
 void mt_q8_round(float *v, int32_t n);
 
+/* ---- the profile build (mt_profile.c) ------------------------------------------------------------------------ */
+#ifdef MT_PROFILE
+void mt_prof_mark(int32_t kind);
+void mt_prof_report(const char *const *names, int32_t n);
+#define MT_PROF(k) mt_prof_mark(k)
+#else
+#define MT_PROF(k) ((void)0)
+#endif
+
 /* ---- helpers shared by the kernels ------------------------------------------------------------------------- */
 /* Inlined into each caller, so that a kernel shared by the float32 and the qint8 variants is specialised. */
 #define MT_INLINE static inline __attribute__((always_inline))
@@ -216,6 +237,113 @@ static inline void mt_tap_range(int32_t n, int32_t size, int32_t stride, int32_t
 /* Round to nearest, ties to even (the default IEEE rounding mode; never changed by this runtime). */
 static inline float mt_rint(float v) { return __builtin_rintf(v); }
 
+/* ---- the DSP extension (Cortex-M4/M7: ACLE) and its portable twin: the same results, bit for bit ---------------
+ * mt_sxtb16(x): bytes 0 and 2 of x sign-extended into two int16 halves; mt_sxtb16_r8(x): bytes 1 and 3;
+ * mt_smlad(a, b, c) = c + a.lo * b.lo + a.hi * b.hi (int16 halves, int32 wrap-around);
+ * mt_pkhbt(a, b) = (a.lo, b.lo), mt_pkhtb(a, b) = (b.hi, a.hi) as (lo, hi); mt_ssat(v, n): clamp to n signed bits;
+ * mt_rint_i32(v) = rint(v) (ties to even) for |v| <= 65536, saturated beyond (VCVTR under the default rounding
+ * mode; NaN gives 0): callers saturate the result to at most 17 bits (mt_ssat), so both builds agree everywhere. */
+#if defined(__ARM_FEATURE_DSP) && defined(__ARM_FP) && !defined(MT_PORTABLE)
+#include <arm_acle.h>
+#define MT_DSP 1
+static inline uint32_t mt_sxtb16(uint32_t x) { return __sxtb16(x); }
+static inline uint32_t mt_sxtb16_r8(uint32_t x) {
+  uint32_t r;
+  __asm__("sxtb16 %0, %1, ror #8" : "=r"(r) : "r"(x));
+  return r;
+}
+static inline int32_t mt_smlad(uint32_t a, uint32_t b, int32_t c) { return __smlad(a, b, c); }
+static inline uint32_t mt_pkhbt(uint32_t a, uint32_t b) {
+  uint32_t r;
+  __asm__("pkhbt %0, %1, %2, lsl #16" : "=r"(r) : "r"(a), "r"(b));
+  return r;
+}
+static inline uint32_t mt_pkhtb(uint32_t a, uint32_t b) {
+  uint32_t r;
+  __asm__("pkhtb %0, %1, %2, asr #16" : "=r"(r) : "r"(b), "r"(a));
+  return r;
+}
+#define mt_ssat(v, n) __ssat((v), (n))
+static inline int32_t mt_rint_i32(float v) {
+  float r;
+  __asm__("vcvtr.s32.f32 %0, %1" : "=t"(r) : "t"(v));
+  union { float f; int32_t i; } u = {r};
+  return u.i;
+}
+#else
+#define MT_DSP 0
+static inline uint32_t mt_sxtb16(uint32_t x) {
+  return (uint32_t)(uint16_t)(int16_t)(int8_t)(x & 0xFFu) | (uint32_t)(uint16_t)(int16_t)(int8_t)((x >> 16) & 0xFFu) << 16;
+}
+static inline uint32_t mt_sxtb16_r8(uint32_t x) { return mt_sxtb16(x >> 8 | x << 24); }
+static inline int32_t mt_smlad(uint32_t a, uint32_t b, int32_t c) {
+  const int32_t lo = (int32_t)(int16_t)(a & 0xFFFFu) * (int32_t)(int16_t)(b & 0xFFFFu);
+  const int32_t hi = (int32_t)(int16_t)(a >> 16) * (int32_t)(int16_t)(b >> 16);
+  return (int32_t)((uint32_t)c + (uint32_t)lo + (uint32_t)hi);
+}
+static inline uint32_t mt_pkhbt(uint32_t a, uint32_t b) { return (a & 0xFFFFu) | (b << 16); }
+static inline uint32_t mt_pkhtb(uint32_t a, uint32_t b) { return (a >> 16) | (b & 0xFFFF0000u); }
+static inline int32_t mt_ssat_(int32_t v, int32_t n) {
+  const int32_t hi = (int32_t)((1u << (n - 1)) - 1u), lo = -hi - 1;
+  return v < lo ? lo : v > hi ? hi : v;
+}
+#define mt_ssat(v, n) mt_ssat_((v), (n))
+static inline int32_t mt_rint_i32(float v) {
+  const float c = v > 65536.0f ? 65536.0f : v < -65536.0f ? -65536.0f : v == v ? v : 0.0f;
+  return (int32_t)__builtin_rintf(c);
+}
+#endif
+
+/* Fully unroll the next fixed-trip loop (its array then lives in registers). */
+#define MT_UNROLL _Pragma("GCC unroll 16")
+
+/* Eight consecutive floats p[0..7] into v0..v7: one VLDM on the Cortex-M4 (one instruction), plain loads elsewhere. */
+#if MT_DSP
+#define MT_LOAD8(p, v)                                                                                          \
+  do {                                                                                                          \
+    register float l0 __asm__("s24"), l1 __asm__("s25"), l2 __asm__("s26"), l3 __asm__("s27");              \
+    register float l4 __asm__("s28"), l5 __asm__("s29"), l6 __asm__("s30"), l7 __asm__("s31");              \
+    __asm__("vldmia %8, {s24-s31}" : "=t"(l0), "=t"(l1), "=t"(l2), "=t"(l3), "=t"(l4), "=t"(l5), "=t"(l6),     \
+            "=t"(l7) : "r"(p), "m"(*(const float(*)[8])(p)));                                                \
+    v[0] = l0, v[1] = l1, v[2] = l2, v[3] = l3, v[4] = l4, v[5] = l5, v[6] = l6, v[7] = l7;                  \
+  } while (0)
+#else
+#define MT_LOAD8(p, v)                                      \
+  do {                                                      \
+    for (int32_t mt_i_ = 0; mt_i_ < 8; mt_i_++) v[mt_i_] = (p)[mt_i_]; \
+  } while (0)
+#endif
+
+/* Four int8 at any address as one little-endian word (an unaligned LDR on the Cortex-M4). */
+static inline uint32_t mt_ld32(const int8_t *p) {
+  uint32_t v;
+  __builtin_memcpy(&v, p, 4);
+  return v;
+}
+
+/* Requantize an int32 accumulator (bias included) with multiplier m: rint(float(acc) * m) + y_zero, clamped to int8;
+ * *inside = the pre-clamp value lies in [-128, 127] (the mask bit). The same as clamp8(rint(v) + float(y_zero)). */
+static inline int8_t mt_requant(int32_t acc, float m, int32_t y_zero, uint32_t *inside) {
+  const int32_t r = mt_ssat(mt_rint_i32((float)acc * m), 17) + y_zero;
+  *inside = (uint32_t)(r + 128) < 256u;
+  return (int8_t)mt_ssat(r, 8);
+}
+
+/* Requantize one row of accumulators plus the bias (int32 wrap-around) into y[0..n), the mask bits at i .. i + n - 1
+ * (packed, when mask is not NULL). */
+static inline void mt_requant_row(const int32_t *acc, int32_t n, int32_t bias, float mult, int32_t y_zero, int8_t *y,
+                                  uint8_t *mask, int32_t i);
+/* Bits [0, n) of `bits` (n <= 25) into the mask at bit positions i .. i + n - 1. */
+static inline void mt_mask_put(uint8_t *mask, int32_t i, uint32_t bits, int32_t n) {
+  uint8_t *m = mask + (i >> 3);
+  const int32_t sh = i & 7;
+  uint32_t keep = ~(((1u << n) - 1u) << sh), v = (bits & ((1u << n) - 1u)) << sh;
+  for (int32_t b = 0; b < sh + n; b += 8, m++, keep >>= 8, v >>= 8) {
+    if ((keep & 0xFFu) == 0) *m = (uint8_t)v;
+    else *m = (uint8_t)((*m & keep) | v);
+  }
+}
+
 static inline int8_t mt_clamp8(float r) { return (int8_t)(r < -128.0f ? -128.0f : r > 127.0f ? 127.0f : r); }
 
 static inline void mt_mask_set(uint8_t *mask, int32_t i, int bit) {
@@ -224,5 +352,60 @@ static inline void mt_mask_set(uint8_t *mask, int32_t i, int bit) {
 }
 
 static inline int mt_mask_get(const uint8_t *mask, int32_t i) { return (mask[i >> 3] >> (i & 7)) & 1; }
+
+static inline void mt_requant_row(const int32_t *acc, int32_t n, int32_t bias, float mult, int32_t y_zero, int8_t *y,
+                                  uint8_t *mask, int32_t i) {
+  int32_t q = 0;
+  for (; q + 8 <= n; q += 8) {
+    uint32_t bits = 0, in;
+    for (int32_t b = 0; b < 8; b++) {
+      y[q + b] = mt_requant((int32_t)((uint32_t)acc[q + b] + (uint32_t)bias), mult, y_zero, &in);
+      bits |= in << b;
+    }
+    if (mask) mt_mask_put(mask, i + q, bits, 8);
+  }
+  for (; q < n; q++) {
+    uint32_t in;
+    y[q] = mt_requant((int32_t)((uint32_t)acc[q] + (uint32_t)bias), mult, y_zero, &in);
+    if (mask) mt_mask_put(mask, i + q, in, 1);
+  }
+}
+
+/* floor(r), exactly (floorf without a library call): r itself when |r| >= 2^23 (already integral), inf or NaN. */
+static inline float mt_floor(float r) {
+  if (!(__builtin_fabsf(r) < 8388608.0f)) return r;
+  const float t = (float)(int32_t)r;
+  return t > r ? t - 1.0f : t;
+}
+
+/* One element of the update (mt_update.c states it; inlined into the fused weight-gradient loops). */
+static inline void mt_update_one(const mt_step *s, const mt_param *p, int32_t i, float grad) {
+  const mt_optimizer *opt = s->opt;
+  const float g = p->qas ? grad / p->qas[i / p->row] : grad;
+  float delta;
+  if (opt->optimizer == MT_SGD) {
+    delta = s->lr * g;
+  } else if (opt->optimizer == MT_SGDM) {
+    p->m[i] = p->m[i] * opt->momentum + g;
+    delta = s->lr * p->m[i];
+  } else {
+    p->m[i] = mt_fma(opt->one_minus_beta1, g, p->m[i] * opt->beta1);
+    p->v[i] = mt_fma(opt->one_minus_beta2 * g, g, p->v[i] * opt->beta2);
+    delta = s->lr * (p->m[i] / s->bc1) / (__builtin_sqrtf(p->v[i] / s->bc2) + opt->eps);
+  }
+  if (p->dtype == MT_I8) {
+    int8_t *w = (int8_t *)p->data;
+    const float u = mt_sr_uniform_inline(opt->seed, s->step, p->stream, (uint32_t)i);
+    w[i] = mt_clamp8(mt_floor((float)w[i] - delta + u));
+  } else if (p->dtype == MT_I32) {
+    int32_t *b = (int32_t *)p->data;
+    float r = mt_rint(delta);
+    r = r < -2147483520.0f ? -2147483520.0f : r > 2147483520.0f ? 2147483520.0f : r;  /* keep the cast defined */
+    b[i] = (int32_t)((uint32_t)b[i] - (uint32_t)(int32_t)r);
+  } else {
+    float *f = (float *)p->data;
+    f[i] = f[i] - delta;
+  }
+}
 
 #endif
