@@ -410,11 +410,15 @@ def _check_meta(meta: dict[str, Any], tensors: dict[str, Any]) -> None:
 def _read_npz(path: Path) -> dict[str, np.ndarray]:
     """The arrays of an npz, refusing pickled objects, names that are not tensor names, and archives that declare
     more than MAX_NPZ_BYTES uncompressed."""
-    with zipfile.ZipFile(path) as z:
-        infos = z.infolist()
-        declared = sum(i.file_size for i in infos)
-        if declared > MAX_NPZ_BYTES:
-            raise GraphFormatError(f"{path}: inflates to {declared >> 20} MB (at most {MAX_NPZ_BYTES >> 20} MB)")
+    try:
+        with zipfile.ZipFile(path) as z:
+            declared = sum(i.file_size for i in z.infolist())
+    except OSError:
+        raise
+    except Exception as e:  # zipfile raises BadZipFile, NotImplementedError, ValueError, ... on hostile bytes
+        raise GraphFormatError(f"{path}: corrupt arrays ({type(e).__name__}: {e})") from None
+    if declared > MAX_NPZ_BYTES:
+        raise GraphFormatError(f"{path}: inflates to {declared >> 20} MB (at most {MAX_NPZ_BYTES >> 20} MB)")
     try:
         with np.load(path, allow_pickle=False) as z:
             return {k: z[k] for k in z.files}

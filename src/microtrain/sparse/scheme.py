@@ -120,7 +120,11 @@ class Scheme:
         unknown = set(d) - {"name", "n_bias_update", "weight_ratios", "head"}
         if unknown:
             raise MicrotrainError(f"scheme {default_name}: unknown keys {', '.join(sorted(map(str, unknown)))}")
-        name = str(d.get("name", default_name))
+        name = d.get("name", default_name)
+        if not isinstance(name, str) or not name or len(name) > 100 or not name.isprintable():
+            shown = "".join(c if c.isprintable() else repr(c)[1:-1] for c in str(name))[:60]
+            raise MicrotrainError(f"scheme {default_name}: name {shown!r} is not one line of at most 100 printable "
+                                  "characters")
         wr = d.get("weight_ratios") or {}
         if not isinstance(wr, dict):
             raise MicrotrainError(f"scheme {name}: weight_ratios must map conv index -> ratio")
