@@ -30,16 +30,17 @@ from microtrain.runtime.trainstep import GraphTrainStep
 REPO = Path(__file__).resolve().parents[1]
 
 
-def centralized(run: Path, fed: dict, threads: int) -> dict:
+def centralized(run: Path, threads: int) -> dict:
     """One device on every image of the federation, for as many steps as the whole fleet took."""
     torch.set_num_threads(threads)
-    graph = training_graph(Job.load(run / JOB))
+    fed = Job.load(run / JOB)
+    graph = training_graph(fed)
     train = ImageDataset.load(run / DATA / "train.npz")
     test = ImageDataset.load(run / DATA / "test.npz")
-    steps = fed["devices_per_round"] * fed["rounds"] * fed["local_steps"]
-    job = Job(run_dir=str(run), model=fed["model"], scheme=fed["scheme"]["name"], data=fed["data"], clients=1,
-              rounds=1, local_steps=steps, lr=fed["lr"], warmup_rounds=fed["warmup_rounds"], augment=fed["augment"],
-              seed=fed["seed"], resolution=fed["resolution"])
+    steps = fed.per_round * fed.rounds * fed.local_steps
+    job = Job(run_dir=str(run), model=fed.model, scheme=fed.scheme, data=fed.data, clients=1, rounds=1,
+              local_steps=steps, lr=fed.lr, warmup_rounds=fed.warmup_rounds, augment=fed.augment, seed=fed.seed,
+              resolution=fed.resolution)
     dev = Device(graph, train, 0, job)
     t0 = time.perf_counter()
     state, m = dev.train_round(initial_state(graph), 0, 0)
@@ -47,9 +48,10 @@ def centralized(run: Path, fed: dict, threads: int) -> dict:
     step = GraphTrainStep(graph, "int8")
     ev = PrefixCache(step) if step.boundary != graph.inputs[:1] else step
     ev.load_state_dict(state)
-    acc = evaluate(ev, test, batch_size=100, resolution=fed["resolution"], eval_crop=1.0)
+    acc = evaluate(ev, test, batch_size=100, resolution=fed.resolution, eval_crop=1.0)
     return {"test_accuracy": acc, "steps": steps, "batch_size": 1, "train_images": len(train),
-            "final_train_loss_mean": m["loss"], "train_seconds": round(seconds, 1)}
+            "lr": fed.lr, "schedule": "cosine over the steps, as each device's", "augment": fed.augment,
+            "mean_train_loss": m["loss"], "train_seconds": round(seconds, 1)}
 
 
 def main() -> int:
@@ -69,7 +71,18 @@ def main() -> int:
     ap.add_argument("--run-dir", default=str(REPO / "runs" / "bench-federated"))
     ap.add_argument("--resume", action="store_true", help="resume the federation in --run-dir")
     ap.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "federated.json"))
+    ap.add_argument("--centralized-only", action="store_true",
+                    help="only train the centralized baseline of the federation prepared in --run-dir (it reads the "
+                         "federation's job and images) and write it to --centralized-json")
+    ap.add_argument("--centralized-json", help="the centralized baseline's result: read from here if present "
+                                               "(written by --centralized-only), else computed")
     args = ap.parse_args()
+    if args.centralized_only:
+        cen = {**centralized(Path(args.run_dir), threads=1),
+               "command": shlex.join(["python", "benchmarks/federated.py", *sys.argv[1:]])}
+        Path(args.centralized_json).write_text(json.dumps(cen, indent=1) + "\n")
+        print(f"centralized {cen['test_accuracy']:.2%} in {cen['train_seconds']:.0f} s -> {args.centralized_json}")
+        return 0
     argv = ["federate", "--model", args.model, "--scheme", args.scheme, "--data", args.data, "--clients",
             str(args.clients), "--rounds", str(args.rounds), "--local-steps", str(args.local_steps), "--partition",
             args.partition, "--subset", str(args.subset), "--lr", f"{args.lr:g}", "--workers", str(args.workers),
@@ -84,7 +97,10 @@ def main() -> int:
     fed_seconds = time.perf_counter() - t0
     run = Path(args.run_dir)
     fed = json.loads((run / "metrics.json").read_text())
-    cen = centralized(run, fed, threads=1)
+    if args.centralized_json and Path(args.centralized_json).is_file():
+        cen = json.loads(Path(args.centralized_json).read_text())
+    else:
+        cen = centralized(run, threads=1)
     b = fed["bytes"]
     out = {
         "command": shlex.join(["python", "benchmarks/federated.py", *sys.argv[1:]]),
