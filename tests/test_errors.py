@@ -75,6 +75,14 @@ def test_output_paths_are_checked_before_the_work(tmp_path):
                  str(tmp_path / "c")), "--classes")
 
 
+def test_contrib_out_is_checked_before_the_trials(tmp_path):
+    d = _folder(tmp_path / "data", {"a": 2, "b": 2})
+    r = cli("contrib", "--model", "mcunet-5fps", "--data", str(d), "--out", str(tmp_path), "--subset", "4",
+            "--test-subset", "4", "--epochs", "1", "--workers", "1")
+    one_line(r, "--out", "is a directory")
+    assert "trial" not in r.stdout.lower()
+
+
 def test_contribution_file_that_is_a_list(tmp_path):
     c = tmp_path / "contrib.json"
     c.write_text(json.dumps([1, 2, 3]))

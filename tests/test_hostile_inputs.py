@@ -475,6 +475,11 @@ def test_state_file_slots_through_the_harness(tiny_prog, tmp_path):
         run_host(tiny_prog, harness_args(state_in=str(tmp_path / "x.bin"), state_out=str(tmp_path / "y.bin")))
         assert int(read_state(tmp_path / "y.bin", prog)["__step__"]) == want, off
         (tmp_path / "y.bin").unlink()
+    # bytes after the two slots are not part of the store (the "trailing junk"): ignored by both readers
+    (tmp_path / "junk.bin").write_bytes(raw + os.urandom(100))
+    assert int(read_state(tmp_path / "junk.bin", prog)["__step__"]) == 6
+    run_host(tiny_prog, harness_args(state_in=str(tmp_path / "junk.bin"), state_out=str(tmp_path / "j.bin")))
+    assert int(read_state(tmp_path / "j.bin", prog)["__step__"]) == 6
     # nothing valid: one line, nothing written
     (tmp_path / "z.bin").write_bytes(os.urandom(len(raw)))
     with pytest.raises(MicrotrainError, match="does not match this program or is corrupt"):
