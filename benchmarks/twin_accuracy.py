@@ -56,10 +56,11 @@ def main() -> int:
         if done and done.get("status") == "completed" and not (args.only and name in args.only):
             print(f"{name}: done ({done['test_accuracy']})")
             continue
+        run_dir = Path(args.runs) / name
         cmd = ["microtrain", "train", "--model", "mcunet-5fps", "--scheme", "paper-99kb", "--data", "cifar10",
                "--subset", str(args.subset), "--epochs", str(args.epochs), "--warmup-epochs", "1", "--augment",
-               "flip", "--eval-every", str(args.epochs), "--seed", "0", "--quiet", "--resume", "--json",
-               "--out", str(Path(args.runs) / name), *SETTINGS[name]]
+               "flip", "--eval-every", str(args.epochs), "--seed", "0", "--quiet", "--json", "--out", str(run_dir),
+               *SETTINGS[name]] + (["--resume"] if (run_dir / "checkpoint.json").exists() else [])
         print("$", shlex.join(cmd), flush=True)
         t0 = time.perf_counter()
         proc = subprocess.run(cmd, capture_output=True, text=True)
