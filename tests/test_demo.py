@@ -24,6 +24,10 @@ def test_demo_end_to_end(flags, tmp_path, capsys):
     assert after > before
     planned = float(re.search(r"peak SRAM ([\d.]+) KB", out).group(1))
     host = json.loads((tmp_path / "host" / "memory.json").read_text())
+    report = json.loads((tmp_path / "report.json").read_text())  # everything is in --out, nothing in a temp dir
+    assert (tmp_path / "plan.png").stat().st_size > 0 and report["host"] == host
+    assert report["accuracy_after"] == pytest.approx(after / 100, abs=5e-4)
+    assert (tmp_path / "run" / "metrics.json").is_file()
     assert host["fits"] and abs(host["planned_peak_sram_bytes"] / 1024 - planned) < 0.05
     if flags:
         assert "input streamed tile by tile, int8 activation gradients" in out and planned < 130

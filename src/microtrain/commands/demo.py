@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import argparse
-import tempfile
-from pathlib import Path
+import json
 
 from microtrain.autodiff.build import TrainConfig, build_training_graph
 from microtrain.cli import main as cli_main
@@ -14,6 +13,7 @@ from microtrain.compiler.memory import FLASH_BUDGET, SRAM_BUDGET, compile_memory
 from microtrain.data.datasets import open_dataset
 from microtrain.errors import MicrotrainError
 from microtrain.frontends.zoo import load_model
+from microtrain.outputs import check_output_dir
 from microtrain.runtime.prefix_cache import PrefixCache
 from microtrain.runtime.trainer import evaluate, fit
 from microtrain.runtime.trainstep import GraphTrainStep
@@ -38,7 +38,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--stream-input", action="store_true",
                    help="read each patch's input region from the image source (no whole image in SRAM; patch "
                         "recompute capped at 3x)")
-    p.add_argument("--out", help="keep the run and the C projects here (default: a temporary directory)")
+    p.add_argument("--out", default="microtrain-demo",
+                   help="where everything goes (default ./microtrain-demo): plan.png, run/ (metrics, checkpoint, "
+                        "training graph), host/ and m4/ (the C projects, state.bin, memory.json), report.json")
     p.set_defaults(run=run)
 
 
@@ -69,30 +71,41 @@ def run(args: argparse.Namespace) -> int:
     fits = mem.peak_sram_bytes <= SRAM_BUDGET and mem.flash_bytes <= FLASH_BUDGET
     print(f"   peak SRAM {_kb(mem.peak_sram_bytes)} (arena {_kb(mem.arena_bytes)} + state {_kb(mem.state_bytes)}) of "
           f"{_kb(SRAM_BUDGET)}, flash {_kb(mem.flash_bytes)} of {_kb(FLASH_BUDGET)}: {'fits' if fits else 'too big'}")
-    with tempfile.TemporaryDirectory() as tmp:
-        root = Path(args.out or tmp)
-        run_dir = root / "run"
-        run_dir.mkdir(parents=True, exist_ok=True)
-        graph = build_training_graph(model, scheme, train_ds.num_classes, cfg)
-        graph.save(run_dir / GRAPH)
-        step = PrefixCache(GraphTrainStep(graph))
-        res = model.tensors[model.inputs[0]].shape[1]
-        before = evaluate(step, test_ds, resolution=res, eval_crop=1.0)
-        print(f"== 2. fine-tune on {len(train_ds)} {train_ds.name} images ({args.epochs} epochs, int8 graph, QAS)")
-        m = fit(step, train_ds, test_ds, epochs=args.epochs, lr=args.lr, batch_size=32, warmup_epochs=0.5,
-                augment="flip", resolution=res, out_dir=run_dir, progress=True,
-                extra={"model": model.name, "scheme": scheme.to_dict(), "precision": "int8",
-                       "int8_grads": args.int8_grads})
-        print(f"   test accuracy {before:.1%} (new zero head) -> {m['test_accuracy']:.1%} on {len(test_ds)} images")
-        print("== 3. compile the trained step to C and train on the host")
-        rc = cli_main(["compile", "--from", str(run_dir), "--target", "host", "-o", str(root / "host"), "--run",
-                       "--steps", str(args.steps), "--lr", str(args.lr / 10), *stream_args])
-        if rc:
-            return rc
-        if toolchain("cortex-m4") is None:
-            print("== 4. the same program on an emulated Cortex-M4 (256 KB SRAM / 1 MB flash linker script, QEMU)")
-            rc = cli_main(["compile", "--from", str(run_dir), "--target", "cortex-m4", "-o", str(root / "m4"),
-                           "--run", "--steps", "5", "--lr", str(args.lr / 10), *stream_args])
-        else:
-            print(f"== 4. skipped: {toolchain('cortex-m4')} is not installed (make install brings it)")
+    root = check_output_dir(args.out, "--out")
+    report: dict = {"model": model.name, "scheme": scheme.name, "dataset": train_ds.name,
+                    "planned_peak_sram_bytes": mem.peak_sram_bytes, "planned_flash_bytes": mem.flash_bytes}
+    mem.plot(root / "plan.png")
+    print(f"   plot: {root / 'plan.png'}")
+    run_dir = root / "run"
+    run_dir.mkdir(parents=True, exist_ok=True)
+    graph = build_training_graph(model, scheme, train_ds.num_classes, cfg)
+    graph.save(run_dir / GRAPH)
+    step = PrefixCache(GraphTrainStep(graph))
+    res = model.tensors[model.inputs[0]].shape[1]
+    before = evaluate(step, test_ds, resolution=res, eval_crop=1.0)
+    print(f"== 2. fine-tune on {len(train_ds)} {train_ds.name} images ({args.epochs} epochs, int8 graph, QAS)")
+    m = fit(step, train_ds, test_ds, epochs=args.epochs, lr=args.lr, batch_size=32, warmup_epochs=0.5,
+            augment="flip", resolution=res, out_dir=run_dir, progress=True,
+            extra={"model": model.name, "scheme": scheme.to_dict(), "precision": "int8",
+                   "int8_grads": args.int8_grads})
+    print(f"   test accuracy {before:.1%} (new zero head) -> {m['test_accuracy']:.1%} on {len(test_ds)} images")
+    report.update(accuracy_before=before, accuracy_after=m["test_accuracy"], run=str(run_dir))
+    print("== 3. compile the trained step to C and train on the host")
+    rc = cli_main(["compile", "--from", str(run_dir), "--target", "host", "-o", str(root / "host"), "--run",
+                   "--steps", str(args.steps), "--lr", str(args.lr / 10), *stream_args])
+    if rc:
+        return rc
+    if toolchain("cortex-m4") is None:
+        print("== 4. the same program on an emulated Cortex-M4 (256 KB SRAM / 1 MB flash linker script, QEMU)")
+        rc = cli_main(["compile", "--from", str(run_dir), "--target", "cortex-m4", "-o", str(root / "m4"),
+                       "--run", "--steps", "5", "--lr", str(args.lr / 10), *stream_args])
+    else:
+        print(f"== 4. skipped: {toolchain('cortex-m4')} is not installed (make install brings it)")
+    for target in ("host", "m4"):
+        f = root / target / "memory.json"
+        if f.is_file():
+            report[target] = json.loads(f.read_text())
+    (root / "report.json").write_text(json.dumps(report, indent=1) + "\n")
+    print(f"== everything is in {root}: plan.png, run/, host/" + (", m4/" if (root / "m4").is_dir() else "")
+          + ", report.json")
     return rc
