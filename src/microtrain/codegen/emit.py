@@ -31,7 +31,7 @@ from microtrain.errors import MicrotrainError
 from microtrain.ir.graph import Graph, Op
 from microtrain.ir.quant import add_ratios, qas_divisor, requant_multiplier
 
-TARGETS = ("host", "cortex-m4")
+TARGETS = ("host", "cortex-m4", "cortex-m7")
 KERNEL_FILES = ("mt_conv2d.c", "mt_depthwise_conv2d.c", "mt_add.c", "mt_avgpool.c",
                 "mt_slice_channels.c", "mt_linear.c", "mt_softmax_ce.c", "mt_linear_grad_input.c", "mt_avgpool_grad.c",
                 "mt_add_grad.c", "mt_grad_add.c", "mt_conv2d_grad_acc.c", "mt_conv2d_grad_input.c",
@@ -40,7 +40,8 @@ KERNEL_FILES = ("mt_conv2d.c", "mt_depthwise_conv2d.c", "mt_add.c", "mt_avgpool.
 # (the channel-serial block backward's helpers live in the kernels they share code with; mt_profile.c is empty unless
 # the profile build defines MT_PROFILE)
 HARNESS_FILES = {"host": ("mt_main.c", "mt_io.h", "mt_io_host.c"),
-                 "cortex-m4": ("mt_main.c", "mt_io.h", "mt_io_semihost.c", "mt_startup_m4.c", "mt_m4.ld")}
+                 "cortex-m4": ("mt_main.c", "mt_io.h", "mt_io_semihost.c", "mt_startup_m4.c", "mt_m4.ld"),
+                 "cortex-m7": ("mt_main.c", "mt_io.h", "mt_io_semihost.c", "mt_startup_m4.c", "mt_m4.ld")}
 C_DTYPE = {"int8": "int8_t", "int32": "int32_t", "float32": "float"}
 MT_DTYPE = {"int8": "MT_I8", "int32": "MT_I32", "float32": "MT_F32"}
 OPTIMIZER = {"sgd": "MT_SGD", "sgd-m": "MT_SGDM", "adam": "MT_ADAM"}

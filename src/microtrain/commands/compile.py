@@ -5,23 +5,27 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from microtrain.autodiff.build import OPTIMIZERS, TrainConfig, build_training_graph
+from microtrain.codegen.emit import TARGETS
 from microtrain.codegen.project import (
-    FLASH_BUDGET,
-    SRAM_BUDGET,
     build,
     emit_project,
     harness_args,
+    is_device,
     measure_memory,
     run_host,
+    run_profile,
     run_qemu,
     toolchain,
     write_records,
 )
 from microtrain.commands.plan import add_planner_levers, planner_levers
+from microtrain.compiler.boards import BOARDS, DEFAULT_BOARD, get_board
+from microtrain.compiler.levers import choose_levers, lever_table
 from microtrain.compiler.memory import plan_training_graph
 from microtrain.data.samples import real_images
 from microtrain.errors import MicrotrainError
@@ -33,13 +37,14 @@ from microtrain.sparse.scheme import resolve_scheme
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
-        "compile", help="generate the C training program (host or Cortex-M4), build and run it",
+        "compile", help="generate the C training program (host, Cortex-M4 or Cortex-M7), build and run it",
         description="Emit the scheduled, memory-planned training step of MODEL under SCHEME as a C99 project: frozen "
                     "weights in flash, trainable state in SRAM, one static arena of exactly the planned size, the "
                     "forward, backward and in-place updates as a straight line of kernel calls, and a harness that "
-                    "trains on a stream of images. --build compiles it (gcc, or arm-none-eabi-gcc against a 256 KB "
-                    "SRAM / 1 MB flash linker script); --run also trains it for --steps real images (on the host, or "
-                    "in QEMU's mps2-an386) and writes OUT_DIR/memory.json.")
+                    "trains on a stream of images. --build compiles it (gcc, or arm-none-eabi-gcc against a linker "
+                    "script of the board's SRAM and flash: 256 KB / 1 MB by default); --run also trains it for "
+                    "--steps real images (on the host, or in QEMU with its instruction count: instructions per step "
+                    "and milliseconds at the board's clock) and writes OUT_DIR/memory.json.")
     p.add_argument("--model", help="zoo name or model file (taken from --from when omitted)")
     p.add_argument("--scheme", help="preset or scheme file (taken from --from when omitted)")
     p.add_argument("--from", dest="run_dir", metavar="RUN_DIR",
@@ -52,7 +57,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="activation gradients as per-channel quantized int8, as `microtrain plan --int8-grads` (taken "
                         "from --from when omitted)")
     add_planner_levers(p)
-    p.add_argument("--target", choices=("host", "cortex-m4"), default="host")
+    p.add_argument("--target", choices=TARGETS, default=None,
+                   help="host (default), cortex-m4 (QEMU mps2-an386) or cortex-m7 (QEMU mps2-an500)")
+    p.add_argument("--board", metavar="BOARD",
+                   help=f"the board's core, SRAM and flash regions and clock ({', '.join(BOARDS)}; default "
+                        f"{DEFAULT_BOARD} for a device target): the linker script allows exactly its memory")
+    p.add_argument("--profile", action="store_true",
+                   help="with --run: also run the profile build and print instructions (host: ns) per step per op "
+                        "kind")
     p.add_argument("-o", "--out", required=True, metavar="OUT_DIR")
     p.add_argument("--build", action="store_true", help="compile the project")
     p.add_argument("--run", dest="train_run", action="store_true",
@@ -96,17 +108,37 @@ def _kb(n: int | None) -> str:
     return "-" if n is None else f"{n / 1024:.1f} KB"
 
 
+def target_and_board(args: argparse.Namespace) -> tuple[str, Any]:
+    """--target and --board agree: a board implies its core; a device target without a board gets the default."""
+    board = get_board(args.board) if args.board else None
+    target = args.target or (board.core if board else "host")
+    if board and target != board.core:
+        raise MicrotrainError(f"--board {board.name} has a {board.core}; --target {target} does not match")
+    if is_device(target) and board is None:
+        board = get_board(DEFAULT_BOARD) if target == get_board(DEFAULT_BOARD).core else next(
+            b for b in BOARDS.values() if b.core == target)
+    return target, board
+
+
 def run(args: argparse.Namespace) -> int:
     if args.steps < 1:
         raise MicrotrainError(f"--steps must be >= 1, got {args.steps}")
+    args.target, board = target_and_board(args)
     levers = planner_levers(args)
     check_output_dir(args.out, "-o")
     tg, state = training_graph(args)
+    lever_choice = None
+    if args.board:  # the fastest lever set that fits the board (compiler/levers.py); --stream-input stays as given
+        chosen, options = choose_levers(tg, board.sram_bytes, stream_input=args.stream_input)
+        levers = chosen.levers
+        lever_choice = {"chosen": chosen.to_json(), "options": [o.to_json() for o in options]}
+        print(lever_table(options, chosen, board.sram_bytes))
     sched, best = plan_training_graph(tg, **levers)
     out = Path(args.out)
-    prog = emit_project(sched, best.plan, out, args.target, state=state)
+    prog = emit_project(sched, best.plan, out, args.target, state=state, board=board)
     stage = prog.patch
-    print(f"{tg.name.removesuffix(':train')} {tg.meta['train']['scheme']['name']} -> {out} ({args.target}): arena "
+    where = f"{args.target}, {board.name}" if board else args.target
+    print(f"{tg.name.removesuffix(':train')} {tg.meta['train']['scheme']['name']} -> {out} ({where}): arena "
           f"{_kb(prog.arena_bytes)}, state {_kb(sum(t['nbytes'] for t in prog.state))}"
           + (f", patch stage {stage['grid']}x{stage['grid']} up to {stage['output']}" if stage else "")
           + (", input streamed tile by tile" if prog.stream_input else "")
@@ -121,31 +153,50 @@ def run(args: argparse.Namespace) -> int:
         raise MicrotrainError(f"{missing} is not installed (see the README's set-up command)")
     build(out)
     if not args.train_run:
-        print(f"built {out / ('prog.elf' if args.target == 'cortex-m4' else 'prog')}")
+        print(f"built {out / ('prog.elf' if is_device(args.target) else 'prog')}")
         return 0
     res = tg.tensors[tg.inputs[0]].shape[1]
     x, y, source = real_images(args.steps, res, seed=args.seed, num_classes=prog.num_classes,
                                source=args.data or "auto")
     write_records(out / "stream.bin", x, y, args.lr)
     hargs = harness_args("stream.bin", state_out="state.bin")
-    result = (run_qemu if args.target == "cortex-m4" else run_host)(out, hargs)
+    device = is_device(args.target)
+    result = run_qemu(out, hargs, icount=True) if device else run_host(out, hargs)
+    speed: dict[str, Any] = {}
+    if device and result.get("train_ns"):  # -icount shift=0: one ns of virtual time per instruction
+        per_step = result["train_ns"] / len(result["losses"])
+        speed = {"instructions_per_step": round(per_step), "step_macs": sched.macs(),
+                 "instructions_per_mac": round(per_step / max(sched.macs(), 1), 2), "clock_mhz": board.mhz,
+                 "est_ms_per_step_at_one_instruction_per_cycle": round(per_step / board.mhz / 1e3, 1)}
+    if args.profile:
+        speed["profile_per_step"] = run_profile(out, harness_args("stream.bin"), len(x))
     mem = measure_memory(out, result, best.plan, {"command": "microtrain compile " + " ".join(
         f"{k} {v}" for k, v in (("--model", args.model), ("--scheme", args.scheme), ("--from", args.run_dir),
-                                ("--target", args.target), ("-o", args.out)) if v)
+                                ("--target", args.target), ("--board", args.board), ("-o", args.out)) if v)
         + (" --stream-input" if args.stream_input else "") + (" --int8-grads" if args.int8_grads else "")
         + (f" --max-recompute {args.max_recompute:g}" if args.max_recompute != 1.5 else "")
         + (" --no-block-backward" if args.no_block_backward else "")
-        + (" --recompute-blocks" if args.recompute_blocks else "") + " --run"})
+        + (" --recompute-blocks" if args.recompute_blocks else "") + " --run", **speed,
+        **({"lever_choice": lever_choice} if lever_choice else {})})
     losses = result["losses"]
     k = max(1, len(losses) // 4)
     print(f"trained {len(losses)} {source} images: loss {np.mean(losses[:k]):.3f} (first {k}) -> "
           f"{np.mean(losses[-k:]):.3f} (last {k})"
-          + (f", {result['train_ns'] / 1e6 / len(losses):.1f} ms/step" if result.get("train_ns") else ""))
-    fit = "fits" if mem["sram_total_bytes"] <= SRAM_BUDGET else "DOES NOT FIT"
-    ffit = "fits" if mem["flash_bytes"] <= FLASH_BUDGET else "DOES NOT FIT"
-    print(f"SRAM  {_kb(mem['sram_total_bytes'])} of {_kb(SRAM_BUDGET)} ({fit}): .data+.bss {_kb(mem['ram_bytes'])} "
+          + (f", {result['train_ns'] / 1e6 / len(losses):.1f} ms/step on this machine"
+             if result.get("train_ns") and not device else ""))
+    if "instructions_per_step" in speed:
+        print(f"speed {speed['instructions_per_step'] / 1e6:.1f}M {args.target} instructions per step "
+              f"({speed['instructions_per_mac']} per MAC, QEMU instruction count); about "
+              f"{speed['est_ms_per_step_at_one_instruction_per_cycle']:.0f} ms per step at {board.mhz} MHz if every "
+              "instruction took one cycle")
+    for kind, n in speed.get("profile_per_step", {}).items():
+        print(f"  {kind:<44} {n / 1e6:8.2f}M" if device else f"  {kind:<44} {n / 1e3:8.1f} us")
+    sram_budget, flash_budget = mem["budget"]["sram_bytes"], mem["budget"]["flash_bytes"]
+    fit = "fits" if mem["sram_total_bytes"] <= sram_budget else "DOES NOT FIT"
+    ffit = "fits" if mem["flash_bytes"] <= flash_budget else "DOES NOT FIT"
+    print(f"SRAM  {_kb(mem['sram_total_bytes'])} of {_kb(sram_budget)} ({fit}): .data+.bss {_kb(mem['ram_bytes'])} "
           f"(arena {_kb(mem['arena_bytes'])}, state {_kb(mem['state_bytes'])}), stack {_kb(mem['stack_bytes'])}")
-    print(f"flash {_kb(mem['flash_bytes'])} of {_kb(FLASH_BUDGET)} ({ffit}); {out / 'memory.json'}, final state "
+    print(f"flash {_kb(mem['flash_bytes'])} of {_kb(flash_budget)} ({ffit}); {out / 'memory.json'}, final state "
           f"{out / 'state.bin'}")
     if not mem["fits"]:
         print(json.dumps(mem["sections"]))

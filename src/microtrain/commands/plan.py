@@ -3,14 +3,19 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 from pathlib import Path
 from typing import Any
 
-from microtrain.autodiff.build import OPTIMIZERS, TrainConfig
+from microtrain.autodiff.build import OPTIMIZERS, TrainConfig, build_training_graph
+from microtrain.compiler.boards import BOARDS, DEFAULT_BOARD, get_board
+from microtrain.compiler.levers import choose_levers, lever_table
 from microtrain.compiler.memory import FLASH_BUDGET, SRAM_BUDGET, MemoryReport, compile_memory
 from microtrain.errors import MicrotrainError
 from microtrain.frontends.zoo import load_model
+from microtrain.sparse.scheme import resolve_scheme
+from microtrain.sparse.search import parse_bytes
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -32,6 +37,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="materialise all weight gradients and apply them after the backward (no operator reordering)")
     p.add_argument("--no-patch", action="store_true", help="run the early stage whole (no patch-based stage)")
     add_planner_levers(p)
+    p.add_argument("--board", metavar="BOARD",
+                   help=f"plan for a board ({', '.join(BOARDS)}): its SRAM and flash are the budget, and the "
+                        "planner levers are chosen for it (the fastest set that fits; --stream-input and "
+                        "--int8-grads stay yours), with the alternatives listed")
+    p.add_argument("--budget", metavar="SIZE",
+                   help="SRAM budget instead of the board's (e.g. 135KB); implies choosing the levers as --board does")
     p.add_argument("--json", action="store_true", help="print the full report as JSON")
     p.add_argument("--plot", metavar="FILE.png", help="draw the arena over the schedule, peak marked")
     p.set_defaults(run=run)
@@ -65,19 +76,19 @@ def _kb(n: int) -> str:
     return f"{n / 1024:.1f} KB"
 
 
-def text_report(r: MemoryReport) -> str:
+def text_report(r: MemoryReport, sram_budget: int = SRAM_BUDGET, flash_budget: int = FLASH_BUDGET) -> str:
     b = r.breakdown()
     cfg = r.config
-    fit = "fits" if r.peak_sram_bytes <= SRAM_BUDGET else "DOES NOT FIT"
-    ffit = "fits" if r.flash_bytes <= FLASH_BUDGET else "DOES NOT FIT"
+    fit = "fits" if r.peak_sram_bytes <= sram_budget else "DOES NOT FIT"
+    ffit = "fits" if r.flash_bytes <= flash_budget else "DOES NOT FIT"
     lines = [f"{r.model}  scheme {r.scheme.name}  {r.graph.meta['train']['num_classes']} classes  {cfg.optimizer}  "
              f"reorder {'on' if cfg.reorder else 'off'}",
-             f"peak SRAM  {_kb(r.peak_sram_bytes):>10}  of {_kb(SRAM_BUDGET)}: {fit}",
+             f"peak SRAM  {_kb(r.peak_sram_bytes):>10}  of {_kb(sram_budget)}: {fit}",
              f"  arena    {_kb(r.arena_bytes):>10}  (live max {_kb(b['arena_live_bytes'])}, at op {b['peak_step']} "
              f"{b['peak_op']}, {b['peak_phase']})",
              f"  state    {_kb(r.state_bytes):>10}  " + ", ".join(f"{k.replace('_', ' ')} {_kb(v)}"
                                                                 for k, v in r.state.items() if v),
-             f"flash      {_kb(r.flash_bytes):>10}  of {_kb(FLASH_BUDGET)}: {ffit}  "
+             f"flash      {_kb(r.flash_bytes):>10}  of {_kb(flash_budget)}: {ffit}  "
              + ", ".join(f"{k.replace('_', ' ')} {_kb(v)}" for k, v in r.flash.items() if v),
              f"analytic extra memory of the scheme (paper's model): {_kb(r.analytic_extra_bytes)}"]
     pt = r.patch()
@@ -106,17 +117,34 @@ def run(args: argparse.Namespace) -> int:
         raise MicrotrainError(f"--plot writes a PNG: {args.plot} does not end in .png")
     cfg = TrainConfig(optimizer=args.optimizer, reorder=not args.no_reorder, update_storage=args.update_storage,
                       int8_grads=args.int8_grads)
-    r = compile_memory(load_model(args.model), args.scheme, num_classes=args.classes, cfg=cfg,
-                       patch=None if args.no_patch else "auto", **levers)
+    model = load_model(args.model)
+    board, choice = get_board(args.board) if args.board else None, None
+    if args.budget:
+        sram = parse_bytes(args.budget)
+        if not sram or sram <= 0:
+            raise MicrotrainError(f"--budget must be a positive size, got {args.budget!r}")
+        base = board or get_board(DEFAULT_BOARD)
+        board = dataclasses.replace(base, name=f"{base.name} with {sram / 1024:g} KB", sram_bytes=sram)
+    if board:
+        tg = build_training_graph(model, resolve_scheme(args.scheme, model), args.classes, cfg)
+        chosen, options = choose_levers(tg, board.sram_bytes, stream_input=args.stream_input)
+        choice = {"board": board.to_dict(), "chosen": chosen.to_json(), "options": [o.to_json() for o in options]}
+        levers = chosen.levers
+    elif args.no_patch:
+        levers["patch"] = None
+    r = compile_memory(model, args.scheme, num_classes=args.classes, cfg=cfg, **levers)
     if args.plot:
         try:
             r.plot(args.plot)
         except OSError as e:
             raise MicrotrainError(f"{args.plot}: cannot write the plot ({e.strerror or e})") from None
+    budgets = (board.sram_bytes, board.flash_bytes) if board else (SRAM_BUDGET, FLASH_BUDGET)
     if args.json:
-        print(json.dumps(r.to_json(), indent=1))
+        print(json.dumps({**r.to_json(), **({"lever_choice": choice} if choice else {})}, indent=1))
     else:
-        print(text_report(r))
+        print(text_report(r, *budgets))
+        if choice:
+            print(lever_table(options, chosen, board.sram_bytes))
         if args.plot:
             print(f"plot: {args.plot}")
     return 0

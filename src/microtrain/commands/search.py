@@ -6,6 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
+from microtrain.compiler.boards import BOARDS, get_board
 from microtrain.errors import MicrotrainError
 from microtrain.frontends.zoo import ZOO_MODELS, load_model
 from microtrain.outputs import check_output_file
@@ -22,9 +23,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                     "planner's peak SRAM of the whole training step). Evolutionary search, with random search as the "
                     "baseline; writes a scheme file accepted wherever a preset name is (train, plan, compile).")
     p.add_argument("--model", required=True, help=f"zoo name ({', '.join(ZOO_MODELS)}) or model file")
-    p.add_argument("--budget", default="256KB",
-                   help="device SRAM for the whole training step, checked with the memory planner (default 256KB; "
-                        "'none' to skip the planner)")
+    p.add_argument("--budget",
+                   help="device SRAM for the whole training step, checked with the memory planner (default: the "
+                        "board's SRAM, else 256KB; 'none' to skip the planner)")
+    p.add_argument("--board", metavar="BOARD", help=f"take the SRAM budget from a board ({', '.join(BOARDS)})")
     p.add_argument("--extra-budget", help="bound on the analytic extra memory (e.g. 100KB; the paper's schemes use "
                                           "49-148 KB)")
     p.add_argument("--contrib", help="contribution file from `microtrain contrib` (default: the one shipped for zoo "
@@ -65,7 +67,8 @@ def run(args: argparse.Namespace) -> int:
     except ValueError:
         raise MicrotrainError(f"--shrink: 'auto' or accuracy points, got {args.shrink!r}") from None
     space = Space.build(graph, contrib.shrunk(tau))
-    budget, extra = parse_bytes(args.budget), parse_bytes(args.extra_budget)
+    default = f"{get_board(args.board).sram_bytes}" if args.board else "256KB"
+    budget, extra = parse_bytes(args.budget or default), parse_bytes(args.extra_budget)
     name = args.name or (f"search-{kb(extra).removesuffix('.0')}kb" if extra is not None else "search")
     r = search(space, extra_budget=extra, budget=budget, samples=args.samples, random_samples=args.random_samples,
                seed=args.seed, population=args.population,

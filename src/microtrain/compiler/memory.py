@@ -77,6 +77,10 @@ class MemoryReport:
     def flash_bytes(self) -> int:
         return sum(self.flash.values())
 
+    @property
+    def executed_macs(self) -> int:
+        return executed_macs(self.graph, self.stage)
+
     def patch(self) -> dict[str, Any] | None:
         s = self.stage
         if s is None:
@@ -210,6 +214,16 @@ def planning_view(g: Graph, stage: PatchStage | None, scratch_bytes: int, stream
     inputs = [i for i in g.inputs if not (stream_input and i == image)]
     return Graph(f"{g.name}:view", {k: t for k, t in g.tensors.items() if k not in inner}, [op, *g.ops[n:]],
                  inputs, list(g.outputs), g.meta)
+
+
+def executed_macs(g: Graph, stage: PatchStage | None) -> int:
+    """MACs one step of the scheduled graph `g` executes: its ops', plus the patch stage's halo recomputation and
+    the channel-serial blocks' recomputed pw1 / dw outputs."""
+    from microtrain.ir.ops import OPS
+
+    rc = [grp["recompute"] for grp in g.meta.get("block_grads", []) if grp.get("recompute")]
+    return (g.macs() + (stage.macs - stage.whole_macs if stage else 0)
+            + sum(OPS["conv2d"].macs(g, g.op(n)) for r in rc for n in (r["pw1"], r["dw"])))
 
 
 def frozen_forward_ops(g: Graph) -> list[Op]:
