@@ -23,13 +23,18 @@ def zoo_dir() -> Path:
 
 
 def load_model(spec: str | Path) -> Graph:
-    """Load a model by zoo name, a tiny-training `.pkl`, or a microtrain `.json`/`.npz` pair (either path)."""
+    """Load a model by zoo name, a tiny-training `.pkl`, a microtrain `.json`/`.npz` pair (either path), or an int8
+    TensorFlow Lite `.tflite` model (frontends/tflite.py)."""
     spec = str(spec)
     if spec in ZOO_MODELS:
         return Graph.load(zoo_dir() / spec)
     path = Path(spec)
     if not path.exists():
         raise ModelLoadError(f"{spec}: no such file, and not a zoo model (known: {', '.join(ZOO_MODELS)})")
+    if path.suffix == ".tflite":
+        from microtrain.frontends.tflite import load_tflite
+
+        return load_tflite(path)
     if path.suffix in (".json", ".npz"):
         try:
             return Graph.load(path.with_suffix(""))

@@ -18,6 +18,7 @@ import numpy as np
 
 from microtrain.errors import MicrotrainError
 from microtrain.ir import ops as opdefs
+from microtrain.ir.quant import Requant
 
 DTYPE_BYTES = {"int8": 1, "qint8": 1, "uint8": 1, "int16": 2, "int32": 4, "float32": 4, "bit": 0.125}
 ROLES = ("input", "act", "weight", "bias", "const", "label", "loss", "grad", "mask", "state")
@@ -112,6 +113,12 @@ class Graph:
         """Backbone convolutions in forward order, indexed as in the paper (stem = 0; classifier excluded)."""
         cs = [o for o in self.ops if o.kind == "conv2d" and o.attrs.get("conv_index") is not None]
         return sorted(cs, key=lambda o: o.attrs["conv_index"])
+
+    @property
+    def requant(self) -> Requant:
+        """The graph's requantization rule (`ir/quant.py` Requant, stated in `ir/ops.py`): `meta["requant"]`, the
+        zoo models' float32 multiplier when absent. Kept in meta so every graph derived from this one inherits it."""
+        return Requant(self.meta.get("requant", Requant.FLOAT32.value))
 
     def params(self) -> list[Tensor]:
         return [t for t in self.tensors.values() if t.role in ("weight", "bias")]
@@ -262,7 +269,8 @@ MAX_NPZ_BYTES = 512 << 20  # uncompressed, as declared by the archive (zero opti
 ARRAY_DTYPES = {"int8": "int8", "int32": "int32", "float32": "float32", "uint8": "uint8", "int16": "int16"}
 INT_ATTRS = {"stride": (1, 16), "padding": (0, 64), "groups": (1, MAX_DIM), "conv_index": (0, MAX_OPS),
              "train_channels": (0, MAX_DIM), "split_axis": (0, 3), "kernel": (1, 64), "channels": (0, MAX_DIM),
-             "scratch_bytes": (0, 1 << 31), "grid": (1, 64), "macs": (0, 1 << 62)}
+             "scratch_bytes": (0, 1 << 31), "grid": (1, 64), "macs": (0, 1 << 62), "pad_bottom": (0, 64),
+             "pad_right": (0, 64), "act_min": (-128, 127), "act_max": (-128, 127)}
 TRAIN_CONFIG_TYPES = {"optimizer": str, "momentum": float, "betas": list, "eps": float, "qas": bool, "reorder": bool,
                       "update_storage": str, "int8_grads": bool, "seed": int}
 
@@ -375,6 +383,9 @@ def _check_attr(op: str, key: str, v: Any) -> None:
 
 def _check_meta(meta: dict[str, Any], tensors: dict[str, Any]) -> None:
     """The parts of `meta` the trainer, planner and C generator read: the training description."""
+    rq = meta.get("requant", Requant.FLOAT32.value)
+    if rq not in {r.value for r in Requant}:
+        raise GraphFormatError(f"meta.requant {str(rq)[:40]!r} is not one of {', '.join(r.value for r in Requant)}")
     tr = meta.get("train")
     if tr is None:
         return
@@ -506,14 +517,25 @@ def _check_conv(g: Graph, op: Op) -> None:
     _need(ci * a["groups"] == x.shape[0] and o % a["groups"] == 0, op,
           f"groups={a['groups']} does not fit {x.shape[0]} input / {o} output channels with {ci} per group")
     _need(b.shape == (o,) and b.dtype == "int32", op, f"bias is not int32 [{o}]")
-    _need(x.shape[1] + 2 * a["padding"] >= kh and x.shape[2] + 2 * a["padding"] >= kw, op, "kernel larger than input")
+    pb, pr = a.get("pad_bottom", a["padding"]), a.get("pad_right", a["padding"])
+    _need(x.shape[1] + a["padding"] + pb >= kh and x.shape[2] + a["padding"] + pr >= kw, op, "kernel larger than input")
+    _check_act_range(g, op)
     y = g.tensors[op.outputs[0]]
-    want = (o, *opdefs.conv_out_hw(x.shape[1], x.shape[2], kh, a["stride"], a["padding"]))
+    want = (o, *opdefs.conv_out_hw(x.shape[1], x.shape[2], kh, a["stride"], a["padding"], pb, pr))
     _need(y.shape == want and y.dtype == "int8" and y.scale is not None, op,
           f"output {y.dtype}{list(y.shape)} is not the int8 activation {list(want)} the op table gives")
 
 
+def _check_act_range(g: Graph, op: Op) -> None:
+    """act_min / act_max (a fused activation's int8 clamp) exist only under the TFLite rule."""
+    a = op.attrs
+    if "act_min" in a or "act_max" in a:
+        _need(g.requant == Requant.TFLITE, op, "act_min/act_max need meta.requant = tflite-fixed-point")
+        _need(a.get("act_min", -128) <= a.get("act_max", 127), op, "act_min is above act_max")
+
+
 def _check_linear(g: Graph, op: Op) -> None:
+    _check_act_range(g, op)
     x, w, b = (g.tensors[n] for n in op.inputs)
     _need(len(x.shape) == 1 and len(w.shape) == 2 and w.shape[1] == x.shape[0], op,
           f"weight {list(w.shape)} does not fit input {list(x.shape)}")
@@ -525,6 +547,7 @@ def _check_linear(g: Graph, op: Op) -> None:
 
 
 def _check_add(g: Graph, op: Op) -> None:
+    _check_act_range(g, op)
     a, b = (g.tensors[n] for n in op.inputs)
     _need(a.shape == b.shape, op, f"operands {list(a.shape)} and {list(b.shape)} differ")
     _need(a.scale is not None and b.scale is not None and g.tensors[op.outputs[0]].scale is not None, op,
@@ -533,6 +556,8 @@ def _check_add(g: Graph, op: Op) -> None:
 
 def _check_pool(g: Graph, op: Op) -> None:
     _need(len(g.tensors[op.inputs[0]].shape) == 3, op, "input is not CxHxW")
+    _check_act_range(g, op)
+    _need(not op.attrs.get("mean") or g.requant == Requant.TFLITE, op, "mean needs meta.requant = tflite-fixed-point")
 
 
 _FORWARD_CHECKS = {"conv2d": _check_conv, "linear": _check_linear, "add": _check_add, "avgpool": _check_pool}

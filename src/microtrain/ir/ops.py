@@ -13,9 +13,27 @@ written; `a * b + c` is two roundings, `fma(a, b, c)` one. A reduction is spelle
 `chain_{i in I} add(a_i)` means `acc = 0; for i in I: acc = acc + a_i`; multi-index orders are lexicographic, the
 last index innermost. `rint` is round-half-to-even; `clamp8(v) = min(max(v, -128), 127)`; `expf` / `logf` are the
 runtime's own functions (`mt_math.c`: a fixed sequence of float32 operations each), never the C library's.
-The device runs batch 1; sums over a batch exist only in the torch engine. A `qint8` gradient tensor (--int8-grads)
-stores channel c of the float32 result v as q = clamp(rint(v / s), -127, 127) with s = max|v[c]| / 127 (1 when 0),
-and is read back as float(q) * s.
+The device runs batch 1; sums over a batch exist only in the torch engine.
+
+Requantization rule (`Graph.requant`, `meta["requant"]`, ir/quant.py `Requant`). The forward semantics below are
+the "float32-multiplier" rule of the zoo models. Under "tflite-fixed-point" (imported .tflite models) the forward
+int8 ops compute exactly what TensorFlow Lite (Micro)'s reference kernels compute, in integers only:
+MBQM(v, q, s) = rdbpot(srdhm(v * 2^max(s,0), q), max(-s,0)) with srdhm(a, b) = (a*b + (a*b >= 0 ? 2^30 : 1-2^30))
+/ 2^31 truncated toward zero (saturating INT32_MIN^2) and rdbpot(v, e) = v / 2^e rounded to nearest, ties away
+from zero; (q, s) = QuantizeMultiplier(real) (frac of frexp rounded half away from zero to 31 bits).
+  conv2d / int8 linear: y = clamp(MBQM(acc + b[o], q[o], s[o]) + y.zero, act_min, act_max), (q[o], s[o]) of
+    double(x.scale) * double(w.scale[o]) / double(y.scale); act_min/act_max (attrs, default -128/127) are the fused
+    RELU/RELU6 clamps; the mask bit is "pre-clamp value inside [act_min, act_max]".
+  add: t = 2 * max(a.scale, b.scale); va = MBQM((a - a.zero) * 2^20, qa, sa), vb likewise with a.scale / t and
+    b.scale / t; y = clamp(MBQM(va + vb, qy, sy) + y.zero, act_min, act_max) with t / (2^20 * y.scale).
+  avgpool: s = sum x[c]; y[c] = clamp(s > 0 ? (s + n/2) / n : (s - n/2) / n) (C division, n = H*W); with attr
+    mean (TFLite's MEAN): y[c] = clamp(MBQM(s - x.zero * n, q', s') + y.zero), (q, sh) of x.scale / y.scale,
+    k = min(bit_length(n) - 1, 32, 31 + sh), q' = (q << k) // n, s' = sh - k.
+The backward (STE) uses the float32 multiplier m[o] of the conv2d text in both rules.
+A conv's `padding` is its top and left padding; optional pad_bottom / pad_right (default `padding`) the bottom and
+right padding (TF's SAME padding at stride 2); the output size follows from all four.
+A `qint8` gradient tensor (--int8-grads) stores channel c of the float32 result v as q = clamp(rint(v / s), -127,
+127) with s = max|v[c]| / 127 (1 when 0), and is read back as float(q) * s.
 """
 
 from __future__ import annotations
@@ -41,14 +59,26 @@ def _shape(g: Graph, op: Op, i: int) -> tuple[int, ...]:
     return g.tensors[op.inputs[i]].shape
 
 
-def conv_out_hw(h: int, w: int, k: int, stride: int, pad: int) -> tuple[int, int]:
-    return (h + 2 * pad - k) // stride + 1, (w + 2 * pad - k) // stride + 1
+def conv_out_hw(h: int, w: int, k: int, stride: int, pad: int, pad_bottom: int | None = None,
+                pad_right: int | None = None) -> tuple[int, int]:
+    """Output size with `pad` rows/columns before and pad_bottom / pad_right (default `pad`) after."""
+    pb = pad if pad_bottom is None else pad_bottom
+    pr = pad if pad_right is None else pad_right
+    return (h + pad + pb - k) // stride + 1, (w + pad + pr - k) // stride + 1
+
+
+def conv_pads(attrs: dict) -> tuple[int, int, int, int]:
+    """(top, bottom, left, right) zero padding of a conv: `padding` before, pad_bottom / pad_right (default
+    `padding`) after (TF's SAME padding at stride 2 puts the odd row and column at the end)."""
+    p = attrs["padding"]
+    return p, attrs.get("pad_bottom", p), p, attrs.get("pad_right", p)
 
 
 def _conv_shape(g: Graph, op: Op) -> list[tuple[int, ...]]:
     c, h, w = _shape(g, op, 0)
     o, _, k, _ = _shape(g, op, 1)
-    return [(o, *conv_out_hw(h, w, k, op.attrs["stride"], op.attrs["padding"]))]
+    a = op.attrs
+    return [(o, *conv_out_hw(h, w, k, a["stride"], a["padding"], a.get("pad_bottom"), a.get("pad_right")))]
 
 
 def _conv_macs(g: Graph, op: Op) -> int:

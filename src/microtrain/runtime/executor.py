@@ -8,7 +8,8 @@ import torch.nn.functional as F
 
 from microtrain.compiler.patch import PatchStage, Region, needed_region
 from microtrain.ir.graph import Graph, Op
-from microtrain.ir.quant import add_ratios
+from microtrain.ir.ops import conv_pads
+from microtrain.ir.quant import Requant, add_fixed_point, add_ratios, mean_fixed_point
 from microtrain.runtime import kernels as K
 
 
@@ -25,30 +26,48 @@ class Executor:
         self.consts = {n: torch.from_numpy(np.ascontiguousarray(t.data)) for n, t in g.tensors.items()
                        if t.data is not None}
         self.mult: dict[str, torch.Tensor] = {}
+        self.fx: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # the TFLite rule's (q, shift) per conv / linear
+        self.tflite = g.requant == Requant.TFLITE
         for op in g.ops:
             if op.kind in ("conv2d", "linear"):
                 x, w, _ = (g.tensors[n] for n in op.inputs)
                 y = g.tensors[op.outputs[0]]
                 if w.dtype == "int8":
                     self.mult[op.name] = K.requant_multiplier(x.scale, w.scale, y.scale)
+                    if self.tflite:
+                        self.fx[op.name] = K.fixed_point(x.scale, w.scale, y.scale)
+
+    def _requant(self, op: Op, acc: torch.Tensor, b: torch.Tensor, y_zero: int) -> torch.Tensor:
+        if self.tflite:
+            act = (op.attrs.get("act_min", -128), op.attrs.get("act_max", 127))
+            return K.clamp_act(K.requantize_fx(acc, b, *self.fx[op.name], y_zero), act)
+        return K.requantize(acc, b, self.mult[op.name], y_zero)
 
     def run_op(self, op: Op, env: dict[str, torch.Tensor]) -> torch.Tensor:
         g = self.graph
         ins = [env[n] if n in env else self.consts[n] for n in op.inputs]
         ts = [g.tensors[n] for n in op.inputs]
         y = g.tensors[op.outputs[0]]
+        act = (op.attrs.get("act_min", -128), op.attrs.get("act_max", 127))
         if op.kind == "conv2d":
             a = op.attrs
-            return K.conv2d_int8(ins[0], ts[0].zero, ins[1], ins[2], self.mult[op.name], y.zero,
-                                 a["stride"], a["padding"], a["groups"])
+            acc = K.conv_acc(ins[0], ts[0].zero, ins[1], a["stride"], conv_pads(a), a["groups"])
+            return self._requant(op, acc, ins[2], y.zero)
         if op.kind == "add":
+            if self.tflite:
+                params = add_fixed_point(ts[0].scale, ts[1].scale, y.scale)
+                return K.clamp_act(K.add_tflite_pre(ins[0], ts[0].zero, ins[1], ts[1].zero, params, y.zero), act)
             ra, rb = add_ratios(ts[0].scale, ts[1].scale, y.scale)
             return K.add_int8(ins[0], ts[0].zero, ra, ins[1], ts[1].zero, rb, y.zero)
         if op.kind == "avgpool":
-            return K.avgpool_int8(ins[0])
+            if self.tflite and op.attrs.get("mean"):
+                params = mean_fixed_point(ts[0].scale, y.scale, ins[0].shape[2] * ins[0].shape[3])
+                return K.mean_tflite(ins[0], ts[0].zero, y.zero, params, act)
+            return K.avgpool_tflite(ins[0], act) if self.tflite else K.avgpool_int8(ins[0])
         if op.kind == "linear":
             if ts[1].dtype == "int8":
-                return K.linear_int8(ins[0], ts[0].zero, ins[1], ins[2], self.mult[op.name], y.zero)
+                acc = K.conv_acc(ins[0][:, :, None, None], ts[0].zero, ins[1][:, :, None, None], 1, 0, 1)[:, :, 0, 0]
+                return self._requant(op, acc, ins[2], y.zero)
             feats = (ins[0].to(torch.float32) - ts[0].zero) * float(ts[0].scale)
             return feats @ ins[1].t() + ins[2]
         raise NotImplementedError(f"executor has no kernel for op {op.kind!r}")
@@ -103,16 +122,14 @@ def run_stage_tiled(g: Graph, stage: PatchStage, x: torch.Tensor) -> torch.Tenso
                 pad = (lo_c - need[2], need[3] - hi_c, lo_r - need[0], need[1] - hi_r)
                 crop = F.pad(crop.to(torch.int16), pad, value=xt.zero).to(torch.int8)
                 a = op.attrs
-                env[op.outputs[0]] = K.conv2d_int8(crop, xt.zero, ex.consts[op.inputs[1]], ex.consts[op.inputs[2]],
-                                                   ex.mult[op.name], y.zero, a["stride"], 0, a["groups"])
+                acc = K.conv_acc(crop, xt.zero, ex.consts[op.inputs[1]], a["stride"], 0, a["groups"])
+                env[op.outputs[0]] = ex._requant(op, acc, ex.consts[op.inputs[2]], y.zero)
             elif op.kind == "add":
-                at, bt = (g.tensors[n] for n in op.inputs)
-                ra, rb = add_ratios(at.scale, bt.scale, y.scale)
                 parts = []
                 for n in op.inputs:
                     (o0, _, p0, _) = origin[n]
                     parts.append(env[n][:, :, want[0] - o0:want[1] - o0, want[2] - p0:want[3] - p0])
-                env[op.outputs[0]] = K.add_int8(parts[0], at.zero, ra, parts[1], bt.zero, rb, y.zero)
+                env[op.outputs[0]] = ex.run_op(op, dict(zip(op.inputs, parts, strict=True)))
             else:
                 raise NotImplementedError(f"{op.kind} inside a patch stage")
             origin[op.outputs[0]] = want

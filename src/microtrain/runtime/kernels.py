@@ -24,9 +24,17 @@ def requant_multiplier(x_scale: float, w_scale: np.ndarray, y_scale: float) -> t
     return torch.from_numpy(quant.requant_multiplier(x_scale, w_scale, y_scale))
 
 
-def conv_acc(x: torch.Tensor, x_zero: int, w: torch.Tensor, stride: int, padding: int, groups: int) -> torch.Tensor:
-    """Exact int32 accumulator sum (x - x_zero) * w of an int8 conv; x: [N,C,H,W] int8, w: [O,C/g,k,k] int8."""
+def conv_acc(x: torch.Tensor, x_zero: int, w: torch.Tensor, stride: int, padding: int | tuple[int, int, int, int],
+             groups: int) -> torch.Tensor:
+    """Exact int32 accumulator sum (x - x_zero) * w of an int8 conv; x: [N,C,H,W] int8, w: [O,C/g,k,k] int8;
+    padding: symmetric, or (top, bottom, left, right) (ir/ops.py conv_pads)."""
     xf = x.to(torch.float32) - float(x_zero)  # zero padding below is then real-valued zero padding
+    if not isinstance(padding, int):
+        t, b, left, r = padding
+        if t == b == left == r:
+            padding = t
+        else:
+            xf, padding = F.pad(xf, (left, r, t, b)), 0
     wf = w.to(torch.float32)
     per_ch = w.shape[2] * w.shape[3]
     chunk = max(1, (EXACT_F32 - 1) // (MAX_PRODUCT * per_ch))
@@ -71,3 +79,76 @@ def linear_int8(x: torch.Tensor, x_zero: int, w: torch.Tensor, b: torch.Tensor, 
                 y_zero: int) -> torch.Tensor:
     acc = conv_acc(x[:, :, None, None], x_zero, w[:, :, None, None], 1, 0, 1)[:, :, 0, 0]
     return requantize(acc, b, m, y_zero)
+
+
+# ---- the TFLite requantization rule (ir/quant.py Requant.TFLITE): integer-exact in int64 -------------------------
+def srdhm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """gemmlowp SaturatingRoundingDoublingHighMul of int32 values held in int64 tensors."""
+    ab = a.to(torch.int64) * b.to(torch.int64)
+    t = ab + torch.where(ab >= 0, 1 << 30, 1 - (1 << 30))
+    r = torch.where(t >= 0, t >> 31, -((-t) >> 31))
+    return torch.where((a == quant.INT32_MIN) & (b == quant.INT32_MIN), quant.INT32_MAX, r)
+
+
+def rdbpot(x: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
+    """gemmlowp RoundingDivideByPOT (ties away from zero)."""
+    mask = (torch.ones_like(e) << e) - 1
+    thr = (mask >> 1) + (x < 0).to(torch.int64)
+    return (x >> e) + ((x & mask) > thr).to(torch.int64)
+
+
+def mbqm(x: torch.Tensor, q: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    """TFLite MultiplyByQuantizedMultiplier; q, shift broadcast against x (int64 results)."""
+    shift = shift.to(torch.int64)
+    xs = x.to(torch.int64) << shift.clamp(min=0)
+    xs = ((xs + (1 << 31)) & 0xFFFFFFFF) - (1 << 31)  # the int32 wrap-around of the C multiply
+    return rdbpot(srdhm(xs, q.to(torch.int64)), (-shift).clamp(min=0))
+
+
+def fixed_point(x_scale: float, w_scale: np.ndarray, y_scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(q[o], shift[o]) of ir/quant.py conv_fixed_point (the C tables), as int64 tensors."""
+    q, s = quant.conv_fixed_point(x_scale, w_scale, y_scale)
+    return torch.from_numpy(q.astype(np.int64)), torch.from_numpy(s.astype(np.int64))
+
+
+def requantize_fx(acc: torch.Tensor, bias: torch.Tensor, q: torch.Tensor, shift: torch.Tensor, y_zero: int,
+                  act: tuple[int, int] = (-128, 127)) -> torch.Tensor:
+    """Pre-clamp int64 value MBQM(acc + b, q[o], shift[o]) + y_zero of the TFLite rule; channel axis 1. Clamp it with
+    `clamp_act`."""
+    shape = (1, -1) + (1,) * (acc.dim() - 2)
+    v = acc.to(torch.int64) + bias.to(torch.int64).view(shape)
+    v = ((v + (1 << 31)) & 0xFFFFFFFF) - (1 << 31)  # int32 accumulator wrap-around, as in C
+    return mbqm(v, q.view(shape), shift.view(shape)) + y_zero
+
+
+def clamp_act(v: torch.Tensor, act: tuple[int, int]) -> torch.Tensor:
+    return v.clamp(act[0], act[1]).to(torch.int8)
+
+
+def add_tflite_pre(a: torch.Tensor, a_zero: int, b: torch.Tensor, b_zero: int, params: tuple[int, ...],
+                   y_zero: int) -> torch.Tensor:
+    """Pre-clamp int64 value of TFLite's int8 ADD (ir/quant.py add_fixed_point gives `params`)."""
+    qa, sa, qb, sb, qy, sy = (torch.tensor(v, dtype=torch.int64) for v in params)
+    va = mbqm((a.to(torch.int64) - a_zero) << quant.ADD_LEFT_SHIFT, qa, sa)
+    vb = mbqm((b.to(torch.int64) - b_zero) << quant.ADD_LEFT_SHIFT, qb, sb)
+    return mbqm(va + vb, qy, sy) + y_zero
+
+
+def avgpool_tflite(x: torch.Tensor, act: tuple[int, int] = (-128, 127)) -> torch.Tensor:
+    """Global average pool of TFLite's reference kernel: the sum divided by H*W in C integer division after adding
+    (sum >= 0) or subtracting half the count (rounds ties away from zero)."""
+    n = x.shape[2] * x.shape[3]
+    s = x.to(torch.int64).sum(dim=(2, 3))
+    v = torch.where(s > 0, torch.div(s + n // 2, n, rounding_mode="trunc"),
+                    torch.div(s - n // 2, n, rounding_mode="trunc"))
+    return clamp_act(v, act)
+
+
+def mean_tflite(x: torch.Tensor, x_zero: int, y_zero: int, params: tuple[int, int],
+                act: tuple[int, int] = (-128, 127)) -> torch.Tensor:
+    """TFLite's int8 MEAN over H and W: clamp(MBQM(sum(x) - x.zero * H*W, q', shift') + y.zero) with (q', shift')
+    of ir/quant.py mean_fixed_point."""
+    n = x.shape[2] * x.shape[3]
+    acc = x.to(torch.int64).sum(dim=(2, 3)) - x_zero * n
+    q, s = (torch.tensor(v, dtype=torch.int64) for v in params)
+    return clamp_act(mbqm(acc, q, s) + y_zero, act)

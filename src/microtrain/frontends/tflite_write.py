@@ -1,0 +1,183 @@
+"""A minimal writer of TensorFlow Lite flatbuffers with the `tflite` package's generated builder functions: tensors
+(int8 / int32 / float32, optional per-tensor or per-channel quantization and constant data) and builtin operators
+with their options. It makes the test fixtures (tests/test_tflite.py) without TensorFlow."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import flatbuffers
+import numpy as np
+
+_TYPES = {np.dtype(np.int8): 9, np.dtype(np.int32): 2, np.dtype(np.float32): 0, np.dtype(np.int64): 4}
+ACT = {"NONE": 0, "RELU": 1, "RELU_N1_TO_1": 2, "RELU6": 3}
+
+
+@dataclass
+class _T:
+    shape: tuple[int, ...]
+    dtype: np.dtype
+    scale: np.ndarray | None
+    zero: np.ndarray | None
+    data: np.ndarray | None
+    axis: int
+
+
+@dataclass
+class TFLiteWriter:
+    tensors: list[_T] = field(default_factory=list)
+    ops: list[tuple[str, list[int], list[int], dict[str, Any]]] = field(default_factory=list)
+
+    def tensor(self, shape, dtype=np.int8, scale=None, zero=None, data=None, axis: int = 0) -> int:
+        s = None if scale is None else np.atleast_1d(np.asarray(scale, np.float32))
+        z = None if scale is None else np.broadcast_to(np.atleast_1d(np.asarray(0 if zero is None else zero,
+                                                                                   np.int64)), s.shape).copy()
+        d = None if data is None else np.ascontiguousarray(np.asarray(data, dtype).reshape(shape))
+        self.tensors.append(_T(tuple(int(v) for v in shape), np.dtype(dtype), s, z, d, axis))
+        return len(self.tensors) - 1
+
+    def op(self, kind: str, inputs: list[int], outputs: list[int], **options: Any) -> None:
+        self.ops.append((kind, list(inputs), list(outputs), options))
+
+    def finish(self, inputs: list[int], outputs: list[int]) -> bytes:
+        import tflite
+
+        b = flatbuffers.Builder(1024)
+        kinds = sorted({k for k, *_ in self.ops})
+        # buffers: 0 is the empty sentinel
+        buf_offs = []
+        for data in [None] + [t.data for t in self.tensors if t.data is not None]:
+            vec = b.CreateNumpyVector(np.frombuffer(data.tobytes(), np.uint8)) if data is not None else None
+            tflite.BufferStart(b)
+            if vec is not None:
+                tflite.BufferAddData(b, vec)
+            buf_offs.append(tflite.BufferEnd(b))
+        t_offs, nbuf = [], 0
+        for i, t in enumerate(self.tensors):
+            name = b.CreateString(f"tensor_{i}")
+            shape = b.CreateNumpyVector(np.asarray(t.shape, np.int32))
+            q = None
+            if t.scale is not None:
+                sv = b.CreateNumpyVector(t.scale.astype(np.float32))
+                zv = b.CreateNumpyVector(t.zero.astype(np.int64))
+                tflite.QuantizationParametersStart(b)
+                tflite.QuantizationParametersAddScale(b, sv)
+                tflite.QuantizationParametersAddZeroPoint(b, zv)
+                tflite.QuantizationParametersAddQuantizedDimension(b, t.axis)
+                q = tflite.QuantizationParametersEnd(b)
+            tflite.TensorStart(b)
+            tflite.TensorAddShape(b, shape)
+            tflite.TensorAddType(b, _TYPES[t.dtype])
+            if t.data is not None:
+                nbuf += 1
+                tflite.TensorAddBuffer(b, nbuf)
+            tflite.TensorAddName(b, name)
+            if q is not None:
+                tflite.TensorAddQuantization(b, q)
+            t_offs.append(tflite.TensorEnd(b))
+        op_offs = []
+        for kind, ins, outs, opts in self.ops:
+            otype, ooff = _options(b, kind, opts)
+            iv = b.CreateNumpyVector(np.asarray(ins, np.int32))
+            ov = b.CreateNumpyVector(np.asarray(outs, np.int32))
+            tflite.OperatorStart(b)
+            tflite.OperatorAddOpcodeIndex(b, kinds.index(kind))
+            tflite.OperatorAddInputs(b, iv)
+            tflite.OperatorAddOutputs(b, ov)
+            if ooff is not None:
+                tflite.OperatorAddBuiltinOptionsType(b, otype)
+                tflite.OperatorAddBuiltinOptions(b, ooff)
+            op_offs.append(tflite.OperatorEnd(b))
+
+        def table_vector(offs: list[int]) -> int:
+            b.StartVector(4, len(offs), 4)
+            for o in reversed(offs):
+                b.PrependUOffsetTRelative(o)
+            return b.EndVector()
+
+        tv, opv = table_vector(t_offs), table_vector(op_offs)
+        inv = b.CreateNumpyVector(np.asarray(inputs, np.int32))
+        outv = b.CreateNumpyVector(np.asarray(outputs, np.int32))
+        tflite.SubGraphStart(b)
+        tflite.SubGraphAddTensors(b, tv)
+        tflite.SubGraphAddOperators(b, opv)
+        tflite.SubGraphAddInputs(b, inv)
+        tflite.SubGraphAddOutputs(b, outv)
+        sg = tflite.SubGraphEnd(b)
+        codes = []
+        for kind in kinds:
+            code = getattr(tflite.BuiltinOperator, kind)
+            tflite.OperatorCodeStart(b)
+            tflite.OperatorCodeAddDeprecatedBuiltinCode(b, min(code, 127))
+            tflite.OperatorCodeAddBuiltinCode(b, code)
+            tflite.OperatorCodeAddVersion(b, 1)
+            codes.append(tflite.OperatorCodeEnd(b))
+        cv, sgv, bv = table_vector(codes), table_vector([sg]), table_vector(buf_offs)
+        desc = b.CreateString("microtrain test fixture")
+        tflite.ModelStart(b)
+        tflite.ModelAddVersion(b, 3)
+        tflite.ModelAddOperatorCodes(b, cv)
+        tflite.ModelAddSubgraphs(b, sgv)
+        tflite.ModelAddDescription(b, desc)
+        tflite.ModelAddBuffers(b, bv)
+        b.Finish(tflite.ModelEnd(b), file_identifier=b"TFL3")
+        return bytes(b.Output())
+
+
+def _options(b: flatbuffers.Builder, kind: str, o: dict[str, Any]) -> tuple[int, int | None]:
+    import tflite
+
+    act = ACT[o.get("act", "NONE")]
+    pad = tflite.Padding.SAME if o.get("padding", "SAME") == "SAME" else tflite.Padding.VALID
+    bo = tflite.BuiltinOptions
+    if kind == "CONV_2D":
+        tflite.Conv2DOptionsStart(b)
+        tflite.Conv2DOptionsAddPadding(b, pad)
+        tflite.Conv2DOptionsAddStrideH(b, o.get("stride", 1))
+        tflite.Conv2DOptionsAddStrideW(b, o.get("stride", 1))
+        tflite.Conv2DOptionsAddDilationHFactor(b, 1)
+        tflite.Conv2DOptionsAddDilationWFactor(b, 1)
+        tflite.Conv2DOptionsAddFusedActivationFunction(b, act)
+        return bo.Conv2DOptions, tflite.Conv2DOptionsEnd(b)
+    if kind == "DEPTHWISE_CONV_2D":
+        tflite.DepthwiseConv2DOptionsStart(b)
+        tflite.DepthwiseConv2DOptionsAddPadding(b, pad)
+        tflite.DepthwiseConv2DOptionsAddStrideH(b, o.get("stride", 1))
+        tflite.DepthwiseConv2DOptionsAddStrideW(b, o.get("stride", 1))
+        tflite.DepthwiseConv2DOptionsAddDepthMultiplier(b, o.get("multiplier", 1))
+        tflite.DepthwiseConv2DOptionsAddDilationHFactor(b, 1)
+        tflite.DepthwiseConv2DOptionsAddDilationWFactor(b, 1)
+        tflite.DepthwiseConv2DOptionsAddFusedActivationFunction(b, act)
+        return bo.DepthwiseConv2DOptions, tflite.DepthwiseConv2DOptionsEnd(b)
+    if kind in ("AVERAGE_POOL_2D", "MAX_POOL_2D"):
+        tflite.Pool2DOptionsStart(b)
+        tflite.Pool2DOptionsAddPadding(b, pad)
+        tflite.Pool2DOptionsAddStrideH(b, o.get("stride", 1))
+        tflite.Pool2DOptionsAddStrideW(b, o.get("stride", 1))
+        tflite.Pool2DOptionsAddFilterHeight(b, o["filter"][0])
+        tflite.Pool2DOptionsAddFilterWidth(b, o["filter"][1])
+        tflite.Pool2DOptionsAddFusedActivationFunction(b, act)
+        return bo.Pool2DOptions, tflite.Pool2DOptionsEnd(b)
+    if kind == "ADD":
+        tflite.AddOptionsStart(b)
+        tflite.AddOptionsAddFusedActivationFunction(b, act)
+        return bo.AddOptions, tflite.AddOptionsEnd(b)
+    if kind == "FULLY_CONNECTED":
+        tflite.FullyConnectedOptionsStart(b)
+        tflite.FullyConnectedOptionsAddFusedActivationFunction(b, act)
+        return bo.FullyConnectedOptions, tflite.FullyConnectedOptionsEnd(b)
+    if kind == "SOFTMAX":
+        tflite.SoftmaxOptionsStart(b)
+        tflite.SoftmaxOptionsAddBeta(b, 1.0)
+        return bo.SoftmaxOptions, tflite.SoftmaxOptionsEnd(b)
+    if kind == "MEAN":
+        tflite.ReducerOptionsStart(b)
+        tflite.ReducerOptionsAddKeepDims(b, bool(o.get("keep_dims", False)))
+        return bo.ReducerOptions, tflite.ReducerOptionsEnd(b)
+    if kind == "RESHAPE":
+        return 0, None
+    if kind == "PAD":
+        tflite.PadOptionsStart(b)
+        return bo.PadOptions, tflite.PadOptionsEnd(b)
+    return 0, None

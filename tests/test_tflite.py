@@ -1,0 +1,314 @@
+"""Imported int8 TFLite models (frontends/tflite.py) compute what TFLite computes.
+
+Oracle: LiteRT (`ai-edge-litert`) with its reference kernels (OpResolverType.BUILTIN_REF: the kernels TFLite Micro
+shares), and independently the numpy int64 implementation of gemmlowp's fixed-point arithmetic in ir/quant.py.
+The fixtures are small int8 models written in the test with the `tflite` package's flatbuffer builder
+(frontends/tflite_write.py); no TensorFlow, no downloads. Every op is compared given LiteRT's own inputs (bit for
+bit), and whole-model logits given the same image.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from microtrain.frontends.pkl import ModelLoadError
+from microtrain.frontends.tflite_write import TFLiteWriter
+from microtrain.frontends.zoo import load_model
+from microtrain.ir import quant
+from microtrain.runtime import kernels as K
+from microtrain.runtime.executor import Executor
+
+litert = pytest.importorskip("ai_edge_litert.interpreter")
+class Net:
+    """Random int8 layers whose output scales keep activations spread over int8 (scale from fan-in)."""
+
+    def __init__(self, seed, hwc, float_in=False):
+        self.w = TFLiteWriter()
+        self.rng = np.random.default_rng(seed)
+        h, w, c = hwc
+        if float_in:
+            self.inp = self.w.tensor((1, h, w, c), np.float32)
+            self.x = self.w.tensor((1, h, w, c), scale=1 / 255, zero=-128)
+            self.w.op("QUANTIZE", [self.inp], [self.x])
+        else:
+            self.x = self.inp = self.w.tensor((1, h, w, c), scale=1 / 255, zero=-128)
+        self.shape, self.scale, self.zero = (h, w, c), 1 / 255, -128
+
+    def _out(self, shape, fan_in, act):
+        s = self.scale * float(self.rng.uniform(0.004, 0.01)) * 30 * np.sqrt(fan_in) / 4
+        z = int(self.rng.integers(-128, -90)) if act in ("RELU", "RELU6") else int(self.rng.integers(-20, 20))
+        if act == "RELU6":  # real values scaled up so that 6.0 is inside the int8 range: a real clamp at q(6)
+            s = 6.0 / 150
+        return self.w.tensor((1, *shape), scale=s, zero=z), s, z
+
+    def conv(self, cout, k, stride=1, padding="SAME", act="RELU6", depthwise=False):
+        h, w, c = self.shape
+        if padding == "SAME":
+            oh, ow = -(-h // stride), -(-w // stride)
+        else:
+            oh, ow = (h - k) // stride + 1, (w - k) // stride + 1
+        if depthwise:
+            cout = c
+            wt = self.rng.integers(-127, 128, (1, k, k, c))
+            fan = k * k
+        else:
+            wt = self.rng.integers(-127, 128, (cout, k, k, c))
+            fan = k * k * c
+        ws = self.rng.uniform(0.5, 1.5, cout).astype(np.float32) * 0.01
+        natural = self.scale * 0.007 * 30 * np.sqrt(fan) / 4
+        if act == "RELU6":  # the same integer distribution at the RELU6 output scale below
+            ws = (ws * (6.0 / 150) / natural).astype(np.float32)
+        wi = self.w.tensor(wt.shape, np.int8, scale=ws, zero=0, data=wt, axis=3 if depthwise else 0)
+        bs = (self.scale * ws).astype(np.float32)
+        bias = self.rng.integers(-3000, 3000, cout)
+        bi = self.w.tensor((cout,), np.int32, scale=bs, zero=0, data=bias)
+        y, s, z = self._out((oh, ow, cout), fan, act)
+        self.w.op("DEPTHWISE_CONV_2D" if depthwise else "CONV_2D", [self.x, wi, bi], [y], stride=stride,
+                  padding=padding, act=act)
+        self.x, self.shape, self.scale, self.zero = y, (oh, ow, cout), s, z
+        return y
+
+    def pad(self, t, b, lf, r):
+        h, w, c = self.shape
+        p = self.w.tensor((4, 2), np.int32, data=np.array([[0, 0], [t, b], [lf, r], [0, 0]]))
+        y = self.w.tensor((1, h + t + b, w + lf + r, c), scale=self.scale, zero=self.zero)
+        self.w.op("PAD", [self.x, p], [y])
+        self.x, self.shape = y, (h + t + b, w + lf + r, c)
+
+    def add(self, other, other_scale, other_zero, act="NONE"):
+        s = max(self.scale, other_scale) * 1.3
+        y = self.w.tensor((1, *self.shape), scale=s, zero=3)
+        self.w.op("ADD", [self.x, other], [y], act=act)
+        self.x, self.scale, self.zero = y, s, 3
+
+    def pool(self, mean=False):
+        h, w, c = self.shape
+        if mean:
+            ax = self.w.tensor((2,), np.int32, data=np.array([1, 2]))
+            y = self.w.tensor((1, c), scale=self.scale, zero=self.zero)
+            self.w.op("MEAN", [self.x, ax], [y])
+        else:
+            y0 = self.w.tensor((1, 1, 1, c), scale=self.scale, zero=self.zero)
+            self.w.op("AVERAGE_POOL_2D", [self.x], [y0], filter=(h, w), padding="VALID", stride=1)
+            sh = self.w.tensor((2,), np.int32, data=np.array([1, c]))
+            y = self.w.tensor((1, c), scale=self.scale, zero=self.zero)
+            self.w.op("RESHAPE", [y0, sh], [y])
+        self.x, self.shape = y, (c,)
+
+    def fc(self, n, softmax=True, dequantize=False):
+        (c,) = self.shape
+        wt = self.rng.integers(-127, 128, (n, c))
+        ws = np.float32(0.01)
+        wi = self.w.tensor(wt.shape, np.int8, scale=ws, zero=0, data=wt)
+        bi = self.w.tensor((n,), np.int32, scale=self.scale * ws, zero=0, data=self.rng.integers(-500, 500, n))
+        y = self.w.tensor((1, n), scale=self.scale * float(ws) * np.sqrt(c) * 150, zero=0)  # logits spread out
+        self.w.op("FULLY_CONNECTED", [self.x, wi, bi], [y])
+        self.logits = y
+        out = y
+        if softmax:
+            out = self.w.tensor((1, n), scale=1 / 256, zero=-128)
+            self.w.op("SOFTMAX", [y], [out])
+        if dequantize:
+            d = self.w.tensor((1, n), np.float32)
+            self.w.op("DEQUANTIZE", [out], [d])
+            out = d
+        return self.w.finish([self.inp], [out])
+
+
+def mbv1_like(seed=0, hwc=(20, 28, 3), mean=False):
+    """MobileNetV1/V2-style: stride-2 SAME stem (TF's asymmetric padding), depthwise separable blocks, a residual
+    add, Keras ZeroPadding2D + VALID stride-2 depthwise, global pool, FC head, softmax."""
+    n = Net(seed, hwc)
+    n.conv(8, 3, 2)
+    n.conv(8, 3, 1, depthwise=True)
+    n.conv(12, 1, 1, act="NONE")
+    keep, ks, kz = n.x, n.scale, n.zero
+    n.conv(24, 1, 1)
+    n.conv(24, 3, 1, depthwise=True)
+    n.conv(12, 1, 1, act="NONE")
+    n.add(keep, ks, kz)
+    n.pad(0, 1, 0, 1)
+    n.conv(12, 3, 2, padding="VALID", depthwise=True)
+    n.conv(16, 1, 1, act="RELU")
+    n.pool(mean=mean)
+    return n, n.fc(5)
+
+
+def gray_odd(seed=1, hwc=(15, 11, 1)):
+    """Grayscale, odd non-square input, float in (QUANTIZE) and out (DEQUANTIZE), 5x5 stride-2 SAME (pads 1/2)."""
+    n = Net(seed, hwc, float_in=True)
+    n.conv(6, 3, 2, act="RELU")
+    n.conv(10, 5, 2, act="RELU6")
+    n.pool()
+    return n, n.fc(4, softmax=True, dequantize=True)
+
+
+def resnet_like(seed=2, hwc=(16, 12, 3)):
+    """No depthwise: plain convs with residual adds (fused RELU on the add), MEAN pooling."""
+    n = Net(seed, hwc)
+    n.conv(8, 3, 2, act="RELU")
+    keep, ks, kz = n.x, n.scale, n.zero
+    n.conv(8, 3, 1, act="RELU")
+    n.conv(8, 3, 1, act="NONE")
+    n.add(keep, ks, kz, act="RELU")
+    n.conv(16, 3, 2, act="RELU6")
+    n.pool(mean=True)
+    return n, n.fc(3)
+
+
+FIXTURES = {"mbv1": mbv1_like, "gray_odd": gray_odd, "resnet": resnet_like}
+
+
+def interpreter(path, ref=True):
+    kw = {"experimental_op_resolver_type": litert.OpResolverType.BUILTIN_REF} if ref else {}
+    it = litert.Interpreter(model_path=str(path), experimental_preserve_all_tensors=True, **kw)
+    it.allocate_tensors()
+    return it
+
+
+def feed(it, x_chw):
+    inp = it.get_input_details()[0]
+    x = x_chw.transpose(1, 2, 0)[None]
+    if inp["dtype"] == np.float32:  # QUANTIZE at the input: the real value whose quantization is x
+        s, z = inp["quantization"] if inp["quantization"][0] else (1 / 255, -128)
+        x = ((x.astype(np.float32) - z) * np.float32(s)).astype(np.float32)
+    it.set_tensor(inp["index"], x)
+    it.invoke()
+
+
+def ref_tensor(it, name, shape):
+    r = it.get_tensor(int(name[1:]))
+    return r.reshape((shape[1], shape[2], shape[0])).transpose(2, 0, 1) if len(shape) == 3 else r.reshape(shape)
+
+
+@pytest.fixture(scope="module", params=sorted(FIXTURES))
+def model(request, tmp_path_factory):
+    net, buf = FIXTURES[request.param]()
+    p = tmp_path_factory.mktemp("tfl") / f"{request.param}.tflite"
+    p.write_bytes(buf)
+    return p, net
+
+
+def test_every_op_bit_exact_vs_litert_reference(model):
+    path, _ = model
+    g = load_model(path)
+    assert g.requant == quant.Requant.TFLITE
+    it, ex = interpreter(path), Executor(g)
+    c, h, w = g.tensors[g.inputs[0]].shape
+    xs = np.random.default_rng(5).integers(-128, 128, (6, c, h, w)).astype(np.int8)
+    compared, clamped, spread = 0, 0, set()
+    for x in xs:
+        feed(it, x)
+        for op in g.ops:
+            env = {n: torch.from_numpy(ref_tensor(it, n, g.tensors[n].shape)[None].copy())
+                   for n in op.inputs if g.tensors[n].role in ("act", "input")}
+            ours = ex.run_op(op, env)[0].numpy()
+            ref = ref_tensor(it, op.outputs[0], g.tensors[op.outputs[0]].shape)
+            np.testing.assert_array_equal(ours, ref, err_msg=f"{path.name} {op.name} ({op.kind})")
+            lo, hi = op.attrs.get("act_min", -128), op.attrs.get("act_max", 127)
+            clamped += int(((ref == lo) & (lo > -128)).sum() + ((ref == hi) & (hi < 127)).sum())
+            spread.update(np.unique(ref).tolist())
+            compared += ref.size
+    assert compared > 1000 and len(spread) > 100  # not a saturated, trivially equal model
+    assert clamped > 0  # the fused activations' clamps are exercised
+
+
+def test_whole_model_logits_and_top1(model):
+    path, net = model
+    g = load_model(path)
+    it = interpreter(path)
+    c, h, w = g.tensors[g.inputs[0]].shape
+    xs = np.random.default_rng(6).integers(-128, 128, (16, c, h, w)).astype(np.int8)
+    ours = Executor(g).run(torch.from_numpy(xs))[g.outputs[0]].numpy()
+    refs = []
+    for x in xs:
+        feed(it, x)
+        refs.append(it.get_tensor(net.logits).reshape(-1))
+    refs = np.stack(refs)
+    np.testing.assert_array_equal(ours, refs)
+    assert (ours.argmax(1) == refs.argmax(1)).all() and len(np.unique(refs)) > 20
+
+
+def test_shapes_quantization_and_padding_come_from_the_file(tmp_path):
+    net, buf = gray_odd()
+    p = tmp_path / "g.tflite"
+    p.write_bytes(buf)
+    g = load_model(p)
+    x = g.tensors[g.inputs[0]]
+    assert x.shape == (1, 15, 11) and x.zero == -128 and abs(x.scale - 1 / 255) < 1e-9
+    conv1 = g.ops[1]  # 5x5 stride 2 SAME on 8x6: TF pads 1 before, 2 after
+    assert (conv1.attrs["padding"], conv1.attrs["pad_bottom"], conv1.attrs["pad_right"]) == (1, 2, 2)
+    z = g.tensors[conv1.outputs[0]].zero  # RELU6 at scale 6/150: clamp to [z, z + 150]
+    assert conv1.attrs["act_min"] == z > -128 and conv1.attrs["act_max"] == z + 150
+
+
+def test_fixed_point_torch_equals_numpy_int64():
+    rng = np.random.default_rng(0)
+    x = np.concatenate([rng.integers(-2**31, 2**31, 20000), [-2**31, 2**31 - 1, 0, 1, -1]])
+    m = np.concatenate([rng.uniform(1e-6, 4, 20000), rng.uniform(1e-9, 1e-6, 5)])
+    q, s = quant.quantize_multiplier(m)
+    want = quant.multiply_by_quantized_multiplier(x, q, s)
+    got = K.mbqm(torch.from_numpy(x), torch.from_numpy(q.astype(np.int64)), torch.from_numpy(s.astype(np.int64)))
+    np.testing.assert_array_equal(got.numpy(), want)
+    # the fixed-point value approximates x * m within one unit plus the int32 range
+    inside = np.abs(x * m) < 2**30
+    assert np.all(np.abs(want[inside] - x[inside] * m[inside]) <= 1.0 + 1e-6 * np.abs(x[inside] * m[inside]))
+
+
+def test_zoo_models_keep_the_float32_rule():
+    assert load_model("mcunet-5fps").requant == quant.Requant.FLOAT32
+
+
+def _one_op_model(kind, **opts):
+    w = TFLiteWriter()
+    x = w.tensor((1, 8, 8, 4), scale=0.1, zero=0)
+    y = w.tensor((1, 4, 4, 4), scale=0.1, zero=0)
+    w.op(kind, [x], [y], filter=(2, 2), stride=2, padding="VALID", **opts)
+    return w.finish([x], [y])
+
+
+@pytest.mark.parametrize("kind", ["MAX_POOL_2D", "AVERAGE_POOL_2D"])
+def test_unsupported_op_is_one_line_naming_it(tmp_path, sample_images, kind):
+    p = tmp_path / "m.tflite"
+    p.write_bytes(_one_op_model(kind))
+    with pytest.raises(ModelLoadError) as e:
+        load_model(p)
+    assert kind in str(e.value) and "\n" not in str(e.value)
+    r = subprocess.run([sys.executable, "-m", "microtrain", "predict", "--model", str(p), sample_images["chelsea"]],
+                       capture_output=True, text=True)
+    assert r.returncode == 2 and r.stderr.startswith("microtrain: error: ") and kind in r.stderr
+    assert r.stderr.count("\n") == 1
+
+
+def test_depth_multiplier_and_corrupt_files_are_refused(tmp_path):
+    w = TFLiteWriter()
+    x = w.tensor((1, 6, 6, 2), scale=0.1, zero=0)
+    wt = w.tensor((1, 3, 3, 4), np.int8, scale=np.full(4, 0.01), data=np.ones((1, 3, 3, 4)), axis=3)
+    y = w.tensor((1, 6, 6, 4), scale=0.1, zero=0)
+    w.op("DEPTHWISE_CONV_2D", [x, wt], [y], multiplier=2)
+    p = tmp_path / "dm.tflite"
+    p.write_bytes(w.finish([x], [y]))
+    with pytest.raises(ModelLoadError, match="depth multiplier 2"):
+        load_model(p)
+    _, buf = mbv1_like()
+    rng = np.random.default_rng(0)
+    outcomes = {"loaded": 0, "refused": 0}
+    for i in range(150):  # truncations and byte flips: a graph that passes every check, or one line
+        b = bytearray(buf[: rng.integers(0, len(buf))] if i % 3 == 0 else buf)
+        for _ in range(rng.integers(1, 8)):
+            if b:
+                b[rng.integers(0, len(b))] = rng.integers(0, 256)
+        q = tmp_path / f"c{i}.tflite"
+        q.write_bytes(bytes(b))
+        try:
+            load_model(q)
+            outcomes["loaded"] += 1
+        except ModelLoadError as e:
+            assert "\n" not in str(e) and str(q) in str(e)
+            outcomes["refused"] += 1
+    assert outcomes["refused"] > 50
