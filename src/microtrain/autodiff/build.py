@@ -194,7 +194,7 @@ def build_training_graph(fwd: Graph, scheme, num_classes: int, cfg: TrainConfig 
                 gx = new_grad(x, f"@{op.name}")
                 emit(Op(f"{op.name}.grad_input", "conv2d_grad_input", [gacc, *_weight_parts(g, op.name)], [gx],
                         {"conv": op.name, "stride": op.attrs["stride"], "padding": op.attrs["padding"],
-                         "groups": op.attrs["groups"], **plane(x)}))
+                         "groups": op.attrs["groups"], **_end_pads(op), **plane(x)}))
             i = op.attrs["conv_index"]
             params = ([f"{op.name}.w_train"] if channels[i] else []) + ([f"{op.name}.b"] if i in bias_set else [])
             if params:
@@ -202,9 +202,12 @@ def build_training_graph(fwd: Graph, scheme, num_classes: int, cfg: TrainConfig 
                 ins = [gacc] + ([saved[op.name]] if channels[i] else [])
                 update(f"{op.name}.update", params, ins, "conv2d_update",
                        {"conv": op.name, "stride": op.attrs["stride"], "padding": op.attrs["padding"],
-                        "depthwise": op.attrs["groups"] > 1, "kernel": k, "channels": channels[i], **plane(gacc)})
+                        **_end_pads(op), "depthwise": op.attrs["groups"] > 1, "kernel": k, "channels": channels[i],
+                        **plane(gacc)})
             if x in needs:
                 contribute(x, gx)
+        else:  # never a silent stop of the backward
+            raise MicrotrainError(f"{op.name}: autodiff has no gradient rule for op kind {op.kind!r}")
     for op in deferred:
         g.add_op(op)
     g.meta.update({"train": {"scheme": scheme.to_dict(), "num_classes": num_classes, "state": state,
@@ -212,6 +215,11 @@ def build_training_graph(fwd: Graph, scheme, num_classes: int, cfg: TrainConfig 
                                         for k, v in cfg.__dict__.items()},
                              "pooled": pooled}})
     return g
+
+
+def _end_pads(op: Op) -> dict[str, int]:
+    """A conv's bottom / right padding when it differs from its top / left (ir/ops.py conv_pads)."""
+    return {k: op.attrs[k] for k in ("pad_bottom", "pad_right") if k in op.attrs}
 
 
 def _split_trainable(g: Graph, op: Op, fwd: Graph, ch: int, bias: bool, state: list[str], storage: str) -> None:

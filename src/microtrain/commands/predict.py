@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from microtrain.data.datasets import resize_batch
 from microtrain.data.images import ImageDecodeError, load_image, to_int8
 from microtrain.errors import MicrotrainError
 from microtrain.frontends.zoo import class_names, load_model
@@ -19,12 +20,17 @@ from microtrain.runtime.executor import Executor
 def predict(model: str, images: list[str], k: int = 5) -> tuple[list[dict[str, Any]], list[str]]:
     """Returns ([{"image", "top5": [[index, name, probability], ...]}], [undecodable image errors])."""
     g = load_model(model)
-    size = g.tensors[g.inputs[0]].shape[1]
+    c, h, w = g.tensors[g.inputs[0]].shape
+    size = max(h, w)
     names = class_names()
     ok, batch, errors = [], [], []
     for path in images:
         try:
-            batch.append(to_int8(load_image(path, size)))
+            pixels = load_image(path, size)
+            if (c, h, w) != (3, size, size):  # an imported gray or non-square model: its own input shape
+                batch.append(resize_batch(torch.from_numpy(pixels[None]), [c, h, w], crop=1.0)[0].numpy())
+            else:
+                batch.append(to_int8(pixels))
             ok.append(path)
         except ImageDecodeError as e:
             errors.append(str(e))

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from microtrain.autodiff.build import OPTIMIZERS, TrainConfig, build_training_graph
-from microtrain.data.datasets import AUGMENTS, DATASETS, dataset_info, open_dataset
+from microtrain.data.datasets import AUGMENTS, DATASETS, dataset_info, model_resolution, open_dataset
 from microtrain.errors import MicrotrainError
 from microtrain.frontends.zoo import ZOO_MODELS, load_model
 from microtrain.runtime.prefix_cache import PrefixCache
@@ -183,7 +183,7 @@ def run(args: argparse.Namespace) -> int:
              "int8_grads": cfg.int8_grads, "prefix_cache": cache, "engine": args.engine,
              "analytic_extra_bytes": analytic_extra_bytes(model, scheme), "classes": train_ds.classes}
     common = dict(epochs=epochs, batch_size=batch_size, warmup_epochs=warmup, augment=augment,
-                  resolution=model.tensors[model.inputs[0]].shape[1], seed=args.seed, resume=args.resume,
+                  resolution=model_resolution(model), seed=args.seed, resume=args.resume,
                   eval_every=args.eval_every, progress=progress, stop_on_blowup=not args.no_blowup_stop,
                   extra=extra)
     if args.lr_sweep:

@@ -529,6 +529,53 @@ def _rgb(x: torch.Tensor) -> torch.Tensor:
     return x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x
 
 
+Resolution = int | tuple[int, ...] | list[int]  # R (3 x R x R), or a model's input shape (C, H, W) with C in {1, 3}
+
+
+def geometry(resolution: Resolution) -> tuple[int, int, int]:
+    """(channels, height, width) of a resolution: R is RGB R x R; a model input shape (C, H, W) is itself (an
+    imported model may be grayscale and non-square)."""
+    if isinstance(resolution, int):
+        return 3, resolution, resolution
+    c, h, w = (int(v) for v in resolution)
+    if c not in (1, 3) or h < 1 or w < 1:
+        raise MicrotrainError(f"model input {c}x{h}x{w}: only 1 (gray) or 3 (RGB) channels are supported")
+    return c, h, w
+
+
+def model_resolution(graph) -> Resolution:
+    """The resolution the data pipeline makes for `graph`'s input: R for an RGB R x R model (the zoo), else its input
+    shape (C, H, W) as a list."""
+    c, h, w = graph.tensors[graph.inputs[0]].shape
+    return h if (c, h) == (3, w) else [c, h, w]
+
+
+def _channels(x: torch.Tensor, c: int) -> torch.Tensor:
+    """Float pixels [N, C, H, W] in 0..255 as c channels: RGB (gray expanded), or gray (torchvision's weights)."""
+    if c == 3:
+        return _rgb(x)
+    if x.shape[1] == 1:
+        return x
+    return (x * torch.tensor(GRAY).view(1, 3, 1, 1)).sum(dim=1, keepdim=True)
+
+
+def _resize_to(x: torch.Tensor, resolution: Resolution, crop: float) -> torch.Tensor:
+    """resize_batch for a model input shape (C, H, W): the shorter side of the box ceil((H, W) / crop) covered,
+    the central H x W taken; int8 [N, C, H, W]."""
+    c, rh, rw = geometry(resolution)
+    h, w = x.shape[2:]
+    if crop >= 1.0:
+        size = (rh, rw)
+    else:
+        sh, sw = math.ceil(rh / crop), math.ceil(rw / crop)
+        f = max(sh / h, sw / w)
+        size = (max(sh, round(h * f)), max(sw, round(w * f)))
+    y = x.float() if (h, w) == size else F.interpolate(x.float(), size=size, mode="bilinear", antialias=True,
+                                                        align_corners=False)
+    top, left = (size[0] - rh) // 2, (size[1] - rw) // 2
+    return _to_int8(_channels(y[:, :, top: top + rh, left: left + rw], c).contiguous())
+
+
 def augment_batch(images: torch.Tensor | np.ndarray, mode: str, resolution: int, g: torch.Generator
                   ) -> torch.Tensor:
     """Training transform of a uint8 batch [N, C, h, w] -> int8 [N, 3, R, R].
@@ -538,6 +585,14 @@ def augment_batch(images: torch.Tensor | np.ndarray, mode: str, resolution: int,
         raise MicrotrainError(f"augment must be one of {', '.join(AUGMENTS)}, got {mode!r}")
     x = torch.as_tensor(images)
     n, _, h, w = x.shape
+    if not isinstance(resolution, int):  # a model input shape (C, H, W): resize (and flip) only
+        if mode == "paper":
+            raise MicrotrainError("--augment paper needs a square RGB model; use flip or none")
+        y = resize_batch(x, resolution, crop=1.0)
+        if mode == "none":
+            return y
+        flip = torch.rand(n, generator=g) < 0.5
+        return torch.where(flip.view(n, 1, 1, 1), y.flip(-1), y)
     if mode == "none":
         return resize_batch(x, resolution, crop=1.0)
     flip = torch.rand(n, generator=g) < 0.5
@@ -554,6 +609,8 @@ def resize_batch(images: torch.Tensor | np.ndarray, resolution: int, crop: float
     R x R, as torchvision Resize + CenterCrop; crop=1 resizes straight to R x R (the paper's VWW eval).
     uint8 [N, C, h, w] -> int8 [N, 3, R, R]."""
     x = torch.as_tensor(images)
+    if not isinstance(resolution, int):
+        return _resize_to(x, resolution, crop)
     h, w = x.shape[2:]
     if crop >= 1.0:
         size = (resolution, resolution)

@@ -162,7 +162,8 @@ def read_metrics(run_dir: Path) -> dict[str, Any]:
     if not path.is_file():
         raise MicrotrainError(f"{run_dir}: not a training run (no metrics.json)")
     m = _read_json(path)
-    if not isinstance(m, dict) or not isinstance(m.get("resolution"), int):
+    res = m.get("resolution") if isinstance(m, dict) else None
+    if not (isinstance(res, int) or (isinstance(res, list) and len(res) == 3 and all(isinstance(v, int) for v in res))):
         raise MicrotrainError(f"{path}: not the metrics of a training run")
     return m
 

@@ -18,7 +18,8 @@ from torch.nn.grad import conv2d_input, conv2d_weight
 
 from microtrain.autodiff.build import TrainConfig, build_training_graph, frozen_prefix
 from microtrain.ir.graph import Graph, Op
-from microtrain.ir.quant import add_ratios, qas_divisor
+from microtrain.ir.ops import conv_pads
+from microtrain.ir.quant import Requant, add_fixed_point, add_ratios, mean_fixed_point, qas_divisor
 from microtrain.runtime import kernels as K
 
 M32 = 0xFFFFFFFF
@@ -51,6 +52,14 @@ def quantize_per_channel(v: torch.Tensor) -> torch.Tensor:
     return (torch.round(flat / s).clamp_(-127, 127) * s).reshape(v.shape)
 
 
+def _pad_input(x: torch.Tensor, pads: tuple[int, int, int, int]) -> tuple[torch.Tensor, int]:
+    """(x, p) for a symmetric conv padding p, else (x zero-padded (top, bottom, left, right), 0)."""
+    t, b, left, r = pads
+    if (t, left) == (b, r) and t == left:
+        return x, t
+    return F.pad(x, (left, r, t, b)), 0
+
+
 def _bshape(t: torch.Tensor, dims: int) -> torch.Tensor:
     """Per-channel vector broadcast over [N, C, ...] with `dims` total dims."""
     return t.view((1, -1) + (1,) * (dims - 2))
@@ -72,11 +81,15 @@ class GraphTrainStep:
         self.params: dict[str, torch.Tensor] = {}
         self.load_state_dict({n: t.data for n, t in graph.tensors.items() if t.data is not None})
         self.mult = {}
+        self.fx: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # Requant.TFLITE: (q, shift) per conv
+        self.tflite = graph.requant == Requant.TFLITE
         self.stream = {n: i for i, n in enumerate(sorted(graph.meta["train"]["state"]))}
         for op in graph.ops:
             if op.kind == "conv2d":
                 x, w, y = graph.tensors[op.inputs[0]], graph.tensors[op.inputs[1]], graph.tensors[op.outputs[0]]
                 self.mult[op.name] = K.requant_multiplier(x.scale, w.scale, y.scale)
+                if self.tflite:
+                    self.fx[op.name] = K.fixed_point(x.scale, w.scale, y.scale)
         self.forward_ops = [o for o in graph.ops if o.attrs.get("phase") == "forward"]
         self.frozen_ops, self.boundary = frozen_prefix(graph)
 
@@ -125,23 +138,33 @@ class GraphTrainStep:
         xt, yt = g.tensors[op.inputs[0]], g.tensors[op.outputs[0]]
         x, w, b = env[op.inputs[0]], self._full_weight(op), self.params[op.inputs[-1]]
         m = self.mult[op.name]
-        if self.exact:
-            acc = K.conv_acc(x, xt.zero, w, a["stride"], a["padding"], a["groups"])
+        pads = conv_pads(a)
+        if self.exact and self.tflite:
+            acc = K.conv_acc(x, xt.zero, w, a["stride"], pads, a["groups"])
+            v = K.requantize_fx(acc, b, *self.fx[op.name], yt.zero)
+        elif self.exact:
+            acc = K.conv_acc(x, xt.zero, w, a["stride"], pads, a["groups"])
             v = torch.round((acc + _bshape(b, 4)).to(torch.float32) * _bshape(m, 4)) + yt.zero
         else:
-            acc = F.conv2d(x - xt.zero, w.to(torch.float32), None, a["stride"], a["padding"], 1, a["groups"])
+            xp, p = _pad_input(x - xt.zero, pads)
+            acc = F.conv2d(xp, w.to(torch.float32), None, a["stride"], p, 1, a["groups"])
             v = (acc + _bshape(b.to(torch.float32), 4)) * _bshape(m, 4) + yt.zero
         return self._clamp_out(v, op, train)
 
     def _clamp_out(self, v: torch.Tensor, op: Op, train: bool) -> list[torch.Tensor]:
-        y = v.clamp(-128, 127)
+        lo, hi = op.attrs.get("act_min", -128), op.attrs.get("act_max", 127)  # a fused activation's clamp
+        y = v.clamp(lo, hi)
         y = y.to(torch.int8) if self.exact else y
         if len(op.outputs) == 1:
             return [y]
-        return [y, (v >= -128) & (v <= 127) if train else None]
+        return [y, (v >= lo) & (v <= hi) if train else None]
 
     def _add(self, op: Op, env: dict, train: bool) -> list[torch.Tensor]:
         at, bt, yt = (self.g.tensors[n] for n in (*op.inputs, op.outputs[0]))
+        if self.exact and self.tflite:
+            params = add_fixed_point(at.scale, bt.scale, yt.scale)
+            return self._clamp_out(K.add_tflite_pre(env[op.inputs[0]], at.zero, env[op.inputs[1]], bt.zero, params,
+                                                    yt.zero), op, train)
         ra, rb = add_ratios(at.scale, bt.scale, yt.scale)
         v = (env[op.inputs[0]].to(torch.float32) - at.zero) * ra + (env[op.inputs[1]].to(torch.float32) - bt.zero) * rb
         v = (torch.round(v) if self.exact else v) + yt.zero
@@ -149,6 +172,13 @@ class GraphTrainStep:
 
     def _avgpool(self, op: Op, env: dict, train: bool) -> list[torch.Tensor]:
         x = env[op.inputs[0]]
+        if self.exact and self.tflite:
+            xt, yt = self.g.tensors[op.inputs[0]], self.g.tensors[op.outputs[0]]
+            act = (op.attrs.get("act_min", -128), op.attrs.get("act_max", 127))
+            if op.attrs.get("mean"):
+                params = mean_fixed_point(xt.scale, yt.scale, x.shape[2] * x.shape[3])
+                return [K.mean_tflite(x, xt.zero, yt.zero, params, act)]
+            return [K.avgpool_tflite(x, act)]
         if self.exact:
             return [K.avgpool_int8(x)]
         return [x.mean(dim=(2, 3))]
@@ -197,7 +227,12 @@ class GraphTrainStep:
         shape = (gacc.shape[0], *self.g.tensors[conv.inputs[0]].shape)
         w = self._full_weight(conv).to(torch.float32)
         a = op.attrs
-        return [conv2d_input(shape, w, gacc, a["stride"], a["padding"], 1, a["groups"])]
+        t, b, left, r = conv_pads(a)
+        if (t, left) == (b, r):
+            return [conv2d_input(shape, w, gacc, a["stride"], t, 1, a["groups"])]
+        padded = (*shape[:2], shape[2] + t + b, shape[3] + left + r)  # asymmetric: on the padded input, cropped
+        gx = conv2d_input(padded, w, gacc, a["stride"], 0, 1, a["groups"])
+        return [gx[:, :, t:t + shape[2], left:left + shape[3]].contiguous()]
 
     def _conv_grads(self, op: Op, env: dict) -> dict[str, torch.Tensor]:
         """Gradients (integer units) of a conv's trainable weight slice and/or bias, summed over the batch."""
@@ -209,13 +244,13 @@ class GraphTrainStep:
                 out[p] = gacc.sum(dim=(0, 2, 3))
             else:
                 xs = self.g.tensors[op.inputs[1]]
-                x = env[op.inputs[1]].to(torch.float32) - xs.zero
+                x, pad = _pad_input(env[op.inputs[1]].to(torch.float32) - xs.zero, conv_pads(a))
                 ch = a["channels"]
                 wshape = self.g.tensors[p].shape
                 if a["depthwise"]:
-                    out[p] = conv2d_weight(x, wshape, gacc[:, :ch].contiguous(), a["stride"], a["padding"], 1, ch)
+                    out[p] = conv2d_weight(x, wshape, gacc[:, :ch].contiguous(), a["stride"], pad, 1, ch)
                 else:
-                    out[p] = conv2d_weight(x, wshape, gacc, a["stride"], a["padding"])
+                    out[p] = conv2d_weight(x, wshape, gacc, a["stride"], pad)
         return out
 
     def _conv2d_update(self, op: Op, env: dict, train: bool) -> list[torch.Tensor]:
