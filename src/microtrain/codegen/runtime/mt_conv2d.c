@@ -3,75 +3,223 @@
  * input channels and the frozen part the rest, so each accumulator sums two channel ranges. */
 #include "mt_runtime.h"
 
-/* sum_c x[c][p + q] * w[c] for q = 0..3, c in [0, n) (channel stride cs) added to a[0..3]: four channels at a time
- * through SMLAD on sign-extended pairs (channels c, c + 2 and c + 1, c + 3), the rest one by one. Integer sums:
- * exact in any order. */
-static inline void pw_dot4(const int8_t *x, int32_t cs, const int8_t *w, int32_t n, int32_t *a) {
-  int32_t a0 = a[0], a1 = a[1], a2 = a[2], a3 = a[3], c = 0;
-  for (; c + 4 <= n; c += 4, x += 4 * cs) {
-    const uint32_t w4 = mt_ld32(w + c), wa = mt_sxtb16(w4), wb = mt_sxtb16_r8(w4);
-    uint32_t u = mt_ld32(x), v = mt_ld32(x + 2 * cs);
-    uint32_t su = mt_sxtb16(u), sv = mt_sxtb16(v);
-    a0 = mt_smlad(mt_pkhbt(su, sv), wa, a0);
-    a2 = mt_smlad(mt_pkhtb(su, sv), wa, a2);
-    su = mt_sxtb16_r8(u), sv = mt_sxtb16_r8(v);
-    a1 = mt_smlad(mt_pkhbt(su, sv), wa, a1);
-    a3 = mt_smlad(mt_pkhtb(su, sv), wa, a3);
-    u = mt_ld32(x + cs), v = mt_ld32(x + 3 * cs);
-    su = mt_sxtb16(u), sv = mt_sxtb16(v);
-    a0 = mt_smlad(mt_pkhbt(su, sv), wb, a0);
-    a2 = mt_smlad(mt_pkhtb(su, sv), wb, a2);
-    su = mt_sxtb16_r8(u), sv = mt_sxtb16_r8(v);
-    a1 = mt_smlad(mt_pkhbt(su, sv), wb, a1);
-    a3 = mt_smlad(mt_pkhtb(su, sv), wb, a3);
+/* Pointwise stride-1 conv over views, four pixels at a time: the block's inputs are staged once as (x - x.zero) in
+ * int16 pairs (channels c, c + 2 and c + 1, c + 3 of each group of four, four pixels each: the layout SMLAD wants
+ * against sign-extended weight pairs), then every output channel's four accumulators run over the staged block.
+ * Up to PW_CB channels are staged at once; a wider input is staged in chunks for blocks of PW_OB output channels
+ * (accumulators in `acc`). Integer sums: exact in any order. */
+#define PW_CB 128  /* channels staged at once: 4 pixels x PW_CB x int16 = 1 KB of stack */
+#define PW_OB 32
+
+/* Stage channels [0, n) of x (channel stride cs; pixels x[0..np)) into st: per group of four channels eight words
+ * (pairs (c, c + 2) for pixels 0..3, then (c + 1, c + 3)), then the n % 4 remaining channels as int32 [4] each.
+ * Pixels np..3 (np < 4) are staged as zero. */
+static void pw_stage(const int8_t *x, int32_t cs, int32_t n, int32_t np, int32_t z, uint32_t *st) {
+  const uint32_t zz = (uint32_t)(uint16_t)(int16_t)z * 0x10001u;
+  int32_t c = 0;
+  if (np == 4) {
+    for (; c + 4 <= n; c += 4, x += 4 * cs, st += 8) {
+      const uint32_t u = mt_ld32(x), v = mt_ld32(x + 2 * cs), u1 = mt_ld32(x + cs), v1 = mt_ld32(x + 3 * cs);
+      uint32_t su = mt_ssub16(mt_sxtb16(u), zz), sv = mt_ssub16(mt_sxtb16(v), zz);
+      st[0] = mt_pkhbt(su, sv), st[2] = mt_pkhtb(su, sv);
+      su = mt_ssub16(mt_sxtb16_r8(u), zz), sv = mt_ssub16(mt_sxtb16_r8(v), zz);
+      st[1] = mt_pkhbt(su, sv), st[3] = mt_pkhtb(su, sv);
+      su = mt_ssub16(mt_sxtb16(u1), zz), sv = mt_ssub16(mt_sxtb16(v1), zz);
+      st[4] = mt_pkhbt(su, sv), st[6] = mt_pkhtb(su, sv);
+      su = mt_ssub16(mt_sxtb16_r8(u1), zz), sv = mt_ssub16(mt_sxtb16_r8(v1), zz);
+      st[5] = mt_pkhbt(su, sv), st[7] = mt_pkhtb(su, sv);
+    }
+  } else {
+    for (; c + 4 <= n; c += 4, x += 4 * cs, st += 8)
+      for (int32_t q = 0; q < 4; q++) {
+        const int32_t v0 = q < np ? x[q] - z : 0, v1 = q < np ? x[cs + q] - z : 0;
+        const int32_t v2 = q < np ? x[2 * cs + q] - z : 0, v3 = q < np ? x[3 * cs + q] - z : 0;
+        st[q] = (uint32_t)(uint16_t)v0 | (uint32_t)v2 << 16;
+        st[4 + q] = (uint32_t)(uint16_t)v1 | (uint32_t)v3 << 16;
+      }
   }
-  for (; c < n; c++, x += cs) {
+  for (; c < n; c++, x += cs, st += 4)
+    for (int32_t q = 0; q < 4; q++) st[q] = (uint32_t)(q < np ? x[q] - z : 0);
+}
+
+/* a[0..3] += the staged block (n channels) times the weights w[0..n). On the Cortex-M4 the loop over groups of four
+ * channels is written out (ACLE has no LDM): per group one weight word, two SXTB16, two LDM of four staged words,
+ * eight SMLAD. */
+static inline void pw_dot(const uint32_t *st, const int8_t *w, int32_t n, int32_t *a) {
+  int32_t a0 = a[0], a1 = a[1], a2 = a[2], a3 = a[3], c = n & ~3;
+#if MT_DSP
+  if (c) {
+    const int8_t *wend = w + c;
+    uint32_t t0, t1;
+    __asm__ volatile(
+        "1:\n\t"
+        "ldr %[t0], [%[w]], #4\n\t"
+        "ldmia %[st]!, {r8, r9, r10, r11}\n\t"
+        "sxtb16 %[t1], %[t0]\n\t"
+        "sxtb16 %[t0], %[t0], ror #8\n\t"
+        "smlad %[a0], r8, %[t1], %[a0]\n\t"
+        "smlad %[a1], r9, %[t1], %[a1]\n\t"
+        "smlad %[a2], r10, %[t1], %[a2]\n\t"
+        "smlad %[a3], r11, %[t1], %[a3]\n\t"
+        "ldmia %[st]!, {r8, r9, r10, r11}\n\t"
+        "cmp %[w], %[wend]\n\t"
+        "smlad %[a0], r8, %[t0], %[a0]\n\t"
+        "smlad %[a1], r9, %[t0], %[a1]\n\t"
+        "smlad %[a2], r10, %[t0], %[a2]\n\t"
+        "smlad %[a3], r11, %[t0], %[a3]\n\t"
+        "bne 1b"
+        : [a0] "+r"(a0), [a1] "+r"(a1), [a2] "+r"(a2), [a3] "+r"(a3), [w] "+r"(w), [st] "+r"(st),
+          [t0] "=&r"(t0), [t1] "=&r"(t1)
+        : [wend] "r"(wend), "m"(*(const uint32_t(*)[2 * c])st)
+        : "r8", "r9", "r10", "r11", "cc");
+    w -= c;
+  }
+#else
+  for (int32_t g = 0; g < c; g += 4, st += 8) {
+    const uint32_t w4 = mt_ld32(w + g), wa = mt_sxtb16(w4), wb = mt_sxtb16_r8(w4);
+    a0 = mt_smlad(st[0], wa, a0), a1 = mt_smlad(st[1], wa, a1);
+    a2 = mt_smlad(st[2], wa, a2), a3 = mt_smlad(st[3], wa, a3);
+    a0 = mt_smlad(st[4], wb, a0), a1 = mt_smlad(st[5], wb, a1);
+    a2 = mt_smlad(st[6], wb, a2), a3 = mt_smlad(st[7], wb, a3);
+  }
+#endif
+  for (; c < n; c++, st += 4) {
     const int32_t wv = w[c];
-    a0 += x[0] * wv, a1 += x[1] * wv, a2 += x[2] * wv, a3 += x[3] * wv;
+    a0 += (int32_t)st[0] * wv, a1 += (int32_t)st[1] * wv, a2 += (int32_t)st[2] * wv, a3 += (int32_t)st[3] * wv;
   }
   a[0] = a0, a[1] = a1, a[2] = a2, a[3] = a3;
 }
 
-/* Pointwise stride-1 conv over views: per output channel and run of pixels (a whole compact tensor, else one row),
- * four pixels at a time (pw_dot4 over the trainable and the frozen channel range), requantized a row at a time.
- * sum (x - z) * w = sum x * w - z * sum w, exactly, in int32 (wrap-around). */
-#define PW_ROW 32
+/* Requantize a[0..np) (bias included) into y[0..np), their mask bits at i .. i + np - 1. */
+static inline void pw_out(const int32_t *a, int32_t np, float m, int32_t y_zero, int8_t *y, uint8_t *mask,
+                          int32_t i) {
+  uint32_t bits = 0, in;
+  for (int32_t q = 0; q < np; q++) {
+    y[q] = mt_requant(a[q], m, y_zero, &in);
+    bits |= in << q;
+  }
+  if (mask) mt_mask_put(mask, i, bits, np);
+}
+
 static void pointwise(const int8_t *x, mt_dims xd, const mt_conv *p, int8_t *y, mt_dims yd, uint8_t *mask) {
-  const int32_t cin = xd.c, ch = p->w.ch, cs = xd.cs;
+  const int32_t cin = xd.c, ch = p->w.ch, cf = cin - ch, cs = xd.cs, z = p->x_zero;
+  const int8_t *wt = p->w.w_train, *wf = p->w.w_frozen;
   const int compact = xd.cs == xd.h * xd.w && xd.rs == xd.w && yd.cs == yd.h * yd.w && yd.rs == yd.w;
-  const int32_t runs = compact ? 1 : yd.h, len = compact ? yd.h * yd.w : yd.w;
-  for (int32_t o = 0; o < yd.c; o++) {
-    const int8_t *wt = p->w.w_train ? p->w.w_train + o * ch : 0;
-    const int8_t *wf = p->w.w_frozen ? p->w.w_frozen + o * (cin - ch) : 0;
-    int32_t wsum = 0;
-    for (int32_t c = 0; c < ch; c++) wsum += wt[c];
-    for (int32_t c = ch; c < cin; c++) wsum += wf[c - ch];
-    const int32_t bias = (int32_t)((uint32_t)p->bias[o] - (uint32_t)(p->x_zero * wsum));
-    const float m = p->mult[o];
-    for (int32_t r = 0; r < runs; r++) {
-      const int8_t *xr = x + r * xd.rs;
-      int8_t *yr = y + o * yd.cs + r * yd.rs;
-      const int32_t mi = (o * yd.h + r) * yd.w;  /* mask index of the run's first pixel */
-      int32_t acc[PW_ROW];
-      for (int32_t r0 = 0; r0 < len; r0 += PW_ROW) {
-        const int32_t n = len - r0 < PW_ROW ? len - r0 : PW_ROW;
-        int32_t q = 0;
-        for (; q + 4 <= n; q += 4) {
-          int32_t *a = acc + q;
-          a[0] = a[1] = a[2] = a[3] = 0;
-          if (ch) pw_dot4(xr + r0 + q, cs, wt, ch, a);
-          if (cin > ch) pw_dot4(xr + ch * cs + r0 + q, cs, wf, cin - ch, a);
+  const int32_t runs = compact ? 1 : yd.h, len = compact ? yd.h * yd.w : yd.w, hw = yd.h * yd.w;
+  uint32_t st[PW_CB * 2];
+  int32_t acc[PW_OB * 4];
+  for (int32_t r = 0; r < runs; r++) {
+    const int8_t *xr = x + r * xd.rs;
+    for (int32_t q0 = 0; q0 < len; q0 += 4) {
+      const int32_t np = len - q0 < 4 ? len - q0 : 4;
+      int8_t *yq = y + r * yd.rs + q0;
+      const int32_t mi = r * yd.w + q0;  /* mask index of the block's first pixel in channel 0 */
+      if (cin <= PW_CB) {  /* both weight parts staged at once, then every output channel */
+        pw_stage(xr + q0, cs, ch, np, z, st);
+        pw_stage(xr + ch * cs + q0, cs, cf, np, z, st + 2 * ch);
+        for (int32_t o = 0; o < yd.c; o++) {
+          int32_t a[4];
+          a[0] = a[1] = a[2] = a[3] = p->bias[o];
+          if (ch) pw_dot(st, wt + o * ch, ch, a);
+          if (cf) pw_dot(st + 2 * ch, wf + o * cf, cf, a);
+          pw_out(a, np, p->mult[o], p->y_zero, yq + o * yd.cs, mask, o * hw + mi);
         }
-        for (; q < n; q++) {  /* the last pixels one by one */
-          int32_t v = 0;
-          for (int32_t c = 0; c < ch; c++) v += xr[c * cs + r0 + q] * wt[c];
-          for (int32_t c = ch; c < cin; c++) v += xr[c * cs + r0 + q] * wf[c - ch];
-          acc[q] = v;
+        continue;
+      }
+      for (int32_t ob = 0; ob < yd.c; ob += PW_OB) {  /* wide input: chunks of channels per block of outputs */
+        const int32_t nb = yd.c - ob < PW_OB ? yd.c - ob : PW_OB;
+        for (int32_t i = 0; i < 4 * nb; i++) acc[i] = p->bias[ob + i / 4];
+        for (int32_t c0 = 0; c0 < cin;) {
+          const int32_t end = c0 < ch ? ch : cin, n = end - c0 < PW_CB ? end - c0 : PW_CB;
+          pw_stage(xr + c0 * cs + q0, cs, n, np, z, st);
+          for (int32_t o = ob; o < ob + nb; o++)
+            pw_dot(st, c0 < ch ? wt + o * ch + c0 : wf + o * cf + (c0 - ch), n, acc + 4 * (o - ob));
+          c0 += n;
         }
-        mt_requant_row(acc, n, bias, m, p->y_zero, yr + r0, mask, mi + r0);
+        for (int32_t o = ob; o < ob + nb; o++)
+          pw_out(acc + 4 * (o - ob), np, p->mult[o], p->y_zero, yq + o * yd.cs, mask, o * hw + mi);
       }
     }
   }
+}
+
+/* A small-kernel conv (the stem: few input channels), a row segment at a time: the cin x k input rows one output row
+ * segment reads are staged as (x - x.zero) in int16 with the padding as zeros, so that every output column runs the
+ * same loop: per staged row, pairs of taps (j, j + 1) through SMLAD against the weight pairs (w[j], w[j + 1]) (a
+ * zero weight past the kernel's last column). Four output columns at a time. Integer sums: exact in any order. */
+#define RS_STAGE 768  /* int16 staged elements (1.5 KB of stack) */
+#define RS_WP 64      /* weight pairs of one output channel */
+
+MT_INLINE void rows_block(const int16_t *sr, int32_t wst, int32_t nrows, const uint32_t *wp, int32_t K, int32_t S,
+                          int32_t *a) {
+  const int32_t np = (K + 1) / 2;
+  int32_t a0 = a[0], a1 = a[1], a2 = a[2], a3 = a[3];
+  for (int32_t r = 0; r < nrows; r++, sr += wst, wp += np)
+    for (int32_t j = 0; j < np; j++) {
+      const uint32_t w2 = wp[j];
+      uint32_t v0, v1, v2, v3;
+      __builtin_memcpy(&v0, sr + 2 * j, 4), __builtin_memcpy(&v1, sr + S + 2 * j, 4);
+      __builtin_memcpy(&v2, sr + 2 * S + 2 * j, 4), __builtin_memcpy(&v3, sr + 3 * S + 2 * j, 4);
+      a0 = mt_smlad(v0, w2, a0), a1 = mt_smlad(v1, w2, a1), a2 = mt_smlad(v2, w2, a2), a3 = mt_smlad(v3, w2, a3);
+    }
+  a[0] = a0, a[1] = a1, a[2] = a2, a[3] = a3;
+}
+
+/* Returns 0 (nothing done) when the conv does not fit the staging buffers. */
+static int rows_staged(const int8_t *x, mt_dims xd, const mt_conv *p, int8_t *y, mt_dims yd, uint8_t *mask) {
+  const int32_t k = p->w.k, ch = p->w.ch, cin = xd.c, s = p->stride, z = p->x_zero, kp = (k + 1) / 2;
+  const int32_t nrows = cin * k;
+  if (nrows * kp > RS_WP) return 0;
+  int32_t seg = yd.w;  /* output columns per segment: the staged rows hold (seg - 1) * s + k + 1 columns, even */
+  if (seg % 4) seg += 4 - seg % 4;  /* staged columns for whole blocks of four (the extra ones read, not stored) */
+  while (seg > 4 && nrows * (((seg - 1) * s + k + 2) & ~1) > RS_STAGE) seg = (seg / 2 + 3) / 4 * 4;
+  const int32_t wmax = ((seg - 1) * s + k + 2) & ~1;
+  if (nrows * wmax > RS_STAGE) return 0;
+  int16_t sbuf[RS_STAGE];
+  uint32_t wp[RS_WP];
+  for (int32_t oy = 0; oy < yd.h; oy++) {
+    const int32_t y0 = oy * s - p->pad_top;
+    for (int32_t q0 = 0; q0 < yd.w; q0 += seg) {
+      const int32_t n = yd.w - q0 < seg ? yd.w - q0 : seg, wst = (((n + 3) / 4 * 4 - 1) * s + k + 2) & ~1;
+      const int32_t x0 = q0 * s - p->pad_left;  /* input column of staged column 0 */
+      for (int32_t c = 0; c < cin; c++)
+        for (int32_t i = 0; i < k; i++) {
+          int16_t *d = sbuf + (c * k + i) * wst;
+          const int32_t yy = y0 + i;
+          if (yy < 0 || yy >= xd.h) {
+            for (int32_t j = 0; j < wst; j++) d[j] = 0;
+            continue;
+          }
+          const int8_t *xr = x + c * xd.cs + yy * xd.rs;
+          for (int32_t j = 0; j < wst; j++) {
+            const int32_t xx = x0 + j;
+            d[j] = (int16_t)(xx >= 0 && xx < xd.w ? xr[xx] - z : 0);
+          }
+        }
+      for (int32_t o = 0; o < yd.c; o++) {
+        for (int32_t c = 0; c < cin; c++) {
+          const int8_t *w = c < ch ? p->w.w_train + (o * ch + c) * k * k : p->w.w_frozen + (o * (cin - ch) + c - ch) * k * k;
+          for (int32_t i = 0; i < k; i++)
+            for (int32_t j = 0; j < kp; j++) {
+              const int32_t lo = w[i * k + 2 * j], hi = 2 * j + 1 < k ? w[i * k + 2 * j + 1] : 0;
+              wp[(c * k + i) * kp + j] = (uint32_t)(uint16_t)lo | (uint32_t)hi << 16;
+            }
+        }
+        int8_t *yr = y + o * yd.cs + oy * yd.rs + q0;
+        const int32_t mi = (o * yd.h + oy) * yd.w + q0;
+        for (int32_t q = 0; q < n; q += 4) {
+          int32_t a[4];
+          a[0] = a[1] = a[2] = a[3] = p->bias[o];
+          const int16_t *sr = sbuf + q * s;
+          if (k == 3 && s == 2) rows_block(sr, wst, nrows, wp, 3, 2, a);
+          else if (k == 3 && s == 1) rows_block(sr, wst, nrows, wp, 3, 1, a);
+          else rows_block(sr, wst, nrows, wp, k, s, a);
+          pw_out(a, n - q < 4 ? n - q : 4, p->mult[o], p->y_zero, yr + q, mask, mi + q);
+        }
+      }
+    }
+  }
+  return 1;
 }
 
 void mt_conv2d(const int8_t *x, mt_dims xd, const mt_conv *p, int8_t *y, mt_dims yd, uint8_t *mask) {
@@ -80,6 +228,7 @@ void mt_conv2d(const int8_t *x, mt_dims xd, const mt_conv *p, int8_t *y, mt_dims
     pointwise(x, xd, p, y, yd, mask);
     return;
   }
+  if (rows_staged(x, xd, p, y, yd, mask)) return;
   int32_t acc[MT_ROW_MAX];  /* one output row: each tap accumulates over the columns it reaches (exact in int32) */
   for (int32_t o = 0; o < yd.c; o++) {
     for (int32_t oy = 0; oy < yd.h; oy++) {

@@ -240,7 +240,8 @@ static inline float mt_rint(float v) { return __builtin_rintf(v); }
 /* ---- the DSP extension (Cortex-M4/M7: ACLE) and its portable twin: the same results, bit for bit ---------------
  * mt_sxtb16(x): bytes 0 and 2 of x sign-extended into two int16 halves; mt_sxtb16_r8(x): bytes 1 and 3;
  * mt_smlad(a, b, c) = c + a.lo * b.lo + a.hi * b.hi (int16 halves, int32 wrap-around);
- * mt_pkhbt(a, b) = (a.lo, b.lo), mt_pkhtb(a, b) = (b.hi, a.hi) as (lo, hi); mt_ssat(v, n): clamp to n signed bits;
+ * mt_pkhbt(a, b) = (a.lo, b.lo), mt_pkhtb(a, b) = (a.hi, b.hi) as (lo, hi); mt_ssat(v, n): clamp to n signed bits;
+ * mt_ssub16(a, b) = (a.lo - b.lo, a.hi - b.hi) (int16 halves, wrap-around);
  * mt_rint_i32(v) = rint(v) (ties to even) for |v| <= 65536, saturated beyond (VCVTR under the default rounding
  * mode; NaN gives 0): callers saturate the result to at most 17 bits (mt_ssat), so both builds agree everywhere. */
 #if defined(__ARM_FEATURE_DSP) && defined(__ARM_FP) && !defined(MT_PORTABLE)
@@ -253,6 +254,7 @@ static inline uint32_t mt_sxtb16_r8(uint32_t x) {
   return r;
 }
 static inline int32_t mt_smlad(uint32_t a, uint32_t b, int32_t c) { return __smlad(a, b, c); }
+static inline uint32_t mt_ssub16(uint32_t a, uint32_t b) { return (uint32_t)__ssub16((int16x2_t)a, (int16x2_t)b); }
 static inline uint32_t mt_pkhbt(uint32_t a, uint32_t b) {
   uint32_t r;
   __asm__("pkhbt %0, %1, %2, lsl #16" : "=r"(r) : "r"(a), "r"(b));
@@ -282,6 +284,9 @@ static inline int32_t mt_smlad(uint32_t a, uint32_t b, int32_t c) {
   return (int32_t)((uint32_t)c + (uint32_t)lo + (uint32_t)hi);
 }
 static inline uint32_t mt_pkhbt(uint32_t a, uint32_t b) { return (a & 0xFFFFu) | (b << 16); }
+static inline uint32_t mt_ssub16(uint32_t a, uint32_t b) {
+  return ((a - b) & 0xFFFFu) | (((a >> 16) - (b >> 16)) << 16);
+}
 static inline uint32_t mt_pkhtb(uint32_t a, uint32_t b) { return (a >> 16) | (b & 0xFFFF0000u); }
 static inline int32_t mt_ssat_(int32_t v, int32_t n) {
   const int32_t hi = (int32_t)((1u << (n - 1)) - 1u), lo = -hi - 1;
