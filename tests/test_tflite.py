@@ -312,3 +312,82 @@ def test_depth_multiplier_and_corrupt_files_are_refused(tmp_path):
             assert "\n" not in str(e) and str(q) in str(e)
             outcomes["refused"] += 1
     assert outcomes["refused"] > 50
+
+
+# ---- downstream: train, plan, compile the imported graphs (C on the host and on the Cortex-M4) ----------------------
+def model_images(g, n, seed=1):
+    """Real images (CIFAR-10 / scikit-image crops) in the imported model's own input shape (gray, non-square)."""
+    from microtrain.data.datasets import model_resolution, resize_batch
+    from microtrain.data.samples import real_images
+
+    x, y, _ = real_images(n, 32, seed=seed, num_classes=3)
+    pix = torch.from_numpy((x.astype(np.int16) + 128).astype(np.uint8))
+    return resize_batch(pix, model_resolution(g), crop=1.0).numpy(), np.asarray(y) % 3
+
+
+def imported(name, tmp_path):
+    net, buf = FIXTURES[name]()
+    p = tmp_path / f"{name}.tflite"
+    p.write_bytes(buf)
+    return load_model(p)
+
+
+@pytest.mark.parametrize("name,scheme", [("mbv1", "full"), ("gray_odd", "last:1"), ("resnet", "bias-only"),
+                                         ("mbv1", "last:3")])
+def test_host_c_training_step_equals_torch_engine(name, scheme, tmp_path):
+    """The generated C program of an imported graph (TFLite's fixed-point kernels, mt_tflite.c) against the torch
+    engine: the first step's int8 activations bit for bit, its loss, and the predictions of the final state."""
+    from microtrain.autodiff.build import build_training_graph
+    from microtrain.codegen.project import toolchain
+    from microtrain.compiler.memory import plan_training_graph
+    from microtrain.sparse.scheme import resolve_scheme
+    from test_codegen import check, run_parity
+
+    if toolchain("host") is not None:
+        pytest.skip("host C toolchain not installed")
+    g = imported(name, tmp_path)
+    x, y = model_images(g, 14)
+    tg = build_training_graph(g, resolve_scheme(scheme, g), 3)
+    sched, best = plan_training_graph(tg)
+    out = tmp_path / "c"
+    check(*run_parity(sched, best.plan, out, x[:10], y[:10], 0.05, x[10:]), out, sched)
+
+
+def test_cortex_m4_equals_host_on_imported_graph(tmp_path):
+    """mbv1-like (non-square, asymmetric padding, residual add, fused clamps): 6 steps in QEMU and on the host end
+    with byte-identical state and losses; the program links into 256 KB / 1 MB."""
+    from microtrain.autodiff.build import build_training_graph
+    from microtrain.codegen.project import (
+        SRAM_BUDGET,
+        build,
+        emit_project,
+        harness_args,
+        measure_memory,
+        run_host,
+        run_qemu,
+        toolchain,
+        write_records,
+    )
+    from microtrain.compiler.memory import plan_training_graph
+    from microtrain.sparse.scheme import resolve_scheme
+
+    if toolchain("cortex-m4") is not None:
+        pytest.skip("arm-none-eabi-gcc / qemu-system-arm not installed")
+    g = imported("mbv1", tmp_path)
+    x, y = model_images(g, 6)
+    tg = build_training_graph(g, resolve_scheme("last:4", g), 3)
+    sched, best = plan_training_graph(tg)
+    m4, host = tmp_path / "m4", tmp_path / "host"
+    lrs = np.full(len(y), 0.05, np.float32)
+    emit_project(sched, best.plan, m4, "cortex-m4")
+    build(m4)
+    write_records(m4 / "stream.bin", x, y, lrs)
+    res_m4 = run_qemu(m4, harness_args("stream.bin", state_out="state.bin"))
+    emit_project(sched, best.plan, host, "host")
+    build(host)
+    (host / "stream.bin").write_bytes((m4 / "stream.bin").read_bytes())
+    res_host = run_host(host, harness_args("stream.bin", state_out="state.bin"))
+    assert (host / "state.bin").read_bytes() == (m4 / "state.bin").read_bytes()
+    assert np.float32(res_host["losses"]).tobytes() == np.float32(res_m4["losses"]).tobytes()
+    mem = measure_memory(m4, res_m4, best.plan)
+    assert mem["fits"] and mem["sram_total_bytes"] <= SRAM_BUDGET

@@ -29,14 +29,22 @@ from microtrain.compiler.patch import Region, make_stage
 from microtrain.compiler.planner import Plan
 from microtrain.errors import MicrotrainError
 from microtrain.ir.graph import Graph, Op
-from microtrain.ir.quant import add_ratios, qas_divisor, requant_multiplier
+from microtrain.ir.quant import (
+    Requant,
+    add_fixed_point,
+    add_ratios,
+    conv_fixed_point,
+    mean_fixed_point,
+    qas_divisor,
+    requant_multiplier,
+)
 
 TARGETS = ("host", "cortex-m4", "cortex-m7")
 KERNEL_FILES = ("mt_conv2d.c", "mt_depthwise_conv2d.c", "mt_add.c", "mt_avgpool.c",
                 "mt_slice_channels.c", "mt_linear.c", "mt_softmax_ce.c", "mt_linear_grad_input.c", "mt_avgpool_grad.c",
                 "mt_add_grad.c", "mt_grad_add.c", "mt_conv2d_grad_acc.c", "mt_conv2d_grad_input.c",
                 "mt_depthwise_grad_input.c", "mt_conv2d_update.c", "mt_linear_update.c", "mt_update.c", "mt_math.c",
-                "mt_q8.c", "mt_profile.c")
+                "mt_q8.c", "mt_profile.c", "mt_tflite.c")
 # (the channel-serial block backward's helpers live in the kernels they share code with; mt_profile.c is empty unless
 # the profile build defines MT_PROFILE)
 HARNESS_FILES = {"host": ("mt_main.c", "mt_io.h", "mt_io_host.c"),
@@ -74,6 +82,11 @@ def c_array(a: np.ndarray, per_line: int = 24) -> str:
     items = [c_float(v) for v in a.tolist()] if a.dtype == np.float32 else [str(int(v)) for v in a.tolist()]
     lines = [", ".join(items[i:i + per_line]) for i in range(0, len(items), per_line)]
     return "{\n  " + ",\n  ".join(lines) + "\n}" if items else "{0}"
+
+
+def act_range(op: Op) -> str:
+    """`act_min, act_max` of an op under Requant.TFLITE (a fused activation's int8 clamp)."""
+    return f"{op.attrs.get('act_min', -128)}, {op.attrs.get('act_max', 127)}"
 
 
 def chw(shape: tuple[int, ...]) -> str:
@@ -212,6 +225,15 @@ class Emitter:
                                f"{c_array(values.astype(np.float32))};  /* {c_comment(name)} */")
         return ident
 
+    def itable(self, prefix: str, name: str, values: np.ndarray) -> str:
+        """A `static const int32_t` table in flash (the fixed-point multipliers and shifts of Requant.TFLITE)."""
+        ident = self.names(prefix, name)
+        if ident not in self.defined:
+            self.defined.add(ident)
+            self.consts.append(f"static const int32_t {ident}[{values.size}] = "
+                               f"{c_array(np.asarray(values, np.int32))};  /* {c_comment(name)} */")
+        return ident
+
     def define(self, ctype: str, prefix: str, key: str, init: str) -> str:
         """A `static const` descriptor in flash (a compound literal per call would cost stack in every call)."""
         ident = self.names(prefix, key)
@@ -264,8 +286,13 @@ class Emitter:
         if dw and not (groups == x.shape[0] == y.shape[0]):
             raise MicrotrainError(f"{op.name}: grouped conv with groups={groups} is not supported by the C generator")
         conv = self.conv_descriptor(op, pad_top, pad_left)
-        args = f"{xv.ptr}, {xv.dims(x.shape[0])}, {conv}, {yv.at(want)}, {yv.dims(y.shape[0], want)}, {mask}"
         self.row_widths.append(want[3] - want[2])
+        if self.g.requant == Requant.TFLITE:  # TFLite's fixed-point rule (mt_tflite.c)
+            q, sh = conv_fixed_point(x.scale, g.tensors[op.inputs[1]].scale, y.scale)
+            return (f"mt_conv2d_tfl({xv.ptr}, {xv.dims(x.shape[0])}, {conv}, {self.itable('QM', op.name, q)}, "
+                    f"{self.itable('QS', op.name, sh)}, {act_range(op)}, {yv.at(want)}, "
+                    f"{yv.dims(y.shape[0], want)}, {mask}, {int(dw)}, {scratch});")
+        args = f"{xv.ptr}, {xv.dims(x.shape[0])}, {conv}, {yv.at(want)}, {yv.dims(y.shape[0], want)}, {mask}"
         if dw:
             return f"mt_depthwise_conv2d({args}, {scratch});"
         return f"mt_conv2d({args});"
@@ -278,8 +305,13 @@ class Emitter:
 
     def add_call(self, op: Op, av: View, bv: View, yv: View, want: Region, mask: str) -> str:
         at, bt, yt = (self.g.tensors[n] for n in (*op.inputs, op.outputs[0]))
-        ra, rb = add_ratios(at.scale, bt.scale, yt.scale)
         c = yt.shape[0]
+        if self.g.requant == Requant.TFLITE:
+            qa, sa, qb, sb, qy, sy = add_fixed_point(at.scale, bt.scale, yt.scale)
+            return (f"mt_add_tfl({av.at(want)}, {av.dims(c, want)}, {at.zero}, {qa}, {sa}, {bv.at(want)}, "
+                    f"{bv.dims(c, want)}, {bt.zero}, {qb}, {sb}, {yv.at(want)}, {yv.dims(c, want)}, {yt.zero}, {qy}, "
+                    f"{sy}, {act_range(op)}, {mask});")
+        ra, rb = add_ratios(at.scale, bt.scale, yt.scale)
         return (f"mt_add({av.at(want)}, {av.dims(c, want)}, {at.zero}, {c_float(ra)}, {bv.at(want)}, "
                 f"{bv.dims(c, want)}, {bt.zero}, {c_float(rb)}, {yv.at(want)}, {yv.dims(c, want)}, {yt.zero}, {mask});")
 
@@ -299,7 +331,15 @@ class Emitter:
                                   mask)]
         elif op.kind == "avgpool":
             c, h, w = g.tensors[op.inputs[0]].shape
-            code = [f"mt_avgpool({self.act(op.inputs[0])}, {c}, {h * w}, {self.act(y)});"]
+            xt, yt = g.tensors[op.inputs[0]], g.tensors[y]
+            if g.requant == Requant.TFLITE and op.attrs.get("mean"):
+                q, sh = mean_fixed_point(xt.scale, yt.scale, h * w)
+                code = [f"mt_mean_tfl({self.act(op.inputs[0])}, {c}, {h * w}, {xt.zero}, {q}, {sh}, {yt.zero}, "
+                        f"{act_range(op)}, {self.act(y)});"]
+            elif g.requant == Requant.TFLITE:
+                code = [f"mt_avgpool_tfl({self.act(op.inputs[0])}, {c}, {h * w}, {act_range(op)}, {self.act(y)});"]
+            else:
+                code = [f"mt_avgpool({self.act(op.inputs[0])}, {c}, {h * w}, {self.act(y)});"]
         elif op.kind == "slice_channels":
             code = [f"mt_slice_channels({self.act(op.inputs[0])}, {g.tensors[y].nbytes}, {self.act(y)});"]
         elif op.kind == "linear":
@@ -516,6 +556,8 @@ class Emitter:
             return [f"mt_q8_round({plane}, {n});"] if q8.get(name) else []
 
         rc = grp.get("recompute")
+        if rc and g.requant == Requant.TFLITE:
+            raise MicrotrainError("--recompute-blocks: the channel recompute has no TFLite fixed-point kernels yet")
         if rc:  # pw1's and dw's output channel e recomputed (int8 planes, their mask bits) instead of stored
             pw1c, dwc, x = g.op(rc["pw1"]), g.op(rc["dw"]), rc["x"]
             y1, y2 = t[pw1c.outputs[0]], t[dwc.outputs[0]]
@@ -764,6 +806,7 @@ SOURCE = """\
 
 #include "model.h"
 #include "mt_runtime.h"
+#include "mt_tflite.h"
 
 /* ---- trainable state (SRAM) ----------------------------------------------------------------------------------- */
 {sram}
