@@ -27,6 +27,7 @@ from microtrain.commands.plan import add_planner_levers, planner_levers
 from microtrain.compiler.boards import BOARDS, DEFAULT_BOARD, get_board
 from microtrain.compiler.levers import choose_levers, lever_table
 from microtrain.compiler.memory import plan_training_graph
+from microtrain.data.datasets import model_resolution
 from microtrain.data.samples import real_images
 from microtrain.errors import MicrotrainError
 from microtrain.frontends.zoo import load_model
@@ -155,7 +156,7 @@ def run(args: argparse.Namespace) -> int:
     if not args.train_run:
         print(f"built {out / ('prog.elf' if is_device(args.target) else 'prog')}")
         return 0
-    res = tg.tensors[tg.inputs[0]].shape[1]
+    res = model_resolution(tg)  # the model's own input shape (an imported gray / non-square model too)
     x, y, source = real_images(args.steps, res, seed=args.seed, num_classes=prog.num_classes,
                                source=args.data or "auto")
     write_records(out / "stream.bin", x, y, args.lr)

@@ -6,15 +6,16 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from microtrain.data.datasets import batches, open_dataset, resize_batch
+from microtrain.data.datasets import Resolution, batches, open_dataset, resize_batch
 from microtrain.errors import MicrotrainError
 
 SKIMAGE_PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "hubble_deep_field", "immunohistochemistry")
 
 
-def real_images(n: int, resolution: int, seed: int = 0, num_classes: int = 10, source: str = "auto"
+def real_images(n: int, resolution: Resolution, seed: int = 0, num_classes: int = 10, source: str = "auto"
                 ) -> tuple[np.ndarray, np.ndarray, str]:
-    """n real images as the model's int8 input [n, 3, R, R] with labels, in a seeded shuffled order: CIFAR-10 (the
+    """n real images as the model's int8 input [n, 3, R, R] (or [n, C, H, W] for a resolution (C, H, W)) with
+    labels, in a seeded shuffled order: CIFAR-10 (the
     evaluation transform) when it is on disk (source "auto" or "cifar10"), else random crops of scikit-image's
     bundled photos (label = photo; source "skimage")."""
     order = np.random.default_rng(seed).permutation(n)
