@@ -290,7 +290,7 @@ def run_profile(out_dir: str | Path, args: list[str], steps: int) -> dict[str, i
 def section_sizes(elf: str | Path, target: str) -> dict[str, int]:
     """Berkeley `size` of the ELF: text (code + constants), data (initialised RAM, also stored in flash), bss."""
     tool = "arm-none-eabi-size" if is_device(target) else "size"
-    r = _run([tool, str(elf)], Path(elf).parent)
+    r = _run([tool, str(Path(elf).resolve())], Path(elf).parent)
     if r.returncode:
         raise MicrotrainError(f"{tool} failed: {r.stderr.strip()}")
     text, data, bss = (int(v) for v in r.stdout.splitlines()[1].split()[:3])
