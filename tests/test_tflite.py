@@ -391,3 +391,90 @@ def test_cortex_m4_equals_host_on_imported_graph(tmp_path):
     assert np.float32(res_host["losses"]).tobytes() == np.float32(res_m4["losses"]).tobytes()
     mem = measure_memory(m4, res_m4, best.plan)
     assert mem["fits"] and mem["sram_total_bytes"] <= SRAM_BUDGET
+
+
+def test_asymmetric_padding_backward_equals_autograd(tmp_path):
+    """The torch engine's conv input and weight gradients with TF's bottom/right padding (mbv1's stride-2 convs)
+    equal autograd through F.conv2d on the explicitly padded input."""
+    import torch.nn.functional as F
+
+    from microtrain.autodiff.build import build_training_graph
+    from microtrain.ir.ops import conv_pads
+    from microtrain.runtime.trainstep import GraphTrainStep
+    from microtrain.sparse.scheme import resolve_scheme
+
+    g = imported("mbv1", tmp_path)
+    tg = build_training_graph(g, resolve_scheme("full", g), 3)
+    step = GraphTrainStep(tg, precision="fp32")
+    asym = [o for o in tg.ops if o.kind == "conv2d_grad_input" and "pad_bottom" in o.attrs]
+    assert len(asym) == 1  # conv6 (the folded PAD); the stem's input gets no gradient
+    rng = torch.Generator().manual_seed(0)
+    for op in asym:
+        conv = tg.op(op.attrs["conv"])
+        xt = tg.tensors[conv.inputs[0]]
+        t, b, left, r = conv_pads(conv.attrs)
+        assert (t, left) != (b, r)
+        x = torch.randn((2, *xt.shape), generator=rng, requires_grad=True)
+        w = step._full_weight(conv).to(torch.float32)
+        y = F.conv2d(F.pad(x, (left, r, t, b)), w, None, conv.attrs["stride"], 0, 1, conv.attrs["groups"])
+        gacc = torch.randn(y.shape, generator=rng)
+        (y * gacc).sum().backward()
+        got = step._conv2d_grad_input(op, {op.inputs[0]: gacc}, True)[0]
+        torch.testing.assert_close(got, x.grad, rtol=1e-5, atol=1e-4)
+    upd = [o for o in tg.ops if o.kind == "conv2d_update" and "pad_bottom" in o.attrs
+           and any(p.endswith("w_train") for p in o.attrs["params"])]
+    assert upd
+    for op in upd:
+        conv = tg.op(op.attrs["conv"])
+        xs = tg.tensors[op.inputs[1]]
+        t, b, left, r = conv_pads(conv.attrs)
+        xq = torch.randint(-128, 128, (2, *xs.shape), generator=rng, dtype=torch.int8)
+        wname = next(p for p in op.attrs["params"] if p.endswith("w_train"))
+        w = torch.zeros(tg.tensors[wname].shape, requires_grad=True)
+        xf = F.pad(xq.to(torch.float32) - xs.zero, (left, r, t, b))
+        groups = w.shape[0] if op.attrs["depthwise"] else 1
+        y = F.conv2d(xf, w, None, op.attrs["stride"], 0, 1, groups)
+        gacc = torch.randn(y.shape, generator=rng)
+        (y * gacc).sum().backward()
+        got = step._conv_grads(op, {op.inputs[0]: gacc, op.inputs[1]: xq})[wname]
+        torch.testing.assert_close(got, w.grad, rtol=1e-5, atol=1e-3)
+
+
+def test_autodiff_names_an_op_without_a_gradient_rule(tmp_path):
+    """A forward op the backward reaches but has no rule for is an error naming it, never a silent stop."""
+    from microtrain.autodiff.build import build_training_graph
+    from microtrain.errors import MicrotrainError
+    from microtrain.ir.graph import Op, Tensor
+    from microtrain.sparse.scheme import resolve_scheme
+
+    g = imported("gray_odd", tmp_path)
+    fc = g.ops[-1]
+    hidden = g.tensors[fc.outputs[0]]
+    g.tensors["mid"] = Tensor("mid", hidden.shape, "int8", "act", hidden.scale, hidden.zero)
+    w2 = np.ones((3, hidden.shape[0]), np.int8)
+    g.tensors["fc2.w"] = Tensor("fc2.w", w2.shape, "int8", "weight", np.full(3, 0.01, np.float32), 0, w2)
+    g.tensors["fc2.b"] = Tensor("fc2.b", (3,), "int32", "bias", None, 0, np.zeros(3, np.int32))
+    g.tensors["out2"] = Tensor("out2", (3,), "int8", "act", 0.1, 0)
+    fc.outputs = ["mid"]
+    g.ops.append(Op("fc2", "linear", ["mid", "fc2.w", "fc2.b"], ["out2"], {}))
+    g.outputs = ["out2"]
+    with pytest.raises(MicrotrainError, match="fc.*op kind 'linear'"):
+        build_training_graph(g, resolve_scheme("full", g), 3)
+
+
+def test_predict_cli_on_an_imported_model(tmp_path, sample_images):
+    import json
+
+    from microtrain.data.datasets import resize_batch
+    from microtrain.data.images import load_image
+
+    net, buf = gray_odd()
+    p = tmp_path / "g.tflite"
+    p.write_bytes(buf)
+    r = subprocess.run([sys.executable, "-m", "microtrain", "predict", "--model", str(p), sample_images["coffee"],
+                        "--json"], capture_output=True, text=True, check=True)
+    top = json.loads(r.stdout)[0]["top5"]
+    g = load_model(p)
+    x = resize_batch(torch.from_numpy(load_image(sample_images["coffee"], 15)[None]), [1, 15, 11], crop=1.0)
+    want = int(Executor(g).logits(x).argmax())
+    assert int(top[0][0]) == want
