@@ -10,7 +10,7 @@ from microtrain.cli import main as cli_main
 from microtrain.codegen.project import toolchain
 from microtrain.commands.train import GRAPH
 from microtrain.compiler.memory import FLASH_BUDGET, SRAM_BUDGET, compile_memory
-from microtrain.data.datasets import open_dataset
+from microtrain.data.datasets import model_resolution, open_dataset
 from microtrain.errors import MicrotrainError
 from microtrain.frontends.zoo import load_model
 from microtrain.outputs import check_output_dir
@@ -81,7 +81,7 @@ def run(args: argparse.Namespace) -> int:
     graph = build_training_graph(model, scheme, train_ds.num_classes, cfg)
     graph.save(run_dir / GRAPH)
     step = PrefixCache(GraphTrainStep(graph))
-    res = model.tensors[model.inputs[0]].shape[1]
+    res = model_resolution(model)
     before = evaluate(step, test_ds, resolution=res, eval_crop=1.0)
     print(f"== 2. fine-tune on {len(train_ds)} {train_ds.name} images ({args.epochs} epochs, int8 graph, QAS)")
     m = fit(step, train_ds, test_ds, epochs=args.epochs, lr=args.lr, batch_size=32, warmup_epochs=0.5,

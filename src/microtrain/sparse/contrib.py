@@ -40,7 +40,7 @@ import torch
 from tqdm import tqdm
 
 from microtrain.autodiff.build import TrainConfig, build_training_graph
-from microtrain.data.datasets import ImageDataset, open_dataset, resize_batch
+from microtrain.data.datasets import ImageDataset, model_resolution, open_dataset, resize_batch
 from microtrain.errors import MicrotrainError
 from microtrain.frontends.zoo import ZOO_MODELS, load_model
 from microtrain.ir.graph import Graph
@@ -292,7 +292,7 @@ def cut_schemes(graph: Graph, p: Protocol, trials: list[Trial]) -> dict[str, Sch
 def build_tables(graph: Graph, p: Protocol, trials: list[Trial], train_ds: ImageDataset, test_ds: ImageDataset,
                  out: Path, *, progress: bool = True, batch: int = 64) -> list[str]:
     """One forward pass over every image variant; writes the tables of `cut_schemes` that are missing in `out`."""
-    res = graph.tensors[graph.inputs[0]].shape[1]
+    res = model_resolution(graph)
     cuts: dict[str, tuple[list[str], list[str]]] = {}
     for name, s in cut_schemes(graph, p, trials).items():
         st = GraphTrainStep(build_training_graph(graph, s, train_ds.num_classes, TrainConfig(seed=p.seed)),
@@ -359,7 +359,7 @@ def _fit_trial(graph: Graph, scheme: Scheme, p: Protocol, train_ds: ImageDataset
         step.load_state_dict(head)
     table = usable_table(step, tables)
     wrapped: Any = TablePrefix(step, table) if table is not None else PrefixCache(step)
-    res = graph.tensors[graph.inputs[0]].shape[1]
+    res = model_resolution(graph)
     t0 = time.perf_counter()
     try:
         m = fit(wrapped, train_ds, test_ds, epochs=epochs, lr=lr, batch_size=p.batch_size,
