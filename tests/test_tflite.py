@@ -120,7 +120,7 @@ class Net:
         return self.w.finish([self.inp], [out])
 
 
-def mbv1_like(seed=0, hwc=(20, 28, 3), mean=False):
+def mbv1_like(seed=0, hwc=(20, 28, 3), mean=False, logits=False):
     """MobileNetV1/V2-style: stride-2 SAME stem (TF's asymmetric padding), depthwise separable blocks, a residual
     add, Keras ZeroPadding2D + VALID stride-2 depthwise, global pool, FC head, softmax."""
     n = Net(seed, hwc)
@@ -136,19 +136,19 @@ def mbv1_like(seed=0, hwc=(20, 28, 3), mean=False):
     n.conv(12, 3, 2, padding="VALID", depthwise=True)
     n.conv(16, 1, 1, act="RELU")
     n.pool(mean=mean)
-    return n, n.fc(5)
+    return n, n.fc(5, softmax=not logits)
 
 
-def gray_odd(seed=1, hwc=(15, 11, 1)):
+def gray_odd(seed=1, hwc=(15, 11, 1), logits=False):
     """Grayscale, odd non-square input, float in (QUANTIZE) and out (DEQUANTIZE), 5x5 stride-2 SAME (pads 1/2)."""
     n = Net(seed, hwc, float_in=True)
     n.conv(6, 3, 2, act="RELU")
     n.conv(10, 5, 2, act="RELU6")
     n.pool()
-    return n, n.fc(4, softmax=True, dequantize=True)
+    return n, n.fc(4, softmax=not logits, dequantize=not logits)
 
 
-def resnet_like(seed=2, hwc=(16, 12, 3)):
+def resnet_like(seed=2, hwc=(16, 12, 3), logits=False):
     """No depthwise: plain convs with residual adds (fused RELU on the add), MEAN pooling."""
     n = Net(seed, hwc)
     n.conv(8, 3, 2, act="RELU")
@@ -158,7 +158,7 @@ def resnet_like(seed=2, hwc=(16, 12, 3)):
     n.add(keep, ks, kz, act="RELU")
     n.conv(16, 3, 2, act="RELU6")
     n.pool(mean=True)
-    return n, n.fc(3)
+    return n, n.fc(3, softmax=not logits)
 
 
 FIXTURES = {"mbv1": mbv1_like, "gray_odd": gray_odd, "resnet": resnet_like}
@@ -232,6 +232,31 @@ def test_whole_model_logits_and_top1(model):
     refs = np.stack(refs)
     np.testing.assert_array_equal(ours, refs)
     assert (ours.argmax(1) == refs.argmax(1)).all() and len(np.unique(refs)) > 20
+
+
+@pytest.mark.parametrize("name", sorted(FIXTURES))
+def test_logits_equal_tflite_micro_on_real_images(name, tmp_path):
+    """The second oracle, TensorFlow Lite Micro's own interpreter (`tflite-micro`): the models ending at their
+    int8 logits give the same logits, bit for bit, on real images (TFLM's FULLY_CONNECTED rounds twice, as
+    ir/ops.py states; LiteRT's rounds once, so LiteRT can differ by one step on a near-tie)."""
+    tflm = pytest.importorskip("tflite_micro.python.tflite_micro.runtime")
+    net, buf = FIXTURES[name](logits=True)
+    p = tmp_path / f"{name}.tflite"
+    p.write_bytes(buf)
+    g = load_model(p)
+    x, _ = model_images(g, 60, seed=7)
+    ours = Executor(g).run(torch.from_numpy(x))[g.outputs[0]].numpy()
+    it = tflm.Interpreter.from_bytes(buf, arena_size=1 << 20)
+    ref = []
+    for img in x:
+        xin = img.transpose(1, 2, 0)[None]
+        if it.get_input_details(0)["dtype"] == np.float32:  # QUANTIZE at the input, scale 1/255, zero -128
+            xin = ((xin.astype(np.float32) + 128) * np.float32(1 / 255)).astype(np.float32)
+        it.set_input(xin, 0)
+        it.invoke()
+        ref.append(it.get_output(0).reshape(-1))
+    np.testing.assert_array_equal(ours, np.stack(ref))
+    assert len(np.unique(ours)) > 20
 
 
 def test_shapes_quantization_and_padding_come_from_the_file(tmp_path):
