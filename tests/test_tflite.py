@@ -503,3 +503,27 @@ def test_predict_cli_on_an_imported_model(tmp_path, sample_images):
     x = resize_batch(torch.from_numpy(load_image(sample_images["coffee"], 15)[None]), [1, 15, 11], crop=1.0)
     want = int(Executor(g).logits(x).argmax())
     assert int(top[0][0]) == want
+
+
+@pytest.mark.parametrize("index,grid", [(1, 2), (2, 3)])
+def test_patch_stage_of_an_imported_graph(index, grid, tmp_path):
+    """The frozen early stage run tile by tile (TF's asymmetric padding at the tiles' borders, the fixed-point
+    kernels): the torch tiled executor equals the whole-tensor one, and the C program equals the torch engine."""
+    from microtrain.autodiff.build import build_training_graph
+    from microtrain.compiler.memory import frozen_forward_ops
+    from microtrain.compiler.patch import candidate_stages, make_stage
+    from microtrain.runtime.executor import run_stage_tiled
+    from microtrain.sparse.scheme import resolve_scheme
+    from test_codegen import check, forced_stage, run_parity
+
+    g = imported("mbv1", tmp_path)
+    x, y = model_images(g, 14)
+    tg = build_training_graph(g, resolve_scheme("last:2", g), 3)
+    ops, output = candidate_stages(tg, frozen_forward_ops(tg))[index]
+    assert any("pad_bottom" in o.attrs for o in ops)  # the stem's asymmetric padding is inside every stage
+    stage = make_stage(tg, ops, output, grid)
+    whole = Executor(g).run(torch.from_numpy(x[:4]), keep_all=True)[output]
+    assert torch.equal(run_stage_tiled(g, stage, torch.from_numpy(x[:4])), whole)
+    sched, plan = forced_stage(tg, index, grid)
+    out = tmp_path / "c"
+    check(*run_parity(sched, plan, out, x[:10], y[:10], 0.05, x[10:]), out, sched)
