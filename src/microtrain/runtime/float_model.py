@@ -8,13 +8,17 @@ what "PyTorch fp32 full fine-tuning" means in our benchmarks: the same function,
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from microtrain.ir.graph import Graph
+from microtrain.ir.ops import conv_pads
 
 
-def _real_range(t) -> tuple[float, float]:
-    return float((-128 - t.zero) * t.scale), float((127 - t.zero) * t.scale)
+def _real_range(t, attrs: dict | None = None) -> tuple[float, float]:
+    """The real interval an int8 tensor covers (within a fused activation's clamp act_min/act_max, if any)."""
+    lo, hi = (attrs or {}).get("act_min", -128), (attrs or {}).get("act_max", 127)
+    return float((lo - t.zero) * t.scale), float((hi - t.zero) * t.scale)
 
 
 class FloatNet(nn.Module):
@@ -26,7 +30,9 @@ class FloatNet(nn.Module):
             if op.kind != "conv2d":
                 continue
             x, w, b = (g.tensors[n] for n in op.inputs)
-            conv = nn.Conv2d(x.shape[0], w.shape[0], w.shape[2], op.attrs["stride"], op.attrs["padding"],
+            t, b_, left, r = conv_pads(op.attrs)
+            sym = (t, left) == (b_, r) and t == left  # else the input is padded explicitly in forward
+            conv = nn.Conv2d(x.shape[0], w.shape[0], w.shape[2], op.attrs["stride"], t if sym else 0,
                              groups=op.attrs["groups"])
             with torch.no_grad():
                 conv.weight.copy_(torch.from_numpy(w.data.astype("float32") * w.scale[:, None, None, None]))
@@ -45,7 +51,11 @@ class FloatNet(nn.Module):
         for op in g.ops[:-1]:
             y = g.tensors[op.outputs[0]]
             if op.kind == "conv2d":
-                v = self.convs[op.name.replace(".", "_")](env[op.inputs[0]])
+                t, b, left, r = conv_pads(op.attrs)
+                xin = env[op.inputs[0]]
+                if not ((t, left) == (b, r) and t == left):
+                    xin = F.pad(xin, (left, r, t, b))
+                v = self.convs[op.name.replace(".", "_")](xin)
             elif op.kind == "add":
                 v = env[op.inputs[0]] + env[op.inputs[1]]
             elif op.kind == "avgpool":
@@ -53,5 +63,5 @@ class FloatNet(nn.Module):
                 continue
             else:
                 raise NotImplementedError(op.kind)
-            env[op.outputs[0]] = torch.clamp(v, *_real_range(y))
+            env[op.outputs[0]] = torch.clamp(v, *_real_range(y, op.attrs))
         return self.head(env[g.ops[-1].inputs[0]])
