@@ -527,3 +527,32 @@ def test_patch_stage_of_an_imported_graph(index, grid, tmp_path):
     sched, plan = forced_stage(tg, index, grid)
     out = tmp_path / "c"
     check(*run_parity(sched, plan, out, x[:10], y[:10], 0.05, x[10:]), out, sched)
+
+
+def test_zoo_model_exported_to_tflite_runs_like_tflite_micro(tmp_path):
+    """A real pretrained network: mcunet-5fps written as .tflite (frontends/tflite_write.py graph_to_tflite: PAD +
+    VALID where TF's SAME would pad otherwise) and imported back computes TFLM's logits bit for bit on real images,
+    and LiteRT's top-1."""
+    tflm = pytest.importorskip("tflite_micro.python.tflite_micro.runtime")
+    from microtrain.data.samples import real_images
+    from microtrain.frontends.tflite_write import graph_to_tflite
+
+    g = load_model("mcunet-5fps")
+    buf = graph_to_tflite(g)
+    p = tmp_path / "mcunet.tflite"
+    p.write_bytes(buf)
+    gi = load_model(p)
+    assert gi.requant == quant.Requant.TFLITE and len(gi.ops) == len(g.ops)
+    x, _, _ = real_images(8, g.tensors[g.inputs[0]].shape[1], seed=11)
+    ours = Executor(gi).run(torch.from_numpy(x))[gi.outputs[0]].numpy()
+    it = tflm.Interpreter.from_bytes(buf, arena_size=4 << 20)
+    lite = interpreter(p)
+    ref, lref = [], []
+    for img in x:
+        it.set_input(img.transpose(1, 2, 0)[None], 0)
+        it.invoke()
+        ref.append(it.get_output(0).reshape(-1))
+        feed(lite, img)
+        lref.append(lite.get_tensor(lite.get_output_details()[0]["index"]).reshape(-1))
+    np.testing.assert_array_equal(ours, np.stack(ref))
+    assert (ours.argmax(1) == np.stack(lref).argmax(1)).all()

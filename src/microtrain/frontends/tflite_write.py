@@ -181,3 +181,74 @@ def _options(b: flatbuffers.Builder, kind: str, o: dict[str, Any]) -> tuple[int,
         tflite.PadOptionsStart(b)
         return bo.PadOptions, tflite.PadOptionsEnd(b)
     return 0, None
+
+
+def graph_to_tflite(g) -> bytes:
+    """A forward int8 graph (conv2d, add, global avgpool, an int8 linear head) as a TFLite flatbuffer: the same
+    weights and quantization parameters, NHWC. A padding TF's SAME does not reproduce becomes PAD + VALID. The file
+    computes under TFLite's fixed-point rule whatever rule `g` has (a zoo model's float32-multiplier rounding differs
+    from it by at most one step per requantization)."""
+    from microtrain.frontends.tflite import _same_pads
+    from microtrain.ir.ops import conv_pads
+
+    w = TFLiteWriter()
+    idx: dict[str, int] = {}
+
+    def act(name: str) -> int:
+        t = g.tensors[name]
+        shape = (1, t.shape[1], t.shape[2], t.shape[0]) if len(t.shape) == 3 else (1, *t.shape)
+        idx[name] = w.tensor(shape, np.int8, scale=float(t.scale), zero=int(t.zero))
+        return idx[name]
+
+    act(g.inputs[0])
+    for op in g.ops:
+        a = op.attrs
+        opts = {k: v for k, v in (("act_min", a.get("act_min")), ("act_max", a.get("act_max"))) if v is not None}
+        if opts:
+            raise ValueError(f"{op.name}: act_min/act_max have no TFLite fused-activation spelling here")
+        if op.kind == "conv2d":
+            xt, wt, bt, yt = (g.tensors[n] for n in (*op.inputs, op.outputs[0]))
+            if len(op.inputs) != 3:
+                raise ValueError(f"{op.name}: a training graph's split weight cannot be exported")
+            dw = a["groups"] > 1
+            if dw and not a["groups"] == xt.shape[0] == wt.shape[0]:
+                raise ValueError(f"{op.name}: grouped convolution")
+            wdata = wt.data.transpose(1, 2, 3, 0) if dw else wt.data.transpose(0, 2, 3, 1)
+            wi = w.tensor(wdata.shape, np.int8, scale=wt.scale, zero=0, data=wdata, axis=3 if dw else 0)
+            bi = w.tensor(bt.shape, np.int32, scale=(np.float64(xt.scale) * wt.scale).astype(np.float32), zero=0,
+                          data=bt.data)
+            k, s = wt.shape[2], a["stride"]
+            t, b, left, r = conv_pads(a)
+            h, wd = xt.shape[1:]
+
+            x_in = idx[op.inputs[0]]
+            if t == b == left == r == 0:
+                padding = "VALID"
+            elif (*_same_pads(h, k, s), *_same_pads(wd, k, s)) == (t, b, left, r):
+                padding = "SAME"
+            else:
+                pads = w.tensor((4, 2), np.int32, data=np.array([[0, 0], [t, b], [left, r], [0, 0]]))
+                x_pad = w.tensor((1, h + t + b, wd + left + r, xt.shape[0]), np.int8, scale=float(xt.scale),
+                                 zero=int(xt.zero))
+                w.op("PAD", [x_in, pads], [x_pad])
+                x_in, padding = x_pad, "VALID"
+            w.op("DEPTHWISE_CONV_2D" if dw else "CONV_2D", [x_in, wi, bi], [act(op.outputs[0])], stride=s,
+                 padding=padding)
+        elif op.kind == "add":
+            w.op("ADD", [idx[n] for n in op.inputs], [act(op.outputs[0])])
+        elif op.kind == "avgpool":
+            xt, yt = g.tensors[op.inputs[0]], g.tensors[op.outputs[0]]
+            c, h, wd = xt.shape
+            y4 = w.tensor((1, 1, 1, c), np.int8, scale=float(yt.scale), zero=int(yt.zero))
+            w.op("AVERAGE_POOL_2D", [idx[op.inputs[0]]], [y4], filter=(h, wd), padding="VALID", stride=1)
+            sh = w.tensor((2,), np.int32, data=np.array([1, c]))
+            w.op("RESHAPE", [y4, sh], [act(op.outputs[0])])
+        elif op.kind == "linear" and g.tensors[op.inputs[1]].dtype == "int8":
+            xt, wt, bt = (g.tensors[n] for n in op.inputs)
+            wi = w.tensor(wt.shape, np.int8, scale=wt.scale, zero=0, data=wt.data)
+            bi = w.tensor(bt.shape, np.int32, scale=(np.float64(xt.scale) * wt.scale).astype(np.float32), zero=0,
+                          data=bt.data)
+            w.op("FULLY_CONNECTED", [idx[op.inputs[0]], wi, bi], [act(op.outputs[0])])
+        else:
+            raise ValueError(f"{op.name}: op {op.kind} has no TFLite export")
+    return w.finish([idx[g.inputs[0]]], [idx[g.outputs[0]]])
