@@ -188,7 +188,7 @@ def run(args: argparse.Namespace) -> int:
                   extra=extra)
     if args.lr_sweep:
         if args.workers > 1 or args.ray:
-            from microtrain.runtime.sweeps import parallel_sweep, step_spec
+            from microtrain.commands.sweeps import parallel_sweep, step_spec
 
             if args.engine != "torch":
                 raise MicrotrainError("--workers / --ray sweeps run the torch engine (drop --engine device)")
