@@ -7,6 +7,9 @@ through microtrain's torch executor, through TensorFlow Lite Micro's interpreter
 ending at their logits), and through LiteRT twice: its reference kernels (OpResolverType.BUILTIN_REF) and its default
 resolver (optimized kernels + XNNPACK). Reported per model and interpreter: logits exactly equal (fraction of
 elements), largest difference in output quantization steps, and top-1 agreement.
+Also the three zoo models written as .tflite (frontends/tflite_write.py graph_to_tflite) and imported back: a real
+pretrained network under TFLite's rule, on --zoo-images CIFAR-10 images, against the same interpreters and against
+the zoo graph's own float32-multiplier rule (how much the requantization rule alone changes).
 Writes benchmarks/results/tflite_agreement.json.
 Run: `python benchmarks/tflite_agreement.py [--images 200]`.
 """
@@ -25,13 +28,56 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
-from microtrain.frontends.zoo import load_model  # noqa: E402
+from microtrain.frontends.zoo import ZOO_MODELS, load_model  # noqa: E402
 from microtrain.runtime.executor import Executor  # noqa: E402
+
+
+def agreement(ref: np.ndarray, ours: np.ndarray) -> dict:
+    ref, ours = ref.astype(np.int32), ours.astype(np.int32)
+    return {"logits_equal": float((ref == ours).mean()), "max_step_difference": int(np.abs(ref - ours).max()),
+            "top1_agreement": float((ref.argmax(1) == ours.argmax(1)).mean())}
+
+
+def zoo_round_trip(name: str, d: Path, n: int) -> dict:
+    from ai_edge_litert.interpreter import Interpreter, OpResolverType
+    from tflite_micro.python.tflite_micro import runtime
+
+    from microtrain.data.samples import real_images
+    from microtrain.frontends.tflite_write import graph_to_tflite
+
+    g = load_model(name)
+    buf = graph_to_tflite(g)
+    path = d / f"{name}.tflite"
+    path.write_bytes(buf)
+    gi = load_model(path)
+    x, _, source = real_images(n, g.tensors[g.inputs[0]].shape[1], seed=11)
+    ours = Executor(gi).run(torch.from_numpy(x))[gi.outputs[0]].numpy()
+    row = {"images": source, "zoo_float32_rule": agreement(Executor(g).run(torch.from_numpy(x))[g.outputs[0]].numpy(),
+                                                           ours)}
+    for label, kw in (("reference", {"experimental_op_resolver_type": OpResolverType.BUILTIN_REF}), ("default", {})):
+        it = Interpreter(model_path=str(path), **kw)
+        it.allocate_tensors()
+        inp, out = it.get_input_details()[0]["index"], it.get_output_details()[0]["index"]
+        ref = []
+        for img in x:
+            it.set_tensor(inp, img.transpose(1, 2, 0)[None])
+            it.invoke()
+            ref.append(it.get_tensor(out).reshape(-1))
+        row[label] = agreement(np.stack(ref), ours)
+    it = runtime.Interpreter.from_bytes(buf, arena_size=4 << 20)
+    ref = []
+    for img in x:
+        it.set_input(img.transpose(1, 2, 0)[None], 0)
+        it.invoke()
+        ref.append(it.get_output(0).reshape(-1))
+    row["tflm"] = agreement(np.stack(ref), ours)
+    return row
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--images", type=int, default=200)
+    ap.add_argument("--zoo-images", type=int, default=100)
     args = ap.parse_args()
     from ai_edge_litert.interpreter import Interpreter, OpResolverType
 
@@ -77,10 +123,16 @@ def main() -> None:
                            "top1_agreement": float((ref.argmax(1) == ours.argmax(1)).mean())}
             results[name] = {"input": list(g.tensors[g.inputs[0]].shape), **row}
             print(name, json.dumps(row))
+    zoo = {}
+    with tempfile.TemporaryDirectory() as d:
+        for name in ZOO_MODELS:
+            zoo[name] = zoo_round_trip(name, Path(d), args.zoo_images)
+            print(name, json.dumps(zoo[name]))
     out = Path(__file__).parent / "results" / "tflite_agreement.json"
     out.write_text(json.dumps({"command": "python benchmarks/tflite_agreement.py " + " ".join(sys.argv[1:]),
                                "date": datetime.date.today().isoformat(), "images": args.images,
-                               "models": results}, indent=1) + "\n")
+                               "models": results, "zoo_images": args.zoo_images, "zoo_round_trip": zoo},
+                              indent=1) + "\n")
     print(f"wrote {out}")
 
 
