@@ -7,7 +7,8 @@
  * int16 pairs (channels c, c + 2 and c + 1, c + 3 of each group of four, four pixels each: the layout SMLAD wants
  * against sign-extended weight pairs), then every output channel's four accumulators run over the staged block.
  * Up to PW_CB channels are staged at once; a wider input is staged in chunks for blocks of PW_OB output channels
- * (accumulators in `acc`). Integer sums: exact in any order. */
+ * (accumulators in `acc`). A staged part of n channels takes 8 * (n / 4) + 4 * (n % 4) words. Integer sums: exact
+ * in any order. */
 #define PW_CB 128  /* channels staged at once: 4 pixels x PW_CB x int16 = 1 KB of stack */
 #define PW_OB 32
 
@@ -94,6 +95,10 @@ static inline void pw_dot(const uint32_t *st, const int8_t *w, int32_t n, int32_
 static inline void pw_out(const int32_t *a, int32_t np, float m, int32_t y_zero, int8_t *y, uint8_t *mask,
                           int32_t i) {
   uint32_t bits = 0, in;
+  if (!mask) {  /* no mask bits to compute */
+    for (int32_t q = 0; q < np; q++) y[q] = (int8_t)mt_ssat(mt_ssat(mt_rint_i32((float)a[q] * m), 17) + y_zero, 8);
+    return;
+  }
   for (int32_t q = 0; q < np; q++) {
     y[q] = mt_requant(a[q], m, y_zero, &in);
     bits |= in << q;
@@ -106,7 +111,7 @@ static void pointwise(const int8_t *x, mt_dims xd, const mt_conv *p, int8_t *y, 
   const int8_t *wt = p->w.w_train, *wf = p->w.w_frozen;
   const int compact = xd.cs == xd.h * xd.w && xd.rs == xd.w && yd.cs == yd.h * yd.w && yd.rs == yd.w;
   const int32_t runs = compact ? 1 : yd.h, len = compact ? yd.h * yd.w : yd.w, hw = yd.h * yd.w;
-  uint32_t st[PW_CB * 2];
+  uint32_t st[PW_CB * 2 + 16];  /* two parts of up to three remaining channels take four words each */
   int32_t acc[PW_OB * 4];
   for (int32_t r = 0; r < runs; r++) {
     const int8_t *xr = x + r * xd.rs;
@@ -116,12 +121,12 @@ static void pointwise(const int8_t *x, mt_dims xd, const mt_conv *p, int8_t *y, 
       const int32_t mi = r * yd.w + q0;  /* mask index of the block's first pixel in channel 0 */
       if (cin <= PW_CB) {  /* both weight parts staged at once, then every output channel */
         pw_stage(xr + q0, cs, ch, np, z, st);
-        pw_stage(xr + ch * cs + q0, cs, cf, np, z, st + 2 * ch);
+        pw_stage(xr + ch * cs + q0, cs, cf, np, z, st + 8 * (ch / 4) + 4 * (ch % 4));
         for (int32_t o = 0; o < yd.c; o++) {
           int32_t a[4];
           a[0] = a[1] = a[2] = a[3] = p->bias[o];
           if (ch) pw_dot(st, wt + o * ch, ch, a);
-          if (cf) pw_dot(st + 2 * ch, wf + o * cf, cf, a);
+          if (cf) pw_dot(st + 8 * (ch / 4) + 4 * (ch % 4), wf + o * cf, cf, a);
           pw_out(a, np, p->mult[o], p->y_zero, yq + o * yd.cs, mask, o * hw + mi);
         }
         continue;
@@ -147,8 +152,8 @@ static void pointwise(const int8_t *x, mt_dims xd, const mt_conv *p, int8_t *y, 
  * segment reads are staged as (x - x.zero) in int16 with the padding as zeros, so that every output column runs the
  * same loop: per staged row, pairs of taps (j, j + 1) through SMLAD against the weight pairs (w[j], w[j + 1]) (a
  * zero weight past the kernel's last column). Four output columns at a time. Integer sums: exact in any order. */
-#define RS_STAGE 768  /* int16 staged elements (1.5 KB of stack) */
-#define RS_WP 64      /* weight pairs of one output channel */
+#define RS_STAGE 640  /* int16 staged elements (1.25 KB of stack) */
+#define RS_WP 288     /* weight pairs: every output channel's when they fit (a stem), else one channel's */
 
 MT_INLINE void rows_block(const int16_t *sr, int32_t wst, int32_t nrows, const uint32_t *wp, int32_t K, int32_t S,
                           int32_t *a) {
@@ -165,18 +170,34 @@ MT_INLINE void rows_block(const int16_t *sr, int32_t wst, int32_t nrows, const u
   a[0] = a0, a[1] = a1, a[2] = a2, a[3] = a3;
 }
 
+/* Output channel o's weight pairs (w[c][i][j], w[c][i][j + 1]) (0 past the last column) into wp[cin * k * kp]. */
+static void rs_weights(const mt_conv *p, int32_t cin, int32_t o, uint32_t *wp) {
+  const int32_t k = p->w.k, ch = p->w.ch, kp = (k + 1) / 2;
+  for (int32_t c = 0; c < cin; c++) {
+    const int8_t *w = c < ch ? p->w.w_train + (o * ch + c) * k * k : p->w.w_frozen + (o * (cin - ch) + c - ch) * k * k;
+    for (int32_t i = 0; i < k; i++)
+      for (int32_t j = 0; j < kp; j++) {
+        const int32_t lo = w[i * k + 2 * j], hi = 2 * j + 1 < k ? w[i * k + 2 * j + 1] : 0;
+        wp[(c * k + i) * kp + j] = (uint32_t)(uint16_t)lo | (uint32_t)hi << 16;
+      }
+  }
+}
+
 /* Returns 0 (nothing done) when the conv does not fit the staging buffers. */
 static int rows_staged(const int8_t *x, mt_dims xd, const mt_conv *p, int8_t *y, mt_dims yd, uint8_t *mask) {
-  const int32_t k = p->w.k, ch = p->w.ch, cin = xd.c, s = p->stride, z = p->x_zero, kp = (k + 1) / 2;
+  const int32_t k = p->w.k, cin = xd.c, s = p->stride, z = p->x_zero, kp = (k + 1) / 2;
   const int32_t nrows = cin * k;
-  if (nrows * kp > RS_WP) return 0;
+  if (nrows * kp > RS_WP) return 0;  /* not even one output channel's */
   int32_t seg = yd.w;  /* output columns per segment: the staged rows hold (seg - 1) * s + k + 1 columns, even */
   if (seg % 4) seg += 4 - seg % 4;  /* staged columns for whole blocks of four (the extra ones read, not stored) */
   while (seg > 4 && nrows * (((seg - 1) * s + k + 2) & ~1) > RS_STAGE) seg = (seg / 2 + 3) / 4 * 4;
   const int32_t wmax = ((seg - 1) * s + k + 2) & ~1;
   if (nrows * wmax > RS_STAGE) return 0;
   int16_t sbuf[RS_STAGE];
-  uint32_t wp[RS_WP];
+  uint32_t wpall[RS_WP];  /* every output channel's weight pairs when they fit, else one channel's */
+  const int all = yd.c * nrows * kp <= RS_WP;
+  if (all)
+    for (int32_t o = 0; o < yd.c; o++) rs_weights(p, cin, o, wpall + o * nrows * kp);
   for (int32_t oy = 0; oy < yd.h; oy++) {
     const int32_t y0 = oy * s - p->pad_top;
     for (int32_t q0 = 0; q0 < yd.w; q0 += seg) {
@@ -190,21 +211,11 @@ static int rows_staged(const int8_t *x, mt_dims xd, const mt_conv *p, int8_t *y,
             for (int32_t j = 0; j < wst; j++) d[j] = 0;
             continue;
           }
-          const int8_t *xr = x + c * xd.cs + yy * xd.rs;
-          for (int32_t j = 0; j < wst; j++) {
-            const int32_t xx = x0 + j;
-            d[j] = (int16_t)(xx >= 0 && xx < xd.w ? xr[xx] - z : 0);
-          }
+          mt_stage_row_i16(x + c * xd.cs + yy * xd.rs, xd.w, -x0, z, d, wst);
         }
       for (int32_t o = 0; o < yd.c; o++) {
-        for (int32_t c = 0; c < cin; c++) {
-          const int8_t *w = c < ch ? p->w.w_train + (o * ch + c) * k * k : p->w.w_frozen + (o * (cin - ch) + c - ch) * k * k;
-          for (int32_t i = 0; i < k; i++)
-            for (int32_t j = 0; j < kp; j++) {
-              const int32_t lo = w[i * k + 2 * j], hi = 2 * j + 1 < k ? w[i * k + 2 * j + 1] : 0;
-              wp[(c * k + i) * kp + j] = (uint32_t)(uint16_t)lo | (uint32_t)hi << 16;
-            }
-        }
+        const uint32_t *wp = all ? wpall + o * nrows * kp : wpall;
+        if (!all) rs_weights(p, cin, o, wpall);
         int8_t *yr = y + o * yd.cs + oy * yd.rs + q0;
         const int32_t mi = (o * yd.h + oy) * yd.w + q0;
         for (int32_t q = 0; q < n; q += 4) {

@@ -16,6 +16,16 @@ MT_INLINE float grad(const float *gacc, const int8_t *gq, int32_t o, int32_t i) 
 
 #define PW_BLOCK 16
 
+/* The Cortex-M4 build: the next MT_LOAD8 from p (into s24-s31) only after the eight chains a[0..7] took the last
+ * load's values (else the compiler hoists it and copies those values away first). No code. */
+#if MT_DSP
+#define AFTER8(a, p)                                                                                           \
+  __asm__ volatile("" : "+t"((a)[0]), "+t"((a)[1]), "+t"((a)[2]), "+t"((a)[3]), "+t"((a)[4]), "+t"((a)[5]),     \
+                   "+t"((a)[6]), "+t"((a)[7]), "+r"(p))
+#else
+#define AFTER8(a, p) ((void)0)
+#endif
+
 /* Pointwise, float32 gacc: pixels [p0, p0 + 16) of input channel c, out[p] = chain_o fma(gacc[o, p], w[o, c]):
  * sixteen chains held in registers, gacc loaded eight at a time (VLDM), the weight converted once per o. */
 static void pw_block16(const float *g, int32_t hw, const int8_t *w, int32_t wstride, int32_t n, float *acc) {
@@ -24,11 +34,13 @@ static void pw_block16(const float *g, int32_t hw, const int8_t *w, int32_t wstr
   for (int32_t q = 0; q < 16; q++) a[q] = acc[q];
   for (int32_t o = 0; o < n; o++, g += hw, w += wstride) {
     const float wv = (float)*w;
+    const float *g8 = g + 8;
     float v[8];
     MT_LOAD8(g, v);
     MT_UNROLL
     for (int32_t q = 0; q < 8; q++) a[q] = mt_fma(v[q], wv, a[q]);
-    MT_LOAD8(g + 8, v);
+    AFTER8(a, g8);
+    MT_LOAD8(g8, v);
     MT_UNROLL
     for (int32_t q = 0; q < 8; q++) a[8 + q] = mt_fma(v[q], wv, a[8 + q]);
   }

@@ -77,17 +77,86 @@ static void channel(const int8_t *x, mt_dims xd, const mt_conv *p, int32_t c, in
   }
 }
 
+/* The same channel through staged rows: each input row the taps reach is staged once, as (x - x.zero) in int16 with
+ * the padding as zeros, into a ring of k rows; then every output column runs the same loop, four at a time, tap
+ * pairs (j, j + 1) through SMLAD against the weight pairs (w[i][j], w[i][j + 1]) (a zero weight past the last
+ * column). Returns 0 (nothing done) when the ring does not fit. Integer sums: exact in any order. */
+#define DW_RING 512  /* int16 elements (1 KB of stack) */
+
+MT_INLINE void staged_row(const int16_t *const *rows, int32_t ow, const uint32_t *wp, int32_t K, int32_t S,
+                          int32_t *acc) {
+  const int32_t kp = (K + 1) / 2;
+  for (int32_t q = 0; q < ow; q += 4) {
+    int32_t a0 = 0, a1 = 0, a2 = 0, a3 = 0;
+    for (int32_t i = 0; i < K; i++) {
+      const int16_t *r = rows[i] + q * S;
+      for (int32_t j = 0; j < kp; j++) {
+        const uint32_t w2 = wp[i * kp + j];
+        uint32_t v0, v1, v2, v3;
+        __builtin_memcpy(&v0, r + 2 * j, 4), __builtin_memcpy(&v1, r + S + 2 * j, 4);
+        __builtin_memcpy(&v2, r + 2 * S + 2 * j, 4), __builtin_memcpy(&v3, r + 3 * S + 2 * j, 4);
+        a0 = mt_smlad(v0, w2, a0), a1 = mt_smlad(v1, w2, a1), a2 = mt_smlad(v2, w2, a2), a3 = mt_smlad(v3, w2, a3);
+      }
+    }
+    acc[q] = a0, acc[q + 1] = a1, acc[q + 2] = a2, acc[q + 3] = a3;
+  }
+}
+
+static int channel_staged(const int8_t *x, mt_dims xd, const mt_conv *p, int32_t c, int8_t *out, int32_t rs,
+                          uint8_t *mask, int32_t mask_base, int32_t oh, int32_t ow) {
+  const int32_t k = p->w.k, ch = p->w.ch, s = p->stride, z = p->x_zero, kp = (k + 1) / 2;
+  const int32_t ow4 = (ow + 3) / 4 * 4, wst = (((ow4 - 1) * s + k + 2) & ~1);
+  if (k > MT_DW_KMAX || ow > MT_ROW_MAX || k * wst > DW_RING) return 0;
+  const int8_t *w = c < ch ? p->w.w_train + c * k * k : p->w.w_frozen + (c - ch) * k * k;
+  const int8_t *xc = x + c * xd.cs;
+  int16_t ring[DW_RING];
+  uint32_t wp[MT_DW_KMAX * 4];
+  const int16_t *rows[MT_DW_KMAX];
+  int32_t acc[MT_ROW_MAX + 4];
+  for (int32_t i = 0; i < k; i++)
+    for (int32_t j = 0; j < kp; j++) {
+      const int32_t lo = w[i * k + 2 * j], hi = 2 * j + 1 < k ? w[i * k + 2 * j + 1] : 0;
+      wp[i * kp + j] = (uint32_t)(uint16_t)lo | (uint32_t)hi << 16;
+    }
+  int32_t next = -p->pad_top;  /* the next input row to stage (rows before it are in the ring) */
+  for (int32_t oy = 0; oy < oh; oy++) {
+    const int32_t y0 = oy * s - p->pad_top;
+    if (next < y0) next = y0;
+    for (; next < y0 + k; next++) {
+      int16_t *d = ring + ((next + p->pad_top) % k) * wst;
+      if (next < 0 || next >= xd.h) {
+        for (int32_t j = 0; j < wst; j++) d[j] = 0;
+      } else {
+        mt_stage_row_i16(xc + next * xd.rs, xd.w, p->pad_left, z, d, wst);
+      }
+    }
+    for (int32_t i = 0; i < k; i++) rows[i] = ring + ((y0 + i + p->pad_top) % k) * wst;
+    if (k == 3 && s == 1) staged_row(rows, ow, wp, 3, 1, acc);
+    else if (k == 3 && s == 2) staged_row(rows, ow, wp, 3, 2, acc);
+    else if (k == 5 && s == 1) staged_row(rows, ow, wp, 5, 1, acc);
+    else if (k == 5 && s == 2) staged_row(rows, ow, wp, 5, 2, acc);
+    else if (k == 7 && s == 1) staged_row(rows, ow, wp, 7, 1, acc);
+    else if (k == 7 && s == 2) staged_row(rows, ow, wp, 7, 2, acc);
+    else staged_row(rows, ow, wp, k, s, acc);
+    mt_requant_row(acc, ow, p->bias[c], p->mult[c], p->y_zero, out + oy * rs, mask, mask_base + oy * ow);
+  }
+  return 1;
+}
+
 void mt_depthwise_conv2d(const int8_t *x, mt_dims xd, const mt_conv *p, int8_t *y, mt_dims yd, uint8_t *mask,
                          int8_t *scratch) {
   const int32_t hw = yd.h * yd.w;
   if (!scratch) {
-    for (int32_t c = 0; c < yd.c; c++) channel(x, xd, p, c, y + c * yd.cs, yd.rs, mask, c * hw, yd.h, yd.w);
+    for (int32_t c = 0; c < yd.c; c++)
+      if (!channel_staged(x, xd, p, c, y + c * yd.cs, yd.rs, mask, c * hw, yd.h, yd.w))
+        channel(x, xd, p, c, y + c * yd.cs, yd.rs, mask, c * hw, yd.h, yd.w);
     return;
   }
   const int descending = yd.cs > xd.cs;
   for (int32_t n = 0; n < yd.c; n++) {
     const int32_t c = descending ? yd.c - 1 - n : n;
-    channel(x, xd, p, c, scratch, yd.w, mask, c * hw, yd.h, yd.w);
+    if (!channel_staged(x, xd, p, c, scratch, yd.w, mask, c * hw, yd.h, yd.w))
+      channel(x, xd, p, c, scratch, yd.w, mask, c * hw, yd.h, yd.w);
     for (int32_t oy = 0; oy < yd.h; oy++) memcpy(y + c * yd.cs + oy * yd.rs, scratch + oy * yd.w, (size_t)yd.w);
   }
 }

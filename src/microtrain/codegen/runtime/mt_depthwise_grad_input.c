@@ -31,6 +31,71 @@ MT_INLINE void channel(const float *g, const int8_t *q, float s, mt_dims gd, con
   }
 }
 
+/* The float32 channel through staged rows: each gacc row the taps reach is staged once, zero-padded left and right,
+ * into a ring, so that every gx column runs the same loop: four columns x0 + stride * t of one parity at a time,
+ * each its own chain over the same taps as above (i ascending, j ascending; a tap whose gacc column lies outside adds
+ * fma(0, w, acc), which leaves acc as it is: acc starts at +0 and never becomes -0). Returns 0 when the ring does
+ * not fit. */
+#define DG_RING 512  /* floats (2 KB of stack) */
+
+MT_INLINE void dg_block(const float *row, int32_t c0, const float *wr, int32_t jp, int32_t k, int32_t s, float *a) {
+  float a0 = a[0], a1 = a[1], a2 = a[2], a3 = a[3];
+  for (int32_t j = jp, c = c0; j < k; j += s, c--) {  /* gacc column of output t: c + t */
+    const float wv = wr[j];
+    a0 = mt_fma(row[c], wv, a0), a1 = mt_fma(row[c + 1], wv, a1);
+    a2 = mt_fma(row[c + 2], wv, a2), a3 = mt_fma(row[c + 3], wv, a3);
+  }
+  a[0] = a0, a[1] = a1, a[2] = a2, a[3] = a3;
+}
+
+static int channel_staged(const float *g, mt_dims gd, const int8_t *w, int32_t k, int32_t stride, int32_t pad,
+                          float *out, int32_t h, int32_t wd) {
+  const int32_t s = stride, pl = (k - 1 + s - 1) / s;  /* gacc column c lives at ring column c + pl */
+  const int32_t xb = (wd + 4 * s - 1) / (4 * s) * (4 * s);  /* gx columns computed (the extra ones not stored) */
+  int32_t pr = (xb - 1 + pad) / s - (gd.w - 1);
+  if (pr < 0) pr = 0;
+  const int32_t rw = pl + gd.w + pr, nr = (k + s - 1) / s + 1;  /* ring rows: the gacc rows one gx row reads */
+  if (k > MT_DW_KMAX || nr * rw > DG_RING || xb > MT_ROW_MAX + 8) return 0;
+  float ring[DG_RING], wf[MT_DW_KMAX * MT_DW_KMAX], o4[MT_ROW_MAX + 4 * 2];
+  int32_t tag[MT_DW_KMAX + 1];
+  for (int32_t t = 0; t < k * k; t++) wf[t] = (float)w[t];
+  for (int32_t t = 0; t < nr; t++) tag[t] = -1;
+  for (int32_t y = 0; y < h; y++) {
+    int32_t i0 = (y + pad) % stride, i_lo = y + pad - (gd.h - 1) * stride;
+    while (i0 < i_lo) i0 += stride;
+    const int32_t i1 = y + pad + 1 < k ? y + pad + 1 : k;
+    const float *rows[MT_DW_KMAX], *wrs[MT_DW_KMAX];
+    int32_t nv = 0;
+    for (int32_t i = i0; i < i1; i += stride, nv++) {  /* the valid taps' rows, i ascending, staged */
+      const int32_t r = (y + pad - i) / stride;
+      float *row = ring + (r % nr) * rw;
+      if (tag[r % nr] != r) {
+        tag[r % nr] = r;
+        const float *gr = g + r * gd.w;
+        for (int32_t c = 0; c < pl; c++) row[c] = 0.0f;
+        for (int32_t c = 0; c < gd.w; c++) row[pl + c] = gr[c];
+        for (int32_t c = 0; c < pr; c++) row[pl + gd.w + c] = 0.0f;
+      }
+      rows[nv] = row, wrs[nv] = wf + i * k;
+    }
+    for (int32_t xq = 0; xq < xb; xq += 4 * s)
+      for (int32_t par = 0; par < s; par++) {
+        const int32_t x0 = xq + par, jp = (x0 + pad) % s, c0 = pl + (x0 + pad - jp) / s;
+        float a[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+        for (int32_t v = 0; v < nv; v++) {
+          if (k == 3 && s == 1) dg_block(rows[v], c0, wrs[v], jp, 3, 1, a);
+          else if (k == 5 && s == 1) dg_block(rows[v], c0, wrs[v], jp, 5, 1, a);
+          else if (k == 7 && s == 1) dg_block(rows[v], c0, wrs[v], jp, 7, 1, a);
+          else if (k == 3 && s == 2) dg_block(rows[v], c0, wrs[v], jp, 3, 2, a);
+          else dg_block(rows[v], c0, wrs[v], jp, k, s, a);
+        }
+        for (int32_t t = 0; t < 4; t++) o4[x0 + s * t] = a[t];
+      }
+    for (int32_t x = 0; x < wd; x++) out[y * wd + x] = o4[x];
+  }
+  return 1;
+}
+
 static const int8_t *channel_weights(const mt_weights *w, int32_t c) {
   const int32_t kk = w->k * w->k;
   return c < w->ch ? w->w_train + c * kk : w->w_frozen + (c - w->ch) * kk;
@@ -43,7 +108,8 @@ void mt_depthwise_grad_input(const float *gacc, mt_dims gd, const mt_weights *w,
   for (int32_t n = 0; n < xd.c; n++) {
     const int32_t c = descending ? xd.c - 1 - n : n;
     float *out = scratch ? scratch : gx + c * hw;
-    channel(gacc + c * gd.cs, 0, 0.0f, gd, channel_weights(w, c), w->k, stride, pad, out, xd.h, xd.w);
+    if (!channel_staged(gacc + c * gd.cs, gd, channel_weights(w, c), w->k, stride, pad, out, xd.h, xd.w))
+      channel(gacc + c * gd.cs, 0, 0.0f, gd, channel_weights(w, c), w->k, stride, pad, out, xd.h, xd.w);
     if (scratch) memcpy(gx + c * hw, scratch, (size_t)hw * sizeof(float));
   }
 }
@@ -66,5 +132,6 @@ void mt_depthwise_grad_input_q8(const float *gacc, mt_dims gd, const mt_weights 
 /* Channel c alone (the channel-serial block backward): gacc channel g (float32), gx channel into out. */
 void mt_depthwise_grad_input_channel(const float *g, mt_dims gd, const mt_weights *w, int32_t c, int32_t stride,
                                      int32_t pad, float *out, mt_dims xd) {
-  channel(g, 0, 0.0f, gd, channel_weights(w, c), w->k, stride, pad, out, xd.h, xd.w);
+  if (!channel_staged(g, gd, channel_weights(w, c), w->k, stride, pad, out, xd.h, xd.w))
+    channel(g, 0, 0.0f, gd, channel_weights(w, c), w->k, stride, pad, out, xd.h, xd.w);
 }

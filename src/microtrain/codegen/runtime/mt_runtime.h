@@ -326,6 +326,23 @@ static inline uint32_t mt_ld32(const int8_t *p) {
   return v;
 }
 
+/* Input row xr (w columns) into d[0, n) as int16: d[j] = xr[j - pl] - z inside the row, 0 outside (pl may be
+ * negative: then d starts inside the row). */
+static inline void mt_stage_row_i16(const int8_t *xr, int32_t w, int32_t pl, int32_t z, int16_t *d, int32_t n) {
+  const uint32_t zz = (uint32_t)(uint16_t)(int16_t)z * 0x10001u;
+  int32_t j = 0;
+  for (; j < n && j < pl; j++) d[j] = 0;
+  const int32_t end = w + pl < n ? w + pl : n;  /* staged columns [j, end) lie inside the row */
+  for (; j + 4 <= end; j += 4) {
+    const uint32_t u = mt_ld32(xr + j - pl);
+    const uint32_t e = mt_ssub16(mt_sxtb16(u), zz), o = mt_ssub16(mt_sxtb16_r8(u), zz);
+    const uint32_t lo = mt_pkhbt(e, o), hi = mt_pkhtb(e, o);
+    __builtin_memcpy(d + j, &lo, 4), __builtin_memcpy(d + j + 2, &hi, 4);
+  }
+  for (; j < end; j++) d[j] = (int16_t)(xr[j - pl] - z);
+  for (; j < n; j++) d[j] = 0;
+}
+
 /* Requantize an int32 accumulator (bias included) with multiplier m: rint(float(acc) * m) + y_zero, clamped to int8;
  * *inside = the pre-clamp value lies in [-128, 127] (the mask bit). The same as clamp8(rint(v) + float(y_zero)). */
 static inline int8_t mt_requant(int32_t acc, float m, int32_t y_zero, uint32_t *inside) {
@@ -361,6 +378,13 @@ static inline int mt_mask_get(const uint8_t *mask, int32_t i) { return (mask[i >
 static inline void mt_requant_row(const int32_t *acc, int32_t n, int32_t bias, float mult, int32_t y_zero, int8_t *y,
                                   uint8_t *mask, int32_t i) {
   int32_t q = 0;
+  if (!mask) {  /* no mask bits to compute */
+    for (; q < n; q++) {
+      const int32_t r = mt_ssat(mt_rint_i32((float)(int32_t)((uint32_t)acc[q] + (uint32_t)bias) * mult), 17) + y_zero;
+      y[q] = (int8_t)mt_ssat(r, 8);
+    }
+    return;
+  }
   for (; q + 8 <= n; q += 8) {
     uint32_t bits = 0, in;
     for (int32_t b = 0; b < 8; b++) {
@@ -369,10 +393,14 @@ static inline void mt_requant_row(const int32_t *acc, int32_t n, int32_t bias, f
     }
     if (mask) mt_mask_put(mask, i + q, bits, 8);
   }
-  for (; q < n; q++) {
-    uint32_t in;
-    y[q] = mt_requant((int32_t)((uint32_t)acc[q] + (uint32_t)bias), mult, y_zero, &in);
-    if (mask) mt_mask_put(mask, i + q, in, 1);
+  if (q < n) {  /* the last n % 8: their bits in one mask write */
+    const int32_t q8 = q;
+    uint32_t bits = 0, in;
+    for (; q < n; q++) {
+      y[q] = mt_requant((int32_t)((uint32_t)acc[q] + (uint32_t)bias), mult, y_zero, &in);
+      bits |= in << (q - q8);
+    }
+    if (mask) mt_mask_put(mask, i + q8, bits, n - q8);
   }
 }
 
