@@ -556,3 +556,53 @@ def test_zoo_model_exported_to_tflite_runs_like_tflite_micro(tmp_path):
         lref.append(lite.get_tensor(lite.get_output_details()[0]["index"]).reshape(-1))
     np.testing.assert_array_equal(ours, np.stack(ref))
     assert (ours.argmax(1) == np.stack(lref).argmax(1)).all()
+
+
+def test_export_a_trained_run(tmp_path):
+    """train an imported model, `microtrain export` it: the .tflite runs in TFLM with exactly the logits microtrain
+    computes for it, its backbone is the run's (same rule, trained weights), and its top-1 follows the run's float32
+    head on most test images (the head is quantized to int8)."""
+    tflm = pytest.importorskip("tflite_micro.python.tflite_micro.runtime")
+    import json
+
+    from microtrain.commands.export import forward_graph
+    from microtrain.commands.train import GRAPH
+    from microtrain.data.datasets import batches, open_dataset
+    from microtrain.ir.graph import Graph
+    from microtrain.runtime.rundir import load_run_checkpoint
+    from microtrain.runtime.trainstep import GraphTrainStep
+
+    net, buf = mbv1_like()
+    src = tmp_path / "mbv1.tflite"
+    src.write_bytes(buf)
+    run = tmp_path / "run"
+    mt = [sys.executable, "-m", "microtrain"]
+    subprocess.run([*mt, "train", "--model", str(src), "--data", "fashion-mnist", "--subset", "300", "--test-subset",
+                    "50", "--epochs", "1", "--scheme", "last:3", "--augment", "none", "--lr", "0.05", "--out",
+                    str(run)], check=True, capture_output=True)
+    out = tmp_path / "ft.tflite"
+    r = subprocess.run([*mt, "export", str(run), "-o", str(out), "--calib", "60", "--json"], check=True,
+                       capture_output=True, text=True)
+    report = json.loads(r.stdout)
+    assert report["top1_agreement_with_run"] >= 0.9 and out.stat().st_size == report["bytes"]
+    tg = Graph.load(run / GRAPH)
+    state = load_run_checkpoint(run)
+    ds = open_dataset("fashion-mnist", "test", subset=60, progress=False)
+    xs = torch.cat([x for x, _ in batches(ds, 60, resolution=[3, 20, 28], eval_crop=0.875)])
+    g = load_model(out)
+    env = Executor(g).run(xs, keep_all=True)
+    pooled = tg.meta["train"]["pooled"]
+    step = GraphTrainStep(tg)
+    step.load_state_dict(state)
+    run_env = step.run(step.forward_ops, step._env(xs), train=False)
+    assert torch.equal(env[g.ops[-1].inputs[0]], run_env[pooled])  # the trained backbone, bit for bit
+    assert torch.equal(Executor(forward_graph(tg, state)).run(xs)[pooled], run_env[pooled])
+    it = tflm.Interpreter.from_bytes(out.read_bytes(), arena_size=1 << 20)
+    ref = []
+    for x in xs.numpy():
+        it.set_input(x.transpose(1, 2, 0)[None], 0)
+        it.invoke()
+        ref.append(it.get_output(0).reshape(-1))
+    ours = env[g.outputs[0]].numpy()
+    np.testing.assert_array_equal(ours, np.stack(ref))
+    assert len(np.unique(ours)) > 10  # (the random fixture's features hardly separate classes: see the benchmark)

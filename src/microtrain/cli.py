@@ -9,7 +9,7 @@ import sys
 
 from microtrain.errors import MicrotrainError
 
-COMMANDS = ["models", "predict", "train", "eval", "plan", "compile", "contrib", "search", "federate", "demo"]
+COMMANDS = ["models", "predict", "train", "eval", "export", "plan", "compile", "contrib", "search", "federate", "demo"]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -183,6 +183,22 @@ def _options(b: flatbuffers.Builder, kind: str, o: dict[str, Any]) -> tuple[int,
     return 0, None
 
 
+def fused_activation(g, op) -> str:
+    """The TFLite fused activation whose int8 clamp is the op's act_min / act_max (NONE when it has none)."""
+    from microtrain.frontends.tflite import _act_range
+
+    a = op.attrs
+    want = {k: a[k] for k in ("act_min", "act_max") if k in a}
+    if not want:
+        return "NONE"
+    y = g.tensors[op.outputs[0]]
+    for name in ("RELU", "RELU6", "RELU_N1_TO_1"):
+        if _act_range(ACT[name], float(y.scale), int(y.zero), op.name) == want:
+            return name
+    raise ValueError(f"{op.name}: the clamp [{a.get('act_min', -128)}, {a.get('act_max', 127)}] is no TFLite fused "
+                     "activation")
+
+
 def graph_to_tflite(g) -> bytes:
     """A forward int8 graph (conv2d, add, global avgpool, an int8 linear head) as a TFLite flatbuffer: the same
     weights and quantization parameters, NHWC. A padding TF's SAME does not reproduce becomes PAD + VALID. The file
@@ -203,9 +219,7 @@ def graph_to_tflite(g) -> bytes:
     act(g.inputs[0])
     for op in g.ops:
         a = op.attrs
-        opts = {k: v for k, v in (("act_min", a.get("act_min")), ("act_max", a.get("act_max"))) if v is not None}
-        if opts:
-            raise ValueError(f"{op.name}: act_min/act_max have no TFLite fused-activation spelling here")
+        fused = fused_activation(g, op)
         if op.kind == "conv2d":
             xt, wt, bt, yt = (g.tensors[n] for n in (*op.inputs, op.outputs[0]))
             if len(op.inputs) != 3:
@@ -233,14 +247,19 @@ def graph_to_tflite(g) -> bytes:
                 w.op("PAD", [x_in, pads], [x_pad])
                 x_in, padding = x_pad, "VALID"
             w.op("DEPTHWISE_CONV_2D" if dw else "CONV_2D", [x_in, wi, bi], [act(op.outputs[0])], stride=s,
-                 padding=padding)
+                 padding=padding, act=fused)
         elif op.kind == "add":
-            w.op("ADD", [idx[n] for n in op.inputs], [act(op.outputs[0])])
+            w.op("ADD", [idx[n] for n in op.inputs], [act(op.outputs[0])], act=fused)
         elif op.kind == "avgpool":
             xt, yt = g.tensors[op.inputs[0]], g.tensors[op.outputs[0]]
             c, h, wd = xt.shape
             y4 = w.tensor((1, 1, 1, c), np.int8, scale=float(yt.scale), zero=int(yt.zero))
-            w.op("AVERAGE_POOL_2D", [idx[op.inputs[0]]], [y4], filter=(h, wd), padding="VALID", stride=1)
+            if op.attrs.get("mean"):
+                axes = w.tensor((2,), np.int32, data=np.array([1, 2]))
+                w.op("MEAN", [idx[op.inputs[0]], axes], [y4], keep_dims=True)
+            else:
+                w.op("AVERAGE_POOL_2D", [idx[op.inputs[0]]], [y4], filter=(h, wd), padding="VALID", stride=1,
+                     act=fused)
             sh = w.tensor((2,), np.int32, data=np.array([1, c]))
             w.op("RESHAPE", [y4, sh], [act(op.outputs[0])])
         elif op.kind == "linear" and g.tensors[op.inputs[1]].dtype == "int8":
@@ -248,7 +267,7 @@ def graph_to_tflite(g) -> bytes:
             wi = w.tensor(wt.shape, np.int8, scale=wt.scale, zero=0, data=wt.data)
             bi = w.tensor(bt.shape, np.int32, scale=(np.float64(xt.scale) * wt.scale).astype(np.float32), zero=0,
                           data=bt.data)
-            w.op("FULLY_CONNECTED", [idx[op.inputs[0]], wi, bi], [act(op.outputs[0])])
+            w.op("FULLY_CONNECTED", [idx[op.inputs[0]], wi, bi], [act(op.outputs[0])], act=fused)
         else:
             raise ValueError(f"{op.name}: op {op.kind} has no TFLite export")
     return w.finish([idx[g.inputs[0]]], [idx[g.outputs[0]]])

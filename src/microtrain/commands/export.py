@@ -1,0 +1,137 @@
+"""`microtrain export`: a trained run as an int8 `.tflite` model (the fine-tuned weights and the new head).
+
+The run's forward graph gets its trained state (trainable slices joined to their frozen rest, trained biases); the
+float32 head becomes an int8 FULLY_CONNECTED layer: per-class weight scales max|w| / 127, int32 biases in units of
+pooled.scale * w.scale, and an output scale calibrated on --calib test images (the largest |logit| / 127). Under the
+TFLite rule (a model imported from .tflite) the backbone computes exactly what the run computes; a zoo model's
+backbone changes rounding rule (ir/ops.py). The command reports how often the exported model's top-1 equals the
+run's (the float32 head) on the calibration images.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from microtrain.commands.train import GRAPH
+from microtrain.data.datasets import batches, open_dataset
+from microtrain.errors import MicrotrainError
+from microtrain.frontends.tflite_write import graph_to_tflite
+from microtrain.ir.graph import Graph, Op, Tensor
+from microtrain.runtime.executor import Executor
+from microtrain.runtime.rundir import load_run_checkpoint, read_metrics
+from microtrain.runtime.trainstep import GraphTrainStep
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("export", help="write a trained run as an int8 .tflite model",
+                       description="The run's fine-tuned weights and new head as an int8 TensorFlow Lite model "
+                                   "(the head quantized per class, its output scale calibrated on test images).")
+    p.add_argument("run_dir", metavar="RUN_DIR")
+    p.add_argument("-o", "--out", required=True, help="the .tflite file to write")
+    p.add_argument("--calib", type=int, default=200, help="test images that calibrate the logits' scale")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(run=run)
+
+
+def forward_graph(tg: Graph, state: dict[str, np.ndarray]) -> Graph:
+    """The forward int8 graph of training graph `tg` with `state` applied, ending in an int8 classifier."""
+    def value(name: str) -> np.ndarray:
+        a = state.get(name, tg.tensors[name].data)
+        if tg.tensors[name].dtype == "float32" and name.endswith("w_train"):  # --update-storage fp32 shadow
+            a = np.clip(np.round(a), -128, 127)
+        return np.asarray(a)
+
+    g = Graph(name=tg.name.split(":")[0], inputs=tg.inputs[:1], meta={k: v for k, v in tg.meta.items()
+                                                                      if k == "requant"})
+    g.add_tensor(Tensor(**{**tg.tensors[tg.inputs[0]].__dict__}))
+    pooled = tg.meta["train"]["pooled"]
+    for op in tg.ops:
+        if op.attrs.get("phase") != "forward" or op.kind in ("slice_channels", "linear"):
+            continue
+        if op.kind not in ("conv2d", "add", "avgpool"):
+            raise MicrotrainError(f"{op.name}: op {op.kind} has no export")
+        y = tg.tensors[op.outputs[0]]
+        g.add_tensor(Tensor(y.name, y.shape, y.dtype, "act", y.scale, y.zero))
+        attrs = {k: v for k, v in op.attrs.items() if k not in ("phase", "train_channels", "split_axis")}
+        inputs = list(op.inputs)
+        if op.kind == "conv2d":
+            parts = op.inputs[1:-1]
+            w = np.concatenate([value(n).astype(np.int8) for n in parts], axis=op.attrs.get("split_axis", 0))
+            wt, bt = tg.tensors[parts[0]], tg.tensors[op.inputs[-1]]
+            g.add_tensor(Tensor(f"{op.name}.weight", w.shape, "int8", "weight", np.asarray(wt.scale, np.float32), 0,
+                                w))
+            g.add_tensor(Tensor(f"{op.name}.bias", bt.shape, "int32", "bias", None, 0,
+                                value(bt.name).astype(np.int32)))
+            inputs = [op.inputs[0], f"{op.name}.weight", f"{op.name}.bias"]
+        g.add_op(Op(op.name, op.kind, inputs, [op.outputs[0]], attrs))
+    if g.ops[-1].outputs[0] != pooled:
+        raise MicrotrainError(f"{tg.name}: the forward pass does not end in the pooled features {pooled!r}")
+    g.outputs = [pooled]
+    return g
+
+
+def quantize_head(g: Graph, w: np.ndarray, b: np.ndarray, feats: np.ndarray) -> None:
+    """Append the float32 head (logits = w @ f + b on f = (pooled - z) * s) as an int8 FULLY_CONNECTED, its output
+    scale the largest |logit| over `feats` (calibration features) / 127."""
+    p = g.tensors[g.outputs[0] if g.outputs else g.ops[-1].outputs[0]]
+    sw = np.abs(w).max(axis=1) / 127.0
+    sw = np.where(sw > 0, sw, 1e-8).astype(np.float32)
+    qw = np.clip(np.round(w / sw[:, None]), -127, 127).astype(np.int8)
+    qb = np.round(b / (np.float64(p.scale) * sw)).astype(np.int64)
+    qb = np.clip(qb, -(1 << 31), (1 << 31) - 1).astype(np.int32)
+    logits = feats @ w.T + b
+    ys = float(max(np.abs(logits).max(), 1e-6)) / 127.0
+    k = w.shape[0]
+    g.add_tensor(Tensor("head.weight", qw.shape, "int8", "weight", sw, 0, qw))
+    g.add_tensor(Tensor("head.bias", (k,), "int32", "bias", None, 0, qb))
+    g.add_tensor(Tensor("logits", (k,), "int8", "act", ys, 0))
+    g.add_op(Op("head", "linear", [p.name, "head.weight", "head.bias"], ["logits"], {}))
+    g.outputs = ["logits"]
+
+
+def run(args: argparse.Namespace) -> int:
+    run_dir, out = Path(args.run_dir), Path(args.out)
+    if out.suffix != ".tflite":
+        raise MicrotrainError(f"{out}: the output must end in .tflite")
+    if not out.parent.is_dir():
+        raise MicrotrainError(f"{out.parent}: no such directory")
+    if not (run_dir / f"{GRAPH}.json").exists():
+        raise MicrotrainError(f"{run_dir}: not a training run (no {GRAPH}.json)")
+    if args.calib < 1:
+        raise MicrotrainError(f"--calib must be at least 1, got {args.calib}")
+    metrics = read_metrics(run_dir)
+    tg = Graph.load(run_dir / GRAPH)
+    if metrics.get("precision", "int8") != "int8":
+        raise MicrotrainError(f"{run_dir}: an fp32-precision run has no int8 model to export")
+    state = load_run_checkpoint(run_dir)
+    g = forward_graph(tg, state)
+    ds = open_dataset(metrics.get("data", metrics["dataset"]), "test", subset=args.calib, progress=False)
+    xs = torch.cat([x for x, _ in batches(ds, 100, resolution=metrics["resolution"],
+                                          eval_crop=metrics["eval_crop"])])
+    pooled = g.ops[-1].outputs[0]
+    pt = g.tensors[pooled]
+    feats = ((Executor(g).run(xs)[pooled].to(torch.float64) - pt.zero) * float(pt.scale)).numpy()
+    w = np.asarray(state.get("head.w", tg.tensors["head.w"].data), np.float64)
+    b = np.asarray(state.get("head.b", tg.tensors["head.b"].data), np.float64)
+    quantize_head(g, w, b, feats)
+    buf = graph_to_tflite(g)
+    out.write_bytes(buf)
+    step = GraphTrainStep(tg)
+    step.load_state_dict(state)
+    with torch.no_grad():
+        run_top1 = step.logits(xs).argmax(1).numpy()
+    from microtrain.frontends.tflite import tflite_to_graph
+
+    exported = Executor(tflite_to_graph(buf, out)).run(xs)
+    ex_top1 = next(iter(exported.values())).to(torch.int32).argmax(1).numpy()
+    agree = float((run_top1 == ex_top1).mean())
+    result = {"run": str(run_dir), "out": str(out), "bytes": len(buf), "calibration_images": len(xs),
+              "top1_agreement_with_run": agree, "requant": g.requant.value}
+    print(json.dumps(result) if args.json else
+          f"wrote {out} ({len(buf) / 1024:.1f} KB): top-1 equals the run's on {agree:.1%} of {len(xs)} test images")
+    return 0
