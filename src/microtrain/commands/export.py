@@ -17,7 +17,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from microtrain.commands.train import GRAPH
+from microtrain.codegen.project import read_state
+from microtrain.commands.train import GRAPH, device_twin
 from microtrain.data.datasets import batches, open_dataset
 from microtrain.errors import MicrotrainError
 from microtrain.frontends.tflite_write import graph_to_tflite
@@ -34,6 +35,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("run_dir", metavar="RUN_DIR")
     p.add_argument("-o", "--out", required=True, help="the .tflite file to write")
     p.add_argument("--calib", type=int, default=200, help="test images that calibrate the logits' scale")
+    p.add_argument("--state", metavar="STATE_BIN",
+                   help="export a device's saved state (the state.bin of `compile --run` or of a board running the "
+                        "generated C) instead of the run's last checkpoint")
     p.add_argument("--json", action="store_true")
     p.set_defaults(run=run)
 
@@ -108,7 +112,11 @@ def run(args: argparse.Namespace) -> int:
     tg = Graph.load(run_dir / GRAPH)
     if metrics.get("precision", "int8") != "int8":
         raise MicrotrainError(f"{run_dir}: an fp32-precision run has no int8 model to export")
-    state = load_run_checkpoint(run_dir)
+    if args.state:  # read with the layout of the program that wrote it: the device twin's (same graph)
+        twin = device_twin(tg, run_dir / "device" / "eval")
+        state = read_state(args.state, twin.program)
+    else:
+        state = load_run_checkpoint(run_dir)
     g = forward_graph(tg, state)
     ds = open_dataset(metrics.get("data", metrics["dataset"]), "test", subset=args.calib, progress=False)
     xs = torch.cat([x for x, _ in batches(ds, 100, resolution=metrics["resolution"],
