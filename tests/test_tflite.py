@@ -606,3 +606,37 @@ def test_export_a_trained_run(tmp_path):
     ours = env[g.outputs[0]].numpy()
     np.testing.assert_array_equal(ours, np.stack(ref))
     assert len(np.unique(ours)) > 10  # (the random fixture's features hardly separate classes: see the benchmark)
+
+
+def test_export_a_device_state(tmp_path):
+    """export --state: the state.bin a C program (here `compile --run` on the host) saved, not the run's checkpoint:
+    the exported conv weights are the device's trained slices joined to their frozen rest."""
+    from microtrain.codegen.project import toolchain
+
+    if toolchain("host") is not None:
+        pytest.skip("host C toolchain not installed")
+    import json
+
+    from microtrain.codegen.project import load_program, read_state
+
+    net, buf = gray_odd()
+    src = tmp_path / "g.tflite"
+    src.write_bytes(buf)
+    run, c = tmp_path / "run", tmp_path / "c"
+    mt = [sys.executable, "-m", "microtrain"]
+    subprocess.run([*mt, "train", "--model", str(src), "--data", "fashion-mnist", "--subset", "100", "--test-subset",
+                    "20", "--epochs", "1", "--scheme", "full", "--augment", "none", "--out", str(run)], check=True,
+                   capture_output=True)
+    subprocess.run([*mt, "compile", "--from", str(run), "--target", "host", "-o", str(c), "--run", "--steps", "12",
+                    "--lr", "0.5"], check=True, capture_output=True)
+    out = tmp_path / "dev.tflite"
+    r = subprocess.run([*mt, "export", str(run), "-o", str(out), "--state", str(c / "state.bin"), "--calib", "20",
+                        "--json"], check=True, capture_output=True, text=True)
+    assert json.loads(r.stdout)["top1_agreement_with_run"] >= 0.9
+    dev = read_state(c / "state.bin", load_program(c))
+    g = load_model(out)
+    w = g.tensors[g.ops[0].inputs[1]].data
+    np.testing.assert_array_equal(w, dev["conv0.w_train"])  # "full": the whole stem weight is the trained slice
+    from microtrain.runtime.rundir import load_run_checkpoint
+
+    assert not np.array_equal(w, load_run_checkpoint(run)["conv0.w_train"])  # the device trained on
