@@ -345,6 +345,8 @@ class _Builder:
         c, h, w = self.chw(ins[0], what)
         act = 0
         if kind == "AVERAGE_POOL_2D":
+            if opt is None:
+                raise self.err(f"{what}: options are missing")
             o = tflite.Pool2DOptions()
             o.Init(opt.Bytes, opt.Pos)
             if (o.FilterHeight(), o.FilterWidth()) != (h, w):
@@ -383,6 +385,8 @@ class _Builder:
             op = tflite.FullyConnectedOptions()
             op.Init(opt.Bytes, opt.Pos)
             act = op.FusedActivationFunction()
+            if op.WeightsFormat() != 0:
+                raise self.err(f"{what}: shuffled weights format {op.WeightsFormat()} is not supported")
         ys, yz = self.act_quant(outs[0])
         if int(np.prod(self.r.shape(outs[0]))) != o:
             raise self.err(f"{what}: output shape {list(self.r.shape(outs[0]))} is not [{o}]")
