@@ -22,6 +22,8 @@ MT_INLINE float grad(const float *gacc, const int8_t *gq, int32_t o, int32_t i) 
 #define AFTER8(a, p)                                                                                           \
   __asm__ volatile("" : "+t"((a)[0]), "+t"((a)[1]), "+t"((a)[2]), "+t"((a)[3]), "+t"((a)[4]), "+t"((a)[5]),     \
                    "+t"((a)[6]), "+t"((a)[7]), "+r"(p))
+#define AFTER8_REGS(v0, v1, v2, v3, v4, v5, v6, v7, p)                                                           \
+  __asm__ volatile("" : "+t"(v0), "+t"(v1), "+t"(v2), "+t"(v3), "+t"(v4), "+t"(v5), "+t"(v6), "+t"(v7), "+r"(p))
 #else
 #define AFTER8(a, p) ((void)0)
 #endif
@@ -157,6 +159,25 @@ void mt_pw_grad_input_accumulate(const float *g, int32_t n, const mt_weights *w,
     int32_t p0 = 0;
     for (; p0 + 8 <= hw; p0 += 8) {  /* eight sums held in registers across the n channels, loaded eight at once */
       float v[8], t[8];
+#if MT_DSP
+      /* the sums in s16-s23: one VLDM in, one VSTM out, no copies out of the g loads' s24-s31 */
+      register float v0 __asm__("s16"), v1 __asm__("s17"), v2 __asm__("s18"), v3 __asm__("s19");
+      register float v4 __asm__("s20"), v5 __asm__("s21"), v6 __asm__("s22"), v7 __asm__("s23");
+      float *ap = a + p0;
+      __asm__ volatile("vldmia %8, {s16-s23}" : "=t"(v0), "=t"(v1), "=t"(v2), "=t"(v3), "=t"(v4), "=t"(v5),
+                       "=t"(v6), "=t"(v7) : "r"(ap), "m"(*(const float(*)[8])ap));
+      for (int32_t i = 0; i < n; i++) {
+        const float wi = wv[i];
+        const float *gp = g + i * hw + p0;
+        AFTER8_REGS(v0, v1, v2, v3, v4, v5, v6, v7, gp);
+        MT_LOAD8(gp, t);
+        v0 = mt_fma(t[0], wi, v0), v1 = mt_fma(t[1], wi, v1), v2 = mt_fma(t[2], wi, v2), v3 = mt_fma(t[3], wi, v3);
+        v4 = mt_fma(t[4], wi, v4), v5 = mt_fma(t[5], wi, v5), v6 = mt_fma(t[6], wi, v6), v7 = mt_fma(t[7], wi, v7);
+      }
+      __asm__ volatile("vstmia %9, {s16-s23}" : "=m"(*(float(*)[8])ap) : "t"(v0), "t"(v1), "t"(v2), "t"(v3),
+                       "t"(v4), "t"(v5), "t"(v6), "t"(v7), "r"(ap));
+      (void)v;
+#else
       MT_LOAD8(a + p0, v);
       for (int32_t i = 0; i < n; i++) {
         const float wi = wv[i];
@@ -166,6 +187,7 @@ void mt_pw_grad_input_accumulate(const float *g, int32_t n, const mt_weights *w,
       }
       MT_UNROLL
       for (int32_t q = 0; q < 8; q++) a[p0 + q] = v[q];
+#endif
     }
     for (; p0 < hw; p0++) {
       float v = a[p0];
