@@ -64,7 +64,7 @@ def main() -> int:
         run_dir = Path(args.runs) / name
         cmd = ["microtrain", "train", "--model", "mcunet-5fps", "--data", "cifar10", "--subset", str(args.subset),
                "--epochs", str(args.epochs), "--warmup-epochs", "1", "--augment", "flip", "--batch-size", "64",
-               "--quiet", "--resume", "--out", str(run_dir), *SETTINGS[name]]
+               "--quiet", "--out", str(run_dir), *SETTINGS[name]] + (["--resume"] if run_dir.is_dir() else [])
         print("$", shlex.join(cmd), flush=True)
         proc = subprocess.run(cmd, capture_output=True, text=True)
         sweep_path = run_dir / "sweep.json"
