@@ -17,23 +17,12 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import re
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
 from microtrain.autodiff.build import TrainConfig, build_training_graph
-from microtrain.codegen.project import (
-    build,
-    emit_project,
-    harness_args,
-    qemu_command,
-    run_host,
-    run_qemu,
-    section_sizes,
-    write_records,
-)
+from microtrain.codegen.project import harness_args, run_host_and_device, run_profile, section_sizes
 from microtrain.compiler.memory import plan_training_graph
 from microtrain.data.samples import real_images
 from microtrain.frontends.zoo import load_model
@@ -46,22 +35,6 @@ PAPER_MHZ = 216
 CASES = [("mbv2-w0.35", "paper-99kb", "default"), ("proxyless-w0.3", "paper-98kb", "default"),
          ("mcunet-5fps", "paper-99kb", "default"), ("mcunet-5fps", "paper-99kb", "int8-grads"),
          ("mcunet-5fps", "paper-99kb", "stream-cap3")]
-
-
-def profile(d: Path, steps: int) -> dict[str, float]:
-    """Instructions per step per op kind: the profile build's cumulative totals after the last step."""
-    r = subprocess.run(["make", "-s", "profile"], cwd=d, capture_output=True, text=True)
-    if r.returncode:
-        raise SystemExit(r.stderr)
-    cmd = qemu_command(d, harness_args("stream.bin", max_steps=steps, quiet=False), icount=True)
-    cmd[cmd.index(str((d / "prog.elf").resolve()))] = str((d / "prog_prof.elf").resolve())
-    out = subprocess.run(cmd, cwd=d, capture_output=True, text=True)
-    text = out.stdout + out.stderr
-    rows = re.findall(r"^profile (\S+) (\d+)$", text, re.M)
-    totals: dict[str, int] = {}
-    for k, v in rows:  # the last report wins (cumulative)
-        totals[k] = int(v)
-    return {k.replace("_", " "): round(v / steps) for k, v in sorted(totals.items(), key=lambda kv: -kv[1])}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -78,15 +51,9 @@ def main(argv: list[str] | None = None) -> int:
             tg = build_training_graph(g, resolve_scheme(scheme, g), 10, cfg)
             sched, best = plan_training_graph(tg, **levers)
             x, y, _ = real_images(args.steps, g.tensors[g.inputs[0]].shape[1], seed=3)
-            m4, host = Path(tmp) / f"{model}-{config}-m4", Path(tmp) / f"{model}-{config}-host"
-            emit_project(sched, best.plan, m4, "cortex-m4")
-            build(m4)
-            write_records(m4 / "stream.bin", x, y, 0.005)
-            res = run_qemu(m4, harness_args("stream.bin", state_out="state.bin"), icount=True)
-            emit_project(sched, best.plan, host, "host")
-            build(host)
-            (host / "stream.bin").write_bytes((m4 / "stream.bin").read_bytes())
-            run_host(host, harness_args("stream.bin", state_out="state.bin"))
+            host_res, res = run_host_and_device(sched, best.plan, Path(tmp) / f"{model}-{config}", x, y, 0.005,
+                                                icount=True)
+            host, m4 = host_res["dir"], res["dir"]
             ins = res["train_ns"] / res["steps"]
             sec = section_sizes(m4 / "prog.elf", "cortex-m4")
             row = {"model": model, "scheme": scheme, "config": config, "step_macs": sched.macs(),
@@ -95,7 +62,8 @@ def main(argv: list[str] | None = None) -> int:
                    "flash_bytes": sec["text"] + sec["data"], "arena_bytes": best.plan.arena_bytes,
                    "est_ms_at_216mhz_one_instruction_per_cycle": round(ins / PAPER_MHZ / 1e3, 1),
                    "paper_ms_stm32f746": PAPER_MS[model], "paper_cycles": round(PAPER_MS[model] * PAPER_MHZ * 1e3),
-                   "profile_instructions_per_step": profile(m4, args.steps)}
+                   "profile_instructions_per_step": run_profile(m4, harness_args("stream.bin", max_steps=args.steps),
+                                                                args.steps)}
             rows.append(row)
             print(f"{model} {scheme} {config}: {ins / 1e6:.1f}M instructions/step (paper "
                   f"{row['paper_cycles'] / 1e6:.1f}M cycles), host == M4: {row['host_state_equals_m4']}, "

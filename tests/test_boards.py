@@ -10,7 +10,7 @@ import pytest
 
 from microtrain.autodiff.build import build_training_graph
 from microtrain.cli import main
-from microtrain.codegen.project import build, emit_project, harness_args, run_host, run_qemu, toolchain, write_records
+from microtrain.codegen.project import run_host_and_device, toolchain
 from microtrain.compiler.boards import get_board
 from microtrain.compiler.levers import RESERVE_BYTES, choose_levers
 from microtrain.compiler.memory import plan_training_graph
@@ -60,17 +60,10 @@ def test_host_equals_cortex_m7(tmp_path):
     tg = build_training_graph(g, resolve_scheme("paper-99kb", g), 10)
     sched, best = plan_training_graph(tg)
     x, y, _ = real_images(4, 128, seed=3)
-    m7, host = tmp_path / "m7", tmp_path / "host"
-    emit_project(sched, best.plan, m7, "cortex-m7", board=get_board("stm32f746"))
-    assert "LENGTH = 320K" in (m7 / "mt_m4.ld").read_text()
-    build(m7)
-    write_records(m7 / "s.bin", x, y, 0.005)
-    res = run_qemu(m7, harness_args("s.bin", state_out="state.bin"), icount=True)
-    emit_project(sched, best.plan, host, "host")
-    build(host)
-    (host / "s.bin").write_bytes((m7 / "s.bin").read_bytes())
-    ref = run_host(host, harness_args("s.bin", state_out="state.bin"))
-    assert (host / "state.bin").read_bytes() == (m7 / "state.bin").read_bytes()
+    ref, res = run_host_and_device(sched, best.plan, tmp_path, x, y, 0.005, "cortex-m7", get_board("stm32f746"),
+                                   icount=True)
+    assert "LENGTH = 320K" in (res["dir"] / "mt_m4.ld").read_text()
+    assert (ref["dir"] / "state.bin").read_bytes() == (res["dir"] / "state.bin").read_bytes()
     assert np.float32(ref["losses"]).tobytes() == np.float32(res["losses"]).tobytes()
     assert res["train_ns"] > sched.macs()  # at least an instruction per MAC
 

@@ -26,6 +26,7 @@ from microtrain.codegen.project import (
     read_state,
     read_trace,
     run_host,
+    run_host_and_device,
     run_qemu,
     toolchain,
     write_records,
@@ -262,16 +263,8 @@ def test_host_equals_cortex_m4(model, scheme, int8_grads, stream, stream128, tmp
     x, y = stream128[0][:8], stream128[1][:8]
     _, sched, best = zoo_graph(model, scheme, TrainConfig(int8_grads=int8_grads),
                                **({"stream_input": True, "max_recompute": 3} if stream else {}))
-    m4, host_dir = tmp_path / "m4", tmp_path / "host"
-    emit_project(sched, best.plan, m4, "cortex-m4")
-    build(m4)
-    write_records(m4 / "stream.bin", x, y, LR)
-    res_m4 = run_qemu(m4, harness_args("stream.bin", state_out="state.bin"))
-    emit_project(sched, best.plan, host_dir, "host")
-    build(host_dir)
-    (host_dir / "stream.bin").write_bytes((m4 / "stream.bin").read_bytes())
-    res_host = run_host(host_dir, harness_args("stream.bin", state_out="state.bin"))
-    assert (host_dir / "state.bin").read_bytes() == (m4 / "state.bin").read_bytes()
+    res_host, res_m4 = run_host_and_device(sched, best.plan, tmp_path, x, y, LR)
+    assert (res_host["dir"] / "state.bin").read_bytes() == (res_m4["dir"] / "state.bin").read_bytes()
     assert np.float32(res_host["losses"]).tobytes() == np.float32(res_m4["losses"]).tobytes()
     assert len(res_m4["losses"]) == 8
 

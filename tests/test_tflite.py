@@ -382,17 +382,7 @@ def test_cortex_m4_equals_host_on_imported_graph(tmp_path):
     """mbv1-like (non-square, asymmetric padding, residual add, fused clamps): 6 steps in QEMU and on the host end
     with byte-identical state and losses; the program links into 256 KB / 1 MB."""
     from microtrain.autodiff.build import build_training_graph
-    from microtrain.codegen.project import (
-        SRAM_BUDGET,
-        build,
-        emit_project,
-        harness_args,
-        measure_memory,
-        run_host,
-        run_qemu,
-        toolchain,
-        write_records,
-    )
+    from microtrain.codegen.project import SRAM_BUDGET, measure_memory, run_host_and_device, toolchain
     from microtrain.compiler.memory import plan_training_graph
     from microtrain.sparse.scheme import resolve_scheme
 
@@ -402,19 +392,10 @@ def test_cortex_m4_equals_host_on_imported_graph(tmp_path):
     x, y = model_images(g, 6)
     tg = build_training_graph(g, resolve_scheme("last:4", g), 3)
     sched, best = plan_training_graph(tg)
-    m4, host = tmp_path / "m4", tmp_path / "host"
-    lrs = np.full(len(y), 0.05, np.float32)
-    emit_project(sched, best.plan, m4, "cortex-m4")
-    build(m4)
-    write_records(m4 / "stream.bin", x, y, lrs)
-    res_m4 = run_qemu(m4, harness_args("stream.bin", state_out="state.bin"))
-    emit_project(sched, best.plan, host, "host")
-    build(host)
-    (host / "stream.bin").write_bytes((m4 / "stream.bin").read_bytes())
-    res_host = run_host(host, harness_args("stream.bin", state_out="state.bin"))
-    assert (host / "state.bin").read_bytes() == (m4 / "state.bin").read_bytes()
+    res_host, res_m4 = run_host_and_device(sched, best.plan, tmp_path, x, y, np.full(len(y), 0.05, np.float32))
+    assert (res_host["dir"] / "state.bin").read_bytes() == (res_m4["dir"] / "state.bin").read_bytes()
     assert np.float32(res_host["losses"]).tobytes() == np.float32(res_m4["losses"]).tobytes()
-    mem = measure_memory(m4, res_m4, best.plan)
+    mem = measure_memory(res_m4["dir"], res_m4, best.plan)
     assert mem["fits"] and mem["sram_total_bytes"] <= SRAM_BUDGET
 
 

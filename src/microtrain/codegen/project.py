@@ -270,6 +270,25 @@ def run_qemu(out_dir: str | Path, args: list[str], timeout: float | None = None,
     return res
 
 
+def run_host_and_device(tg: Graph, plan: Plan, out_dir: str | Path, images: np.ndarray, labels: np.ndarray,
+                        lrs: np.ndarray | float, target: str = "cortex-m4", board: Board | None = None,
+                        icount: bool = False) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The same program built for the host (OUT/host) and for `target` (OUT/<target>, in QEMU) and trained on the
+    same record stream, each saving OUT/.../state.bin: (host result, device result), each with its "dir". The C
+    runtime is the reference of ir/ops.py, so the two states must be byte-identical (the caller checks)."""
+    out = Path(out_dir)
+    host, dev = out / "host", out / target
+    emit_project(tg, plan, dev, target, board=board)
+    build(dev)
+    write_records(dev / "stream.bin", images, labels, lrs)
+    res_dev = run_qemu(dev, harness_args("stream.bin", state_out="state.bin"), icount=icount)
+    emit_project(tg, plan, host, "host")
+    build(host)
+    (host / "stream.bin").write_bytes((dev / "stream.bin").read_bytes())
+    res_host = run_host(host, harness_args("stream.bin", state_out="state.bin"))
+    return {**res_host, "dir": host}, {**res_dev, "dir": dev}
+
+
 def run_profile(out_dir: str | Path, args: list[str], steps: int) -> dict[str, int]:
     """The profile build (`make profile`: a mark after every op, mt_profile.c) run on `args`: per op kind, the
     instructions per step (a device under `qemu -icount shift=0`) or nanoseconds per step (the host), largest first.
