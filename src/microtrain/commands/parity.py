@@ -166,18 +166,14 @@ def teacher_forced(twin: Any, engine: GraphTrainStep, images: np.ndarray, labels
             c, t = twin.state_dict(), engine.state_dict()
             a.steps += 1
             a.loss_max_rel = max(a.loss_max_rel, abs(lc - lt) / max(abs(lt), 1e-30))
-            for t_ in twin.program["state"]:
-                n = t_["name"]
-                x, y, b = c[n], t[n], before[n]
-                if x.dtype.kind == "f":
-                    a.float_max_rel = max(a.float_max_rel, float(np.abs(x.astype(np.float64) - y).max()
-                                                                 / max(float(np.abs(y).max()), 1e-30)))
-                    continue
-                d = np.abs(x.astype(np.int64) - y)
-                if x.dtype == np.int8:
-                    a.int8_min_share = min(a.int8_min_share, float((d == 0).mean()))
-                    a.int8_max_diff = max(a.int8_max_diff, int(d.max()))
+            per = compare_states(c, t, [s["name"] for s in twin.program["state"]]).per_tensor
+            for n, d in per.items():
+                if "max_rel" in d:
+                    a.float_max_rel = max(a.float_max_rel, d["max_rel"])
+                elif c[n].dtype == np.int8:
+                    a.int8_min_share = min(a.int8_min_share, d["equal"] / d["elements"] if d["elements"] else 1.0)
+                    a.int8_max_diff = max(a.int8_max_diff, d["max_diff"])
                 else:
-                    update = max(int(np.abs(y.astype(np.int64) - b).max()), 1)
-                    a.int32_max_excess = max(a.int32_max_excess, (int(d.max()) - 1) / update)
+                    update = max(int(np.abs(t[n].astype(np.int64) - before[n]).max()), 1)
+                    a.int32_max_excess = max(a.int32_max_excess, (d["max_diff"] - 1) / update)
     return a
