@@ -27,7 +27,7 @@ from microtrain.codegen.statefile import (
     state_to_file_bytes,
     write_state_file,
 )
-from microtrain.compiler.boards import BOARDS, DEFAULT_BOARD, Board
+from microtrain.compiler.boards import BOARDS, DEFAULT_BOARD, Board, default_board
 from microtrain.compiler.planner import Plan
 from microtrain.errors import MicrotrainError
 from microtrain.ir.graph import Graph
@@ -147,7 +147,7 @@ def emit_project(tg: Graph, plan: Plan, out_dir: str | Path, target: str = "host
     if target == "host":
         mk = MAKEFILE_HOST.format(kernels=kernels, harness=harness)
     else:
-        board = board or BOARDS[DEFAULT_BOARD]
+        board = board or default_board(target)
         if board.core != target:
             raise MicrotrainError(f"board {board.name} has a {board.core}, not a {target}")
         cpu, machine = CORES[target]

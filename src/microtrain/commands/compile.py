@@ -24,7 +24,7 @@ from microtrain.codegen.project import (
     write_records,
 )
 from microtrain.commands.plan import add_planner_levers, planner_levers
-from microtrain.compiler.boards import BOARDS, DEFAULT_BOARD, get_board
+from microtrain.compiler.boards import BOARDS, DEFAULT_BOARD, default_board, get_board
 from microtrain.compiler.levers import choose_levers, lever_table
 from microtrain.compiler.memory import plan_training_graph
 from microtrain.data.datasets import model_resolution
@@ -116,8 +116,7 @@ def target_and_board(args: argparse.Namespace) -> tuple[str, Any]:
     if board and target != board.core:
         raise MicrotrainError(f"--board {board.name} has a {board.core}; --target {target} does not match")
     if is_device(target) and board is None:
-        board = get_board(DEFAULT_BOARD) if target == get_board(DEFAULT_BOARD).core else next(
-            b for b in BOARDS.values() if b.core == target)
+        board = default_board(target)
     return target, board
 
 

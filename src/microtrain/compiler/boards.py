@@ -47,3 +47,9 @@ def get_board(name: str) -> Board:
     if b is None:
         raise MicrotrainError(f"unknown board {name!r} (known: {', '.join(BOARDS)})")
     return b
+
+
+def default_board(core: str) -> Board:
+    """The board a device target gets when none is named: generic-m4 for a Cortex-M4, else the first of that core."""
+    default = BOARDS[DEFAULT_BOARD]
+    return default if default.core == core else next(b for b in BOARDS.values() if b.core == core)
