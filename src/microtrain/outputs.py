@@ -27,15 +27,15 @@ def check_output_file(path: str | Path, flag: str) -> Path:
     return p
 
 
-def check_output_dir(path: str | Path, flag: str) -> Path:
-    """`path` is (or can be created as) a writable directory."""
+def check_output_dir(path: str | Path, flag: str, what: str = "directory") -> Path:
+    """`path` is (or can be created as) a writable directory (`what` names it in the errors)."""
     p = Path(path)
     if p.exists() and not p.is_dir():
         raise MicrotrainError(f"{flag} {p}: exists and is not a directory")
     try:
         p.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise MicrotrainError(f"{flag} {p}: cannot create the directory ({e.strerror})") from None
+        raise MicrotrainError(f"{flag} {p}: cannot create the {what} ({e.strerror})") from None
     if not os.access(p, os.W_OK | os.X_OK):
-        raise MicrotrainError(f"{flag} {p}: not writable")
+        raise MicrotrainError(f"{flag} {p}: the {what} is not writable")
     return p

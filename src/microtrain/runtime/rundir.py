@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from microtrain.errors import MicrotrainError
+from microtrain.outputs import check_output_dir
 
 RUN_FILE, LOCK_FILE = "run.json", ".lock"
 RUN_FILES = ("metrics.json", "checkpoint.npz", "checkpoint.json", "checkpoint.npz.tmp", "checkpoint.json.tmp",
@@ -117,14 +118,7 @@ def _clear(out: Path) -> None:
 
 def open_run_dir(out: Path, identity: dict[str, Any], *, resume: bool, force: bool) -> None:
     """Lock `out` and check what it holds against this invocation (module docstring); writes run.json."""
-    if out.exists() and not out.is_dir():
-        raise MicrotrainError(f"{out}: exists and is not a directory")
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise MicrotrainError(f"{out}: cannot create the run directory ({e.strerror})") from None
-    if not os.access(out, os.W_OK | os.X_OK):
-        raise MicrotrainError(f"{out}: the run directory is not writable")
+    check_output_dir(out, "--out", "run directory")
     _lock(out)
     runs = _runs(out)
     identity = json.loads(json.dumps(identity))  # as it will read back
