@@ -89,7 +89,8 @@ def test_from_run_dir_starts_from_the_checkpoint(int8_grads, tmp_path, capsys):
                 shutil.copy(f, data / split / c / f.name)
     run = tmp_path / "run"
     assert main(["train", "--model", "mcunet-5fps", "--data", str(data), "--scheme", "paper-49kb", "--epochs", "1",
-                 "--warmup-epochs", "0", "--batch-size", "12", "--augment", "none", "--quiet", "--out", str(run)]
+                 "--warmup-epochs", "0", "--batch-size", "12", "--augment", "none", "--quiet", "--lr", "0.05",
+                 "--out", str(run)]
                 + ["--int8-grads"] * int8_grads) == 0
     out = tmp_path / "c"
     assert main(["compile", "--from", str(run), "-o", str(out), "--build"]) == 0

@@ -157,7 +157,8 @@ def trained_run(tmp_path_factory):
     (root / "as" / "train" / "ship" / "broken.jpg").write_bytes(b"\xff\xd8 nope")
     run = root / "run"
     r = cli("train", "--model", "proxyless-w0.3", "--data", str(root / "as"), "--scheme", "bias:2", "--epochs", "1",
-            "--warmup-epochs", "0", "--batch-size", "8", "--augment", "none", "--quiet", "--out", str(run))
+            "--warmup-epochs", "0", "--batch-size", "8", "--augment", "none", "--quiet", "--lr", "0.05", "--out",
+            str(run))
     assert r.returncode == 0, r.stderr
     assert "skipped 1 undecodable image(s) in as/train (first:" in r.stderr and "broken.jpg" in r.stderr
     return root, run

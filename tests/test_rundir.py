@@ -37,7 +37,8 @@ def folders(tmp_path_factory):
 
 def train_argv(data: Path, out: Path, *extra: str) -> list[str]:
     return ["train", "--model", "proxyless-w0.3", "--data", str(data), "--scheme", "bias:2", "--epochs", "1",
-            "--warmup-epochs", "0", "--batch-size", "8", "--augment", "none", "--quiet", "--out", str(out), *extra]
+            "--warmup-epochs", "0", "--batch-size", "8", "--augment", "none", "--quiet", "--lr", "0.05", "--out",
+            str(out), *extra]
 
 
 def snapshot(d: Path) -> dict[str, tuple[bytes, int]]:

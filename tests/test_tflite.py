@@ -606,7 +606,8 @@ def test_export_a_device_state(tmp_path):
     run, c = tmp_path / "run", tmp_path / "c"
     mt = [sys.executable, "-m", "microtrain"]
     subprocess.run([*mt, "train", "--model", str(src), "--data", "fashion-mnist", "--subset", "100", "--test-subset",
-                    "20", "--epochs", "1", "--scheme", "full", "--augment", "none", "--out", str(run)], check=True,
+                    "20", "--epochs", "1", "--scheme", "full", "--augment", "none", "--lr", "0.05", "--out", str(run)],
+                   check=True,
                    capture_output=True)
     subprocess.run([*mt, "compile", "--from", str(run), "--target", "host", "-o", str(c), "--run", "--steps", "12",
                     "--lr", "0.5"], check=True, capture_output=True)

@@ -38,7 +38,7 @@ def test_train_writes_metrics_and_eval_reproduces(small_folder, tmp_path, capsys
     out = tmp_path / "run"
     rc = main(["train", "--model", "mcunet-5fps", "--data", str(small_folder), "--scheme", "paper-49kb",
                "--epochs", "2", "--warmup-epochs", "0", "--batch-size", "16", "--augment", "flip", "--quiet",
-               "--out", str(out), "--json"])
+               "--lr", "0.05", "--out", str(out), "--json"])
     assert rc == 0
     m = json.loads(capsys.readouterr().out)
     assert m["status"] == "completed" and 0 <= m["test_accuracy"] <= 1

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -12,14 +14,16 @@ from microtrain.autodiff.build import OPTIMIZERS, TrainConfig, build_training_gr
 from microtrain.data.datasets import AUGMENTS, DATASETS, dataset_info, model_resolution, open_dataset
 from microtrain.errors import MicrotrainError
 from microtrain.frontends.zoo import ZOO_MODELS, load_model
+from microtrain.runtime.lr_select import AUTO, base_grid, parse_lr, select_lr
 from microtrain.runtime.prefix_cache import PrefixCache
 from microtrain.runtime.rundir import open_run_dir
-from microtrain.runtime.trainer import fit, sweep
+from microtrain.runtime.trainer import METRICS, _write_json, fit, sweep
 from microtrain.runtime.trainstep import GraphTrainStep
 from microtrain.sparse.cost import analytic_extra_bytes
 from microtrain.sparse.scheme import resolve_scheme
 
 GRAPH = "train_graph"  # RUN_DIR/train_graph.json + .npz: the exact training graph (initial state included)
+LR_SELECTION = "lr_selection.json"  # RUN_DIR/lr_selection.json: what --lr auto chose (--resume reuses it)
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -34,7 +38,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--scheme", default="bias-only", help="preset (paper-<label>, full, bias-only, bias:K, last:K, "
                                                          "head-only) or a scheme .yaml/.json file")
     p.add_argument("--epochs", type=int, help="default: the paper's protocol for the dataset (50; VWW 10)")
-    p.add_argument("--lr", type=float, default=0.05, help="peak learning rate (default 0.05)")
+    p.add_argument("--lr", default=AUTO,
+                   help="peak learning rate, or 'auto' (default): chosen by short trial runs scored on a validation "
+                        "slice of the training images (never the test split) over a grid that depends on precision, "
+                        "QAS, optimizer and batch size; the choice and every candidate's scores go to metrics.json")
     p.add_argument("--lr-sweep", help="comma-separated learning rates to try instead of --lr, e.g. 0.01,0.03,0.1")
     p.add_argument("--workers", type=int, default=1,
                    help="with --lr-sweep: learning rates trained at the same time, in spawned processes with one "
@@ -98,8 +105,8 @@ def check_numbers(args: argparse.Namespace) -> None:
             raise bad(flag, v, "an integer >= 1")
     if args.epochs is not None and args.epochs > 100_000:
         raise bad("--epochs", args.epochs, "at most 100000")
-    if not (math.isfinite(args.lr) and args.lr > 0):
-        raise bad("--lr", args.lr, "a finite number > 0")
+    if isinstance(args.lr, str):
+        args.lr = parse_lr(args.lr)
     if args.warmup_epochs is not None and not (math.isfinite(args.warmup_epochs) and args.warmup_epochs >= 0):
         raise bad("--warmup-epochs", args.warmup_epochs, "a finite number >= 0")
 
@@ -115,10 +122,53 @@ def run_identity(args: argparse.Namespace, model: Any, scheme: Any, graph: Any, 
             "lr_sweep": args.lr_sweep and parse_lrs(args.lr_sweep), "graph_sha256": graph_hash(graph)}
 
 
+def auto_lr(args: argparse.Namespace, graph: Any, out: Path, train_ds: Any, batch_size: int, epochs: int,
+            warmup: float, augment: str, resolution: int, entries: dict, progress: bool) -> dict[str, Any]:
+    """--lr auto: the rate recorded in RUN_DIR (a resumed run keeps the rate it started with), else a selection on the
+    training split (runtime/lr_select.py), written to RUN_DIR before the run starts. The device engine's selection
+    runs the torch engine (same arithmetic within the stated tolerance, much faster) at its batch size of 1."""
+    path = out / LR_SELECTION
+    if args.resume and path.is_file():
+        rec = json.loads(path.read_text())
+        if progress:
+            print(f"lr auto: resuming with the recorded lr {rec['lr']:g} (selected in {rec['seconds']:.1f}s)",
+                  file=sys.stderr)
+        return rec
+    precision = args.precision if args.engine == "torch" else "int8"
+    grid, ratio = base_grid(precision, not args.no_qas, args.optimizer, batch_size)
+
+    def make_step() -> Any:
+        return PrefixCache(GraphTrainStep(graph, precision), entries=entries)
+
+    rec = select_lr(make_step, train_ds, grid=grid, ratio=ratio, epochs=epochs, batch_size=batch_size,
+                    warmup_epochs=warmup, augment=augment, resolution=resolution,
+                    eval_crop=0.875 if augment == "paper" else 1.0, seed=args.seed, progress=progress)
+    _write_json(path, rec)
+    return rec
+
+
+def record_cost(out: Path, metrics: dict[str, Any], selection: dict[str, Any], fit_seconds: float) -> None:
+    """The selection's cost next to the run's: seconds of each and the selection's share of the whole, in
+    metrics.json (and in the returned metrics)."""
+    selection["run_seconds"] = round(fit_seconds, 3)
+    selection["fraction_of_total"] = round(selection["seconds"] / (selection["seconds"] + fit_seconds), 4)
+    metrics["lr_selection"] = selection
+    _write_json(out / METRICS, metrics)
+    _write_json(out / LR_SELECTION, selection)
+
+
+def describe(selection: dict[str, Any]) -> str:
+    """One line: the chosen rate, every candidate's score, and what the selection cost."""
+    cands = ", ".join(f"{c['lr']:g} " + (f"{c['val_accuracy']:.1%}" if c["status"] == "completed" else "diverged")
+                      for c in selection["candidates"])
+    cost = f"; selection {selection['seconds']:.0f}s"
+    if "fraction_of_total" in selection:
+        cost += f" = {selection['fraction_of_total']:.0%} of the run"
+    return f"lr auto {selection['lr']:g} (validation accuracy {cands}{cost})"
+
+
 def report_skipped(*datasets: Any) -> None:
     """Undecodable images are skipped, and the console says so (with the first reason), not only metrics.json."""
-    import sys
-
     for ds in datasets:
         if ds.skipped:
             path, why = ds.skipped[0]
@@ -201,9 +251,19 @@ def run(args: argparse.Namespace) -> int:
         if result["diverged_lrs"]:
             summary += f" (diverged at lr {', '.join(f'{v:g}' for v in result['diverged_lrs'])})"
     else:
-        result = fit(make_step(), train_ds, test_ds, lr=args.lr, out_dir=out, **common)
+        lr, selection = args.lr, None
+        if lr == AUTO:
+            selection = auto_lr(args, graph, out, train_ds, batch_size, epochs, warmup, augment,
+                                model_resolution(model), shared if cache else {}, progress)
+            lr = selection["lr"]
+            extra["lr_selection"] = selection
+        t0 = time.perf_counter()
+        result = fit(make_step(), train_ds, test_ds, lr=lr, out_dir=out, **common)
         summary = (f"test accuracy {result['test_accuracy']:.2%} after {epochs} epochs "
                    f"({result['images_per_second']:.0f} images/s)")
+        if selection is not None:
+            record_cost(out, result, selection, time.perf_counter() - t0)
+            summary += "; " + describe(selection)
     if args.json:
         print(json.dumps(result, indent=1))
     else:

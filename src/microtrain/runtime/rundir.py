@@ -28,7 +28,7 @@ from microtrain.outputs import check_output_dir
 RUN_FILE, LOCK_FILE = "run.json", ".lock"
 RUN_FILES = ("metrics.json", "checkpoint.npz", "checkpoint.json", "checkpoint.npz.tmp", "checkpoint.json.tmp",
              "metrics.json.tmp", "train_graph.json", "train_graph.npz", "sweep.json", "sweep.json.tmp", RUN_FILE,
-             RUN_FILE + ".tmp")
+             RUN_FILE + ".tmp", "lr_selection.json", "lr_selection.json.tmp")
 _held: dict[Path, Any] = {}  # run directory -> its open lock file, held by this process until it exits
 
 

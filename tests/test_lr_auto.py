@@ -1,0 +1,158 @@
+"""`--lr auto` (issue 15): the learning rate chosen on a validation slice of the training images, never the test split;
+an explicit rate wins; the choice and its candidates are recorded; a resumed run keeps its rate."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import microtrain.commands.train as train_cmd
+import microtrain.runtime.lr_select as L
+from microtrain.autodiff.build import TrainConfig, build_training_graph
+from microtrain.cli import main
+from microtrain.data.datasets import open_dataset
+from microtrain.errors import MicrotrainError
+from microtrain.runtime.prefix_cache import PrefixCache
+from microtrain.runtime.trainstep import GraphTrainStep
+from microtrain.sparse.scheme import resolve_scheme
+
+from tiny import CLASSES, tiny_model
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory, images32):
+    """The tiny model (32x32) and an ImageFolder of real images of its classes: 3 per class held out as test."""
+    root = tmp_path_factory.mktemp("lrauto")
+    tiny_model(res=32).save(root / "tiny")
+    x, y, _ = images32
+    for c in range(CLASSES):
+        for j, i in enumerate(np.flatnonzero(y == c)):
+            d = root / "data" / ("test" if j < 3 else "train") / f"c{c}"
+            d.mkdir(parents=True, exist_ok=True)
+            Image.fromarray((x[i].astype(np.int16) + 128).astype(np.uint8).transpose(1, 2, 0)).save(d / f"{i}.png")
+    return root
+
+
+def argv(inputs, out, *extra):
+    return ["train", "--model", str(inputs / "tiny.json"), "--data", str(inputs / "data"), "--scheme", "last:3",
+            "--epochs", "2", "--warmup-epochs", "0", "--batch-size", "8", "--augment", "flip", "--quiet",
+            "--out", str(out), "--json", *extra]
+
+
+def digests(images: np.ndarray) -> set[bytes]:
+    return {hashlib.blake2b(im.tobytes(), digest_size=16).digest() for im in images}
+
+
+def test_auto_is_the_default_never_reads_the_test_split_and_is_recorded(inputs, tmp_path, capsys, monkeypatch):
+    seen: list = []
+    real = L.batches
+
+    def spy(ds, *a, **k):
+        seen.append(ds)
+        return real(ds, *a, **k)
+
+    monkeypatch.setattr(L, "batches", spy)
+    assert main(argv(inputs, tmp_path / "run")) == 0
+    m = json.loads(capsys.readouterr().out)
+    sel = m["lr_selection"]
+    assert sel["lr"] == m["lr"] and sel["mode"] == "auto"
+    assert (tmp_path / "run" / "lr_selection.json").is_file()
+    assert json.loads((tmp_path / "run" / "lr_selection.json").read_text())["lr"] == m["lr"]
+    # every candidate is reported with its score (or why it diverged); the chosen one completed
+    lrs = [c["lr"] for c in sel["candidates"]]
+    assert len(lrs) >= 3 and m["lr"] in lrs and set(sel["grid"]) <= set(lrs)
+    chosen = next(c for c in sel["candidates"] if c["lr"] == m["lr"])
+    assert chosen["status"] == "completed" and 0 <= chosen["val_accuracy"] <= 1
+    assert sel["seconds"] > 0 and 0 < sel["fraction_of_total"] < 1 and sel["run_seconds"] > 0
+    # what the selection read: training images only, the validation slice disjoint from what candidates trained on
+    assert seen and all(ds.split == "train" for ds in seen)
+    test = open_dataset(str(inputs / "data"), "test", progress=False)
+    train = open_dataset(str(inputs / "data"), "train", progress=False)
+    read = set().union(*(digests(ds.images) for ds in seen))
+    assert not read & digests(test.images) and read <= digests(train.images)
+    assert sel["validation_images"] + sel["fit_images"] <= len(train)
+
+
+def test_carved_slices_are_disjoint_balanced_and_from_train(inputs):
+    train = open_dataset(str(inputs / "data"), "train", progress=False)
+    sl = L.carve(train, 30, seed=0)
+    assert len(sl.val) >= train.num_classes and len(sl.fit) == 30
+    assert set(np.unique(sl.val.labels)) == set(range(train.num_classes))
+    assert not digests(sl.val.images) & digests(sl.fit.images)
+    assert sl.val.split == sl.fit.split == "train"
+
+
+def test_explicit_lr_and_sweep_win(inputs, tmp_path, capsys, monkeypatch):
+    def boom(*a, **k):
+        raise AssertionError("selection ran although a rate was given")
+
+    monkeypatch.setattr(train_cmd, "select_lr", boom)
+    assert main(argv(inputs, tmp_path / "fixed", "--lr", "0.02")) == 0
+    m = json.loads(capsys.readouterr().out)
+    assert m["lr"] == 0.02 and "lr_selection" not in m
+    assert not (tmp_path / "fixed" / "lr_selection.json").exists()
+    assert main(argv(inputs, tmp_path / "sweep", "--lr-sweep", "0.01,0.02")) == 0
+    assert json.loads(capsys.readouterr().out)["best_lr"] in (0.01, 0.02)
+
+
+def test_resume_keeps_the_recorded_rate(inputs, tmp_path, capsys, monkeypatch):
+    import microtrain.runtime.trainer as T
+
+    real, calls = T.evaluate, []
+
+    def interrupt(*a, **k):  # the run stops after its first epoch's evaluation
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(T, "evaluate", interrupt)
+    assert main(argv(inputs, tmp_path / "r")) != 0  # the CLI reports the interruption
+    assert json.loads((tmp_path / "r" / "checkpoint.json").read_text())["epoch"] == 1
+    chosen = json.loads((tmp_path / "r" / "lr_selection.json").read_text())["lr"]
+    monkeypatch.setattr(T, "evaluate", real)
+    monkeypatch.setattr(train_cmd, "select_lr", lambda *a, **k: pytest.fail("re-selected on --resume"))
+    capsys.readouterr()
+    assert main(argv(inputs, tmp_path / "r", "--resume")) == 0
+    m = json.loads(capsys.readouterr().out)
+    assert m["status"] == "completed" and m["lr"] == chosen and m["lr_selection"]["lr"] == chosen
+
+
+def test_tiny_model_picks_a_rate_that_did_not_diverge(inputs):
+    train = open_dataset(str(inputs / "data"), "train", progress=False)
+    model = tiny_model(res=32)
+    graph = build_training_graph(model, resolve_scheme("last:3", model), train.num_classes, TrainConfig())
+    entries: dict = {}
+
+    def make_step():
+        return PrefixCache(GraphTrainStep(graph), entries=entries)
+
+    rec = L.select_lr(make_step, train, grid=[0.003, 0.03, 1e30], ratio=10.0, epochs=2, batch_size=8,
+                      warmup_epochs=0, resolution=32, progress=False)
+    by_lr = {c["lr"]: c for c in rec["candidates"]}
+    assert by_lr[1e30]["status"] == "diverged"
+    assert rec["lr"] != 1e30 and by_lr[rec["lr"]]["status"] == "completed"
+    done = [c["val_accuracy"] for c in rec["candidates"] if c["status"] == "completed"]
+    assert by_lr[rec["lr"]]["val_accuracy"] >= max(done) - 0.5  # within the tie band, never a worse outlier
+    with pytest.raises(MicrotrainError, match="every candidate diverged"):
+        L.select_lr(make_step, train, grid=[1e30, 1e31], ratio=10.0, epochs=1, batch_size=8, warmup_epochs=0,
+                    resolution=32, progress=False)
+
+
+def test_grid_depends_on_precision_qas_optimizer_and_batch():
+    qas, _ = L.base_grid("int8", True, "sgd", 64)
+    noqas, _ = L.base_grid("int8", False, "sgd", 64)
+    fp32, _ = L.base_grid("fp32", True, "sgd", 64)
+    # the measured best rates at batch 64 (benchmarks/results/cifar10_transfer.json) lie inside their priors
+    assert min(qas) <= 0.03 <= max(qas) and min(fp32) <= 0.01 <= max(fp32) and min(noqas) <= 0.1 <= max(noqas)
+    assert max(noqas) > max(qas) > max(fp32)
+    assert max(L.base_grid("int8", True, "sgd-m", 64)[0]) < max(qas)
+    assert max(L.base_grid("int8", True, "sgd", 1)[0]) < max(qas)
+    assert L.parse_lr("auto") == "auto" and L.parse_lr("0.5") == 0.5
+    for bad in ("nan", "-1", "x"):
+        with pytest.raises(MicrotrainError, match="--lr"):
+            L.parse_lr(bad)
