@@ -143,20 +143,78 @@ static int channel_staged(const int8_t *x, mt_dims xd, const mt_conv *p, int32_t
   return 1;
 }
 
+/* A small channel whole: every input row the taps reach (the padding rows and columns as zeros) staged once into
+ * one buffer, then every output row runs staged_row from it, and the channel's accumulators are requantized in one
+ * pass when its output rows are contiguous. The late layers (8x8, 4x4 planes) and the patch stage's tiles (10x10) have
+ * channels this small: there the ring's per-row bookkeeping cost more than the MACs. Returns 0 when it does not
+ * fit. Integer sums: exact in any order; the same accumulators as channel_staged. */
+#define DW_PLANE_ACC 256  /* int32 accumulators of one channel (1 KB of stack) */
+
+static int channel_plane(const int8_t *x, mt_dims xd, const mt_conv *p, int32_t c, int8_t *out, int32_t rs,
+                         uint8_t *mask, int32_t mask_base, int32_t oh, int32_t ow) {
+  const int32_t k = p->w.k, ch = p->w.ch, s = p->stride, z = p->x_zero, kp = (k + 1) / 2;
+  const int32_t ow4 = (ow + 3) / 4 * 4, wst = (((ow4 - 1) * s + k + 2) & ~1), nr = (oh - 1) * s + k;
+  if (k > MT_DW_KMAX || nr * wst > DW_RING || oh * ow + 4 > DW_PLANE_ACC) return 0;
+  const int8_t *w = c < ch ? p->w.w_train + c * k * k : p->w.w_frozen + (c - ch) * k * k;
+  const int8_t *xc = x + c * xd.cs;
+  int16_t buf[DW_RING];
+  uint32_t wp[MT_DW_KMAX * 4];
+  int32_t acc[DW_PLANE_ACC];
+  for (int32_t i = 0; i < k; i++)
+    for (int32_t j = 0; j < kp; j++) {
+      const int32_t lo = w[i * k + 2 * j], hi = 2 * j + 1 < k ? w[i * k + 2 * j + 1] : 0;
+      wp[i * kp + j] = (uint32_t)(uint16_t)lo | (uint32_t)hi << 16;
+    }
+  for (int32_t r = 0; r < nr; r++) {
+    const int32_t yy = r - p->pad_top;
+    int16_t *d = buf + r * wst;
+    if (yy < 0 || yy >= xd.h) {
+      for (int32_t j = 0; j < wst; j += 2) __builtin_memset(d + j, 0, 4);
+    } else {
+      mt_stage_row_i16(xc + yy * xd.rs, xd.w, p->pad_left, z, d, wst);
+    }
+  }
+  for (int32_t oy = 0; oy < oh; oy++) {  /* row oy's four-column blocks spill into row oy + 1's, written next */
+    const int16_t *base = buf + oy * s * wst;
+    const int16_t *rows[MT_DW_KMAX];
+    for (int32_t i = 0; i < k; i++) rows[i] = base + i * wst;
+    int32_t *a = acc + oy * ow;
+    if (k == 3 && s == 1) staged_row(rows, ow, wp, 3, 1, a);
+    else if (k == 3 && s == 2) staged_row(rows, ow, wp, 3, 2, a);
+    else if (k == 5 && s == 1) staged_row(rows, ow, wp, 5, 1, a);
+    else if (k == 5 && s == 2) staged_row(rows, ow, wp, 5, 2, a);
+    else if (k == 7 && s == 1) staged_row(rows, ow, wp, 7, 1, a);
+    else if (k == 7 && s == 2) staged_row(rows, ow, wp, 7, 2, a);
+    else staged_row(rows, ow, wp, k, s, a);
+  }
+  if (rs == ow) {
+    mt_requant_row(acc, oh * ow, p->bias[c], p->mult[c], p->y_zero, out, mask, mask_base);
+  } else {
+    for (int32_t oy = 0; oy < oh; oy++)
+      mt_requant_row(acc + oy * ow, ow, p->bias[c], p->mult[c], p->y_zero, out + oy * rs, mask, mask_base + oy * ow);
+  }
+  return 1;
+}
+
+/* One channel by the fastest path that fits. */
+static void channel_any(const int8_t *x, mt_dims xd, const mt_conv *p, int32_t c, int8_t *out, int32_t rs,
+                        uint8_t *mask, int32_t mask_base, int32_t oh, int32_t ow) {
+  if (channel_plane(x, xd, p, c, out, rs, mask, mask_base, oh, ow)) return;
+  if (channel_staged(x, xd, p, c, out, rs, mask, mask_base, oh, ow)) return;
+  channel(x, xd, p, c, out, rs, mask, mask_base, oh, ow);
+}
+
 void mt_depthwise_conv2d(const int8_t *x, mt_dims xd, const mt_conv *p, int8_t *y, mt_dims yd, uint8_t *mask,
                          int8_t *scratch) {
   const int32_t hw = yd.h * yd.w;
   if (!scratch) {
-    for (int32_t c = 0; c < yd.c; c++)
-      if (!channel_staged(x, xd, p, c, y + c * yd.cs, yd.rs, mask, c * hw, yd.h, yd.w))
-        channel(x, xd, p, c, y + c * yd.cs, yd.rs, mask, c * hw, yd.h, yd.w);
+    for (int32_t c = 0; c < yd.c; c++) channel_any(x, xd, p, c, y + c * yd.cs, yd.rs, mask, c * hw, yd.h, yd.w);
     return;
   }
   const int descending = yd.cs > xd.cs;
   for (int32_t n = 0; n < yd.c; n++) {
     const int32_t c = descending ? yd.c - 1 - n : n;
-    if (!channel_staged(x, xd, p, c, scratch, yd.w, mask, c * hw, yd.h, yd.w))
-      channel(x, xd, p, c, scratch, yd.w, mask, c * hw, yd.h, yd.w);
+    channel_any(x, xd, p, c, scratch, yd.w, mask, c * hw, yd.h, yd.w);
     for (int32_t oy = 0; oy < yd.h; oy++) memcpy(y + c * yd.cs + oy * yd.rs, scratch + oy * yd.w, (size_t)yd.w);
   }
 }
