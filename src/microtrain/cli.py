@@ -9,7 +9,9 @@ import sys
 
 from microtrain.errors import MicrotrainError
 
-COMMANDS = ["models", "predict", "train", "eval", "export", "plan", "compile", "contrib", "search", "federate", "demo"]
+COMMANDS = ["models", "predict", "train", "eval", "export", "import", "plan", "compile", "contrib", "search",
+            "federate", "demo"]
+MODULES = {"import": "import_model"}  # a command whose module name is not its own (`import` is a Python keyword)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -20,7 +22,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--debug", action="store_true", help="show the traceback of an error (also MICROTRAIN_DEBUG=1)")
     sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name in COMMANDS:
-        importlib.import_module(f"microtrain.commands.{name}").add_parser(sub)
+        importlib.import_module(f"microtrain.commands.{MODULES.get(name, name)}").add_parser(sub)
     return p
 
 
