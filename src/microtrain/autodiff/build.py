@@ -178,6 +178,14 @@ def build_training_graph(fwd: Graph, scheme, num_classes: int, cfg: TrainConfig 
             gx = new_grad(x, "@pool")
             emit(Op("pool.grad", "avgpool_grad", [gy], [gx]))
             contribute(x, gx)
+        elif op.kind in ("maxpool2d", "avgpool2d", "reshape"):  # one input; maxpool re-finds its argmax in x
+            gx = new_grad(x, f"@{op.name}")
+            if op.kind == "reshape":
+                emit(Op(f"{op.name}.grad", "reshape", [gy], [gx], {"to": len(g.tensors[x].shape)}))
+            else:
+                emit(Op(f"{op.name}.grad", f"{op.kind}_grad", [gy, x] if op.kind == "maxpool2d" else [gy], [gx],
+                        {"pool": op.name, **plane(x)}))
+            contribute(x, gx)
         elif op.kind == "add":
             a, b = op.inputs
             outs = [new_grad(t, f"@{op.name}") if t in needs else None for t in (a, b)]

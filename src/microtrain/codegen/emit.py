@@ -44,7 +44,8 @@ KERNEL_FILES = ("mt_conv2d.c", "mt_depthwise_conv2d.c", "mt_add.c", "mt_avgpool.
                 "mt_slice_channels.c", "mt_linear.c", "mt_softmax_ce.c", "mt_linear_grad_input.c", "mt_avgpool_grad.c",
                 "mt_add_grad.c", "mt_grad_add.c", "mt_conv2d_grad_acc.c", "mt_conv2d_grad_input.c",
                 "mt_depthwise_grad_input.c", "mt_conv2d_update.c", "mt_linear_update.c", "mt_update.c", "mt_math.c",
-                "mt_q8.c", "mt_profile.c", "mt_tflite.c")
+                "mt_q8.c", "mt_profile.c", "mt_tflite.c", "mt_maxpool2d.c", "mt_avgpool2d.c", "mt_maxpool2d_grad.c",
+                "mt_avgpool2d_grad.c", "mt_reshape.c")
 # (the channel-serial block backward's helpers live in the kernels they share code with; mt_profile.c is empty unless
 # the profile build defines MT_PROFILE)
 HARNESS_FILES = {"host": ("mt_main.c", "mt_io.h", "mt_io_host.c"),
@@ -340,6 +341,13 @@ class Emitter:
                 code = [f"mt_avgpool_tfl({self.act(op.inputs[0])}, {c}, {h * w}, {act_range(op)}, {self.act(y)});"]
             else:
                 code = [f"mt_avgpool({self.act(op.inputs[0])}, {c}, {h * w}, {self.act(y)});"]
+        elif op.kind == "maxpool2d":
+            code = [f"mt_maxpool2d({self.act(op.inputs[0])}, {self.pool(op)}, {self.act(y)});"]
+        elif op.kind == "avgpool2d":
+            code = [f"mt_avgpool2d({self.act(op.inputs[0])}, {self.pool(op)}, {int(g.requant == Requant.TFLITE)}, "
+                    f"{self.act(y)});"]
+        elif op.kind == "reshape":
+            code = [self.reshape(op)]
         elif op.kind == "slice_channels":
             code = [f"mt_slice_channels({self.act(op.inputs[0])}, {g.tensors[y].nbytes}, {self.act(y)});"]
         elif op.kind == "linear":
@@ -351,6 +359,22 @@ class Emitter:
         else:
             raise MicrotrainError(f"op kind {op.kind!r} in the forward pass is not supported by the C generator")
         return code + self.trace(op.outputs[:1], "forward")
+
+    def pool(self, op: Op) -> str:
+        """The flash descriptor of a windowed pool (mt_pool.h) of forward op `op`."""
+        from microtrain.ir.ops import pool_pads
+
+        a = op.attrs
+        c, h, w = self.g.tensors[op.inputs[0]].shape
+        _, ho, wo = self.g.tensors[op.outputs[0]].shape
+        t, _, left, _ = pool_pads(a)
+        return self.define("mt_pool", "PL", op.name, f"{{{c}, {h}, {w}, {ho}, {wo}, {a['pool_h']}, {a['pool_w']}, "
+                           f"{a['stride']}, {t}, {left}, {act_range(op)}}}")
+
+    def reshape(self, op: Op) -> str:
+        """(C,) <-> (C,1,1): a copy, or nothing where the planner aliased the two."""
+        nbytes = self.g.tensors[op.outputs[0]].nbytes
+        return f"mt_reshape({self.act(op.inputs[0])}, {self.act(op.outputs[0])}, {nbytes}u);"
 
     def trace(self, names: list[str], phase: str) -> list[str]:
         """Dump hook calls for whole tensors right after the op that wrote them (they may be overwritten later)."""
@@ -464,6 +488,14 @@ class Emitter:
         if op.kind == "avgpool_grad":
             c, h, w = t[op.outputs[0]].shape
             return [f"mt_avgpool_grad{q8}({self.act(op.inputs[0])}, {c}, {h * w}, {self.act(op.outputs[0])});"]
+        if op.kind in ("maxpool2d_grad", "avgpool2d_grad"):
+            d = self.pool(g.op(a["pool"]))
+            tail = f"{self.act(op.outputs[0])}, {int(bool(q8))}, {self.workspace(op) if q8 else '0'}"
+            if op.kind == "maxpool2d_grad":
+                return [f"mt_maxpool2d_grad({self.act(op.inputs[0])}, {self.act(op.inputs[1])}, {d}, {tail});"]
+            return [f"mt_avgpool2d_grad({self.act(op.inputs[0])}, {d}, {tail});"]
+        if op.kind == "reshape":
+            return [self.reshape(op)]
         if op.kind == "add_grad":
             fwd = g.op(op.name.removesuffix(".grad"))
             at, bt, yt = (t[n] for n in (*fwd.inputs, fwd.outputs[0]))
@@ -805,6 +837,7 @@ SOURCE = """\
 #include <string.h>
 
 #include "model.h"
+#include "mt_pool.h"
 #include "mt_runtime.h"
 #include "mt_tflite.h"
 

@@ -49,7 +49,7 @@ MAKEFILE_HOST = """\
 # (AddressSanitizer + UBSan); `make run ARGS="..."` runs the harness (see mt_main.c for its options).
 CC = gcc
 SRCS = model.c {kernels} {harness}
-HDRS = model.h mt_runtime.h mt_tflite.h mt_io.h mt_config.h mt_state.h
+HDRS = model.h mt_runtime.h mt_tflite.h mt_pool.h mt_io.h mt_config.h mt_state.h
 CFLAGS = -std=c99 -O2 -Wall -Wextra -Werror -ffp-contract=off
 # explicit fmaf() is an instruction where the CPU has one (results are identical, it is only faster)
 ARCH := $(if $(filter x86_64,$(shell uname -m)),$(shell grep -qw fma /proc/cpuinfo 2>/dev/null && echo -mfma))
@@ -93,7 +93,7 @@ MAKEFILE_M4 = """\
 CC = arm-none-eabi-gcc
 CPU = {cpu}
 SRCS = model.c {kernels} {harness}
-HDRS = model.h mt_runtime.h mt_tflite.h mt_io.h mt_config.h mt_state.h
+HDRS = model.h mt_runtime.h mt_tflite.h mt_pool.h mt_io.h mt_config.h mt_state.h
 CFLAGS = -std=c99 -O3 -Wall -Wextra -Werror -ffp-contract=off $(CPU) -ffunction-sections -fdata-sections
 LDFLAGS = $(CPU) --specs=rdimon.specs -nostartfiles -T mt_m4.ld -Wl,--gc-sections -Wl,-Map=prog.map \\
 \t-Wl,--defsym=_min_stack_size={stack}
@@ -139,7 +139,7 @@ def emit_project(tg: Graph, plan: Plan, out_dir: str | Path, target: str = "host
                                      "graph. */\n#ifndef MT_CONFIG_H\n"
                                      f"#define MT_CONFIG_H\n{defines}#endif\n")
     rt = runtime_dir()
-    for f in ("mt_runtime.h", "mt_tflite.h", *KERNEL_FILES, *STATE_SOURCES, *HARNESS_FILES[target]):
+    for f in ("mt_runtime.h", "mt_tflite.h", "mt_pool.h", *KERNEL_FILES, *STATE_SOURCES, *HARNESS_FILES[target]):
         shutil.copyfile(rt / f, out / f)
     kernels = " ".join((*KERNEL_FILES, *(f for f in STATE_SOURCES if f.endswith(".c"))))
     harness = " ".join(f for f in HARNESS_FILES[target] if f.endswith(".c"))

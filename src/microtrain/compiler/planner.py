@@ -92,6 +92,20 @@ INPLACE_OPS: dict[str, InplaceRule] = {
     "grad_add": elementwise(0, 1),
     "add_grad": _all_outputs_on_input(0),  # g_a = g * mask * ra, g_b = g * mask * rb
     "conv2d_grad_input": InplaceRule(_depthwise_grad_pairs, _one_channel, resize=True),
+    "reshape": elementwise(0),  # (C,) <-> (C,1,1): the same bytes, so aliasing makes it free
+}
+
+# The op kinds that never run in place, and why (tests/test_op_registry.py: every kind is in one of the two tables).
+NOT_INPLACE: dict[str, str] = {
+    **dict.fromkeys(("avgpool", "linear", "linear_grad_input", "softmax_ce"), "the output is smaller or of another "
+                    "type than its input (a reduction)"),
+    **dict.fromkeys(("maxpool2d", "avgpool2d"), "a window reads neighbours that a row-order write would clobber"),
+    **dict.fromkeys(("avgpool_grad", "maxpool2d_grad", "avgpool2d_grad"), "the output is larger than its input"),
+    "slice_channels": "its input stays alive for the forward pass (it is the saved copy)",
+    **dict.fromkeys(("conv2d_weight_grad", "linear_weight_grad"), "parameter gradients are not activations"),
+    **dict.fromkeys(("conv2d_update", "linear_update", "apply_update"), "writes no arena tensor (updates the state)"),
+    **dict.fromkeys(("patch_stage", "block_grad"), "planning-view ops: their members' rules and their own scratch "
+                    "apply"),
 }
 
 

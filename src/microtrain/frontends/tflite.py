@@ -337,23 +337,55 @@ class _Builder:
         y = self.activation(outs[0], tuple(self.tensors[a]["shape"]))
         self.add_op(f"add{k}", "add", [a, b], [y], _act_range(act, ys, yz, what))
 
-    def pool(self, k: int, kind: str, ins: list[int], outs: list[int], opt: Any) -> None:
+    def window(self, k: int, kind: str, ins: list[int], outs: list[int], o: Any) -> None:
+        """MAX_POOL_2D / a windowed AVERAGE_POOL_2D: maxpool2d / avgpool2d with TFLite's SAME or VALID padding."""
         import tflite
 
         what = f"operator {k} ({kind})"
         x = self.src(ins[0], what)
         c, h, w = self.chw(ins[0], what)
+        kh, kw, s = int(o.FilterHeight()), int(o.FilterWidth()), int(o.StrideH())
+        if s != o.StrideW() or not 1 <= s <= 16:
+            raise self.err(f"{what}: strides {o.StrideH()}x{o.StrideW()} (equal strides 1..16 are supported)")
+        if not (1 <= kh <= h + 64 and 1 <= kw <= w + 64):
+            raise self.err(f"{what}: a {kh}x{kw} window on {h}x{w}")
+        if o.Padding() == tflite.Padding.SAME:
+            (t, b), (left, r) = _same_pads(h, kh, s), _same_pads(w, kw, s)
+        else:
+            t = b = left = r = 0
+        if self.act_quant(ins[0]) != self.act_quant(outs[0]):
+            raise self.err(f"{what}: input and output quantization differ (not supported)")
+        ys, yz = self.act_quant(outs[0])
+        act = _act_range(o.FusedActivationFunction(), ys, yz, what)
+        if kind == "AVERAGE_POOL_2D" and act:
+            raise self.err(f"{what}: a fused activation on a windowed average pool is not supported")
+        ho, wo = (h + t + b - kh) // s + 1, (w + left + r - kw) // s + 1
+        if self.chw(outs[0], what) != (c, ho, wo):
+            raise self.err(f"{what}: output {list(self.r.shape(outs[0]))} does not follow from its input and window")
+        attrs: dict[str, Any] = {"pool_h": kh, "pool_w": kw, "stride": s, "padding": t, **act}
+        for key, v in (("pad_left", left), ("pad_bottom", b), ("pad_right", r)):
+            if v != {"pad_left": t, "pad_bottom": t, "pad_right": left}[key]:
+                attrs[key] = v
+        y = self.activation(outs[0], (c, ho, wo))
+        self.add_op(f"pool{k}", "maxpool2d" if kind == "MAX_POOL_2D" else "avgpool2d", [x], [y], attrs)
+
+    def pool(self, k: int, kind: str, ins: list[int], outs: list[int], opt: Any) -> None:
+        import tflite
+
+        what = f"operator {k} ({kind})"
+        c, h, w = self.chw(ins[0], what)
         act = 0
-        if kind == "AVERAGE_POOL_2D":
+        if kind in ("AVERAGE_POOL_2D", "MAX_POOL_2D"):
             if opt is None:
                 raise self.err(f"{what}: options are missing")
             o = tflite.Pool2DOptions()
             o.Init(opt.Bytes, opt.Pos)
-            if (o.FilterHeight(), o.FilterWidth()) != (h, w):
-                raise self.err(f"{what}: a {o.FilterHeight()}x{o.FilterWidth()} window on {h}x{w} (only global "
-                               "pooling is supported)")
+            whole = (o.FilterHeight(), o.FilterWidth()) == (h, w) and int(np.prod(self.r.shape(outs[0]))) == c
+            if kind == "MAX_POOL_2D" or not whole:
+                return self.window(k, kind, ins, outs, o)
             act = o.FusedActivationFunction()
-        else:
+        x = self.src(ins[0], what)
+        if kind == "MEAN":
             axes = sorted(int(v) for v in self.const(ins[1], what).reshape(-1))
             if axes != [1, 2]:
                 raise self.err(f"{what}: axes {axes} (only the spatial axes [1, 2] are supported)")
@@ -368,17 +400,33 @@ class _Builder:
             attrs["mean"] = True  # TFLite's MEAN rounds through a folded fixed-point multiplier (ir/ops.py)
         self.add_op(f"pool{k}", "avgpool", [x], [y], attrs)
 
+    def reshape_op(self, x: str, shape: tuple[int, ...], k: int) -> str:
+        """A `reshape` op (C,) <-> (C,1,1) of graph tensor x: its output's name."""
+        t = self.tensors[x]
+        y = f"{x}.r{len(shape)}"
+        if y not in self.tensors:
+            self.tensors[y] = {**t, "shape": list(shape), "role": "act"}
+            self.add_op(f"reshape{k}", "reshape", [x], [y], {"to": len(shape)})
+        return y
+
     def fc(self, k: int, ins: list[int], outs: list[int], opt: Any, last: bool) -> None:
+        """The last FULLY_CONNECTED is the classifier head (`linear`, replaced by training's new head); any other
+        is a `conv2d` on (C,1,1) (1x1), or on the H x W map it flattens (an H x H kernel, H odd: TFLite's NHWC
+        flatten order becomes the weight's (c, i, j) order), so it trains, plans and compiles like any conv."""
         import tflite
 
         what = f"operator {k} (FULLY_CONNECTED)"
         x = self.src(ins[0], what)
-        if len(self.tensors[x]["shape"]) != 1 or not last:
-            raise self.err(f"{what}: only a classifier head on pooled features, as the last op, is supported")
-        c = self.tensors[x]["shape"][0]
+        xs = tuple(self.tensors[x]["shape"])
+        c, hh, ww = (*xs, 1, 1) if len(xs) == 1 else xs
         wt = self.const(ins[1], what)
-        if wt.dtype != np.int8 or wt.ndim != 2 or wt.shape[1] != c:
-            raise self.err(f"{what}: weights {list(wt.shape)} do not fit {c} features")
+        if wt.dtype != np.int8 or wt.ndim != 2 or wt.shape[1] != c * hh * ww:
+            raise self.err(f"{what}: weights {list(wt.shape)} do not fit {c * hh * ww} features")
+        if last and len(xs) == 3 and hh * ww > 1:
+            raise self.err(f"{what}: a classifier head on an unpooled {hh}x{ww} map is not supported (pool first, or "
+                           "add a fully-connected layer before the head)")
+        if not last and (hh != ww or hh % 2 == 0):
+            raise self.err(f"{what}: flattens a {hh}x{ww} map (square odd maps and vectors are supported)")
         o = wt.shape[0]
         act = 0
         if opt is not None:
@@ -390,9 +438,25 @@ class _Builder:
         ys, yz = self.act_quant(outs[0])
         if int(np.prod(self.r.shape(outs[0]))) != o:
             raise self.err(f"{what}: output shape {list(self.r.shape(outs[0]))} is not [{o}]")
+        scales, bias = self.weight_scales(ins[1], o, what), self.bias(ins, o, what)
+        if not last:
+            if len(xs) == 1:
+                x = self.reshape_op(x, (c, 1, 1), k)
+            name = f"conv{self.convs}"
+            w4 = np.ascontiguousarray(wt.reshape(o, hh, ww, c).transpose(0, 3, 1, 2))
+            wn = self.param(f"{name}.w", w4, "weight", scales)
+            bn = self.param(f"{name}.b", bias, "bias")
+            y = self.activation(outs[0], (o, 1, 1))
+            self.add_op(name, "conv2d", [x, wn, bn], [y], {"stride": 1, "padding": 0, "groups": 1,
+                                                           "conv_index": self.convs, "fc": True,
+                                                           **_act_range(act, ys, yz, what)})
+            self.convs += 1
+            return
+        if len(xs) == 3:
+            x = self.reshape_op(x, (c,), k)
         name = f"fc{k}"
-        wn = self.param(f"{name}.w", np.ascontiguousarray(wt), "weight", self.weight_scales(ins[1], o, what))
-        bn = self.param(f"{name}.b", self.bias(ins, o, what), "bias")
+        wn = self.param(f"{name}.w", np.ascontiguousarray(wt), "weight", scales)
+        bn = self.param(f"{name}.b", bias, "bias")
         y = self.activation(outs[0], (o,))
         self.add_op(name, "linear", [x, wn, bn], [y], _act_range(act, ys, yz, what))
 
@@ -430,14 +494,18 @@ def tflite_to_graph(buf: bytes, path: Path) -> Graph:
             bld.pad(k, ins, outs)
         elif kind == "ADD":
             bld.add(k, ins, outs, opt)
-        elif kind in ("AVERAGE_POOL_2D", "MEAN"):
+        elif kind in ("AVERAGE_POOL_2D", "MAX_POOL_2D", "MEAN"):
             bld.pool(k, kind, ins, outs, opt)
-        elif kind == "RESHAPE":
+        elif kind == "RESHAPE":  # a vector, or a map flattened for the FULLY_CONNECTED that must read it next
             x = bld.src(ins[0], f"operator {k} (RESHAPE)")
-            n = int(np.prod(r.shape(outs[0])))
-            if len(bld.tensors[x]["shape"]) != 1 or n != bld.tensors[x]["shape"][0] or \
-                    bld.act_quant(outs[0]) != bld.act_quant(ins[0]):
-                raise bld.err(f"operator {k} (RESHAPE): only reshaping a pooled vector is supported")
+            xs = bld.tensors[x]["shape"]
+            out = r.shape(outs[0])
+            nxt = [o for o in ops[k + 1:] if outs[0] in o[1]]
+            flat = len(out) == 2 and out[0] == 1 and all(o[0] == "FULLY_CONNECTED" and o[1][0] == outs[0] for o in nxt)
+            if int(np.prod(out)) != int(np.prod(xs)) or bld.act_quant(outs[0]) != bld.act_quant(ins[0]) or not (
+                    len(xs) == 1 or int(np.prod(xs[1:])) == 1 or flat):
+                raise bld.err(f"operator {k} (RESHAPE): only reshaping a vector, or flattening a map for a "
+                              "FULLY_CONNECTED, is supported")
             bld.name_of[outs[0]] = x
         elif kind == "FULLY_CONNECTED":
             bld.fc(k, ins, outs, opt, last=k == len(ops) - 1)

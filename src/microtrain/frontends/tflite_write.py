@@ -200,7 +200,8 @@ def fused_activation(g, op) -> str:
 
 
 def graph_to_tflite(g) -> bytes:
-    """A forward int8 graph (conv2d, add, global avgpool, an int8 linear head) as a TFLite flatbuffer: the same
+    """A forward int8 graph (conv2d, add, global avgpool, windowed max / average pools, imported FULLY_CONNECTED
+    layers (conv2d with `fc`), an int8 linear head) as a TFLite flatbuffer: the same
     weights and quantization parameters, NHWC. A padding TF's SAME does not reproduce becomes PAD + VALID. The file
     computes under TFLite's fixed-point rule whatever rule `g` has (a zoo model's float32-multiplier rounding differs
     from it by at most one step per requantization)."""
@@ -224,6 +225,14 @@ def graph_to_tflite(g) -> bytes:
             xt, wt, bt, yt = (g.tensors[n] for n in (*op.inputs, op.outputs[0]))
             if len(op.inputs) != 3:
                 raise ValueError(f"{op.name}: a training graph's split weight cannot be exported")
+            if a.get("fc"):  # an imported FULLY_CONNECTED: back to one, flattening its input in NHWC order
+                wfc = wt.data.transpose(0, 2, 3, 1).reshape(wt.shape[0], -1)
+                wi = w.tensor(wfc.shape, np.int8, scale=wt.scale, zero=0, data=wfc)
+                bi = w.tensor(bt.shape, np.int32, scale=(np.float64(xt.scale) * wt.scale).astype(np.float32), zero=0,
+                              data=bt.data)
+                idx[op.outputs[0]] = w.tensor((1, yt.shape[0]), np.int8, scale=float(yt.scale), zero=int(yt.zero))
+                w.op("FULLY_CONNECTED", [idx[op.inputs[0]], wi, bi], [idx[op.outputs[0]]], act=fused)
+                continue
             dw = a["groups"] > 1
             if dw and not a["groups"] == xt.shape[0] == wt.shape[0]:
                 raise ValueError(f"{op.name}: grouped convolution")
@@ -262,6 +271,22 @@ def graph_to_tflite(g) -> bytes:
                      act=fused)
             sh = w.tensor((2,), np.int32, data=np.array([1, c]))
             w.op("RESHAPE", [y4, sh], [act(op.outputs[0])])
+        elif op.kind in ("maxpool2d", "avgpool2d"):
+            from microtrain.ir.ops import pool_pads
+
+            c, h, wd = g.tensors[op.inputs[0]].shape
+            kh, kw, s = a["pool_h"], a["pool_w"], a["stride"]
+            pads = pool_pads(a)
+            if pads == (0, 0, 0, 0):
+                padding = "VALID"
+            elif pads == (*_same_pads(h, kh, s), *_same_pads(wd, kw, s)):
+                padding = "SAME"
+            else:
+                raise ValueError(f"{op.name}: padding {list(pads)} is neither SAME nor VALID")
+            w.op("MAX_POOL_2D" if op.kind == "maxpool2d" else "AVERAGE_POOL_2D", [idx[op.inputs[0]]],
+                 [act(op.outputs[0])], filter=(kh, kw), stride=s, padding=padding, act=fused)
+        elif op.kind == "reshape":  # (C,) <-> (C,1,1): TFLite's FULLY_CONNECTED reads either as it is
+            idx[op.outputs[0]] = idx[op.inputs[0]]
         elif op.kind == "linear" and g.tensors[op.inputs[1]].dtype == "int8":
             xt, wt, bt = (g.tensors[n] for n in op.inputs)
             wi = w.tensor(wt.shape, np.int8, scale=wt.scale, zero=0, data=wt.data)

@@ -270,7 +270,8 @@ ARRAY_DTYPES = {"int8": "int8", "int32": "int32", "float32": "float32", "uint8":
 INT_ATTRS = {"stride": (1, 16), "padding": (0, 64), "groups": (1, MAX_DIM), "conv_index": (0, MAX_OPS),
              "train_channels": (0, MAX_DIM), "split_axis": (0, 3), "kernel": (1, 64), "channels": (0, MAX_DIM),
              "scratch_bytes": (0, 1 << 31), "grid": (1, 64), "macs": (0, 1 << 62), "pad_bottom": (0, 64),
-             "pad_right": (0, 64), "act_min": (-128, 127), "act_max": (-128, 127)}
+             "pad_right": (0, 64), "act_min": (-128, 127), "act_max": (-128, 127), "pool_h": (1, MAX_SPATIAL),
+             "pool_w": (1, MAX_SPATIAL), "pad_left": (0, 64), "to": (1, 3)}
 TRAIN_CONFIG_TYPES = {"optimizer": str, "momentum": float, "betas": list, "eps": float, "qas": bool, "reorder": bool,
                       "update_storage": str, "int8_grads": bool, "seed": int}
 
@@ -560,4 +561,28 @@ def _check_pool(g: Graph, op: Op) -> None:
     _need(not op.attrs.get("mean") or g.requant == Requant.TFLITE, op, "mean needs meta.requant = tflite-fixed-point")
 
 
-_FORWARD_CHECKS = {"conv2d": _check_conv, "linear": _check_linear, "add": _check_add, "avgpool": _check_pool}
+def _check_window(g: Graph, op: Op) -> None:
+    """maxpool2d / avgpool2d: int8 CxHxW in and out with the same quantization, a window inside the padded input
+    whose every position holds at least one tap (TFLite's SAME / VALID never make an empty window)."""
+    x, y = g.tensors[op.inputs[0]], g.tensors[op.outputs[0]]
+    a = op.attrs
+    for k in ("pool_h", "pool_w", "stride", "padding"):
+        _need(k in a, op, f"attribute {k} is missing")
+    _need(len(x.shape) == 3 and x.dtype == "int8" and x.scale is not None, op, "input is not an int8 CxHxW activation")
+    _need(y.dtype == "int8" and y.scale == x.scale and y.zero == x.zero, op, "output quantization differs from the "
+          "input's")
+    t, b, left, r = opdefs.pool_pads(a)
+    _need(max(t, b) < a["pool_h"] and max(left, r) < a["pool_w"], op, "padding as large as the window")
+    _need(x.shape[1] + t + b >= a["pool_h"] and x.shape[2] + left + r >= a["pool_w"], op, "window larger than input")
+    _check_act_range(g, op)
+    _need(op.kind == "maxpool2d" or not ("act_min" in a or "act_max" in a), op, "avgpool2d takes no fused activation")
+
+
+def _check_reshape(g: Graph, op: Op) -> None:
+    x, y = g.tensors[op.inputs[0]], g.tensors[op.outputs[0]]
+    _need(x.shape in ((x.shape[0],), (x.shape[0], 1, 1)) and x.dtype == y.dtype and x.scale == y.scale
+          and x.zero == y.zero, op, "reshape is only (C,) <-> (C,1,1) of one tensor type")
+
+
+_FORWARD_CHECKS = {"conv2d": _check_conv, "linear": _check_linear, "add": _check_add, "avgpool": _check_pool,
+                   "maxpool2d": _check_window, "avgpool2d": _check_window, "reshape": _check_reshape}

@@ -29,6 +29,9 @@ from zero; (q, s) = QuantizeMultiplier(real) (frac of frexp rounded half away fr
   avgpool: s = sum x[c]; y[c] = clamp(s > 0 ? (s + n/2) / n : (s - n/2) / n) (C division, n = H*W); with attr
     mean (TFLite's MEAN): y[c] = clamp(MBQM(s - x.zero * n, q', s') + y.zero), (q, sh) of x.scale / y.scale,
     k = min(bit_length(n) - 1, 32, 31 + sh), q' = (q << k) // n, s' = sh - k.
+  avgpool2d: s and n are the sum and the count of the window's taps inside x (TFLite's filter_count);
+    y = clamp8(s > 0 ? (s + n/2) / n : (s - n/2) / n) (C division: ties away from zero; no fused activation).
+  maxpool2d: the same as under float32-multiplier (integer max, clamp to act_min/act_max).
 The backward (STE) uses the float32 multiplier m[o] of the conv2d text in both rules.
 A conv's `padding` is its top and left padding; optional pad_bottom / pad_right (default `padding`) the bottom and
 right padding (TF's SAME padding at stride 2); the output size follows from all four.
@@ -72,6 +75,33 @@ def conv_pads(attrs: dict) -> tuple[int, int, int, int]:
     `padding`) after (TF's SAME padding at stride 2 puts the odd row and column at the end)."""
     p = attrs["padding"]
     return p, attrs.get("pad_bottom", p), p, attrs.get("pad_right", p)
+
+
+def pool_pads(attrs: dict) -> tuple[int, int, int, int]:
+    """(top, bottom, left, right) of a windowed pool: `padding` top, pad_left (default `padding`), pad_bottom /
+    pad_right (default top / left). Padded taps are not taps: they are outside the window, not zeros."""
+    t = attrs["padding"]
+    left = attrs.get("pad_left", t)
+    return t, attrs.get("pad_bottom", t), left, attrs.get("pad_right", left)
+
+
+def _pool_shape(g: Graph, op: Op) -> list[tuple[int, ...]]:
+    c, h, w = _shape(g, op, 0)
+    a = op.attrs
+    t, b, left, r = pool_pads(a)
+    return [(c, (h + t + b - a["pool_h"]) // a["stride"] + 1, (w + left + r - a["pool_w"]) // a["stride"] + 1)]
+
+
+def _pool_macs(g: Graph, op: Op) -> int:
+    """Window taps visited (one compare or add each; counted like MACs so the cost model sees pooling)."""
+    c, ho, wo = g.tensors[op.outputs[0]].shape
+    return c * ho * wo * op.attrs["pool_h"] * op.attrs["pool_w"]
+
+
+def _reshape_shape(g: Graph, op: Op) -> list[tuple[int, ...]]:
+    """(C,) <-> (C,1,1): `attrs.to` is the output's rank; the bytes are the same (CHW with H = W = 1)."""
+    c = _shape(g, op, 0)[0]
+    return [(c, 1, 1) if op.attrs.get("to", 1) == 3 else (c,)]
 
 
 def _conv_shape(g: Graph, op: Op) -> list[tuple[int, ...]]:
@@ -131,6 +161,23 @@ OPS: dict[str, OpDef] = {
         lambda g, op: _shape(g, op, 1)[0] * _shape(g, op, 1)[1],
         "classification head. int8 weights: the 1x1 conv rule on a [C] vector (int8 logits). float32 weights: "
         "logits[k] = chain_{c=0..C-1} fma(float(x[c] - x.zero) * x.scale, w[k,c]) + b[k] (the paper's fp32 head)."),
+    "maxpool2d": OpDef(
+        ("x",), _pool_shape, _pool_macs,
+        "windowed max pool (TFLite MAX_POOL_2D): window (oy, ox) covers rows oy*stride - top + i, i < pool_h, and "
+        "columns ox*stride - left + j, j < pool_w; taps outside x are not taps (never padding values). y[c,oy,ox] = "
+        "clamp(max of x over the window's taps, act_min, act_max); y keeps x's scale and zero point. Integer: the "
+        "same under both requantization rules. Its argmax is the first tap holding the maximum in row-major (i, j) "
+        "scan order (the gradient goes there only)."),
+    "avgpool2d": OpDef(
+        ("x",), _pool_shape, _pool_macs,
+        "windowed average pool (TFLite AVERAGE_POOL_2D), the window of maxpool2d: s = sum of x over the n taps "
+        "inside x (int32); y = clamp8(rint(float(s) / float(n))) (float32 rule; the TFLite rule above); y keeps "
+        "x's scale and zero point."),
+    "reshape": OpDef(
+        ("x",), _reshape_shape, _none,
+        "y = x as (C,) <-> (C,1,1) (`attrs.to` = the output's rank): the same bytes in the same order (also for a "
+        "gradient, float32 or qint8: one scale per channel either way). Connects a fully-connected layer imported as "
+        "a 1x1 conv2d on (C,1,1) with vectors (pooled features, the head's input)."),
     # ---- training ops (built by autodiff/; float32 gradients in integer units: g_t = dL/dt_q) ----------------
     "slice_channels": OpDef(
         ("x",), _declared, _none,
@@ -145,6 +192,15 @@ OPS: dict[str, OpDef] = {
         "fp32 head: g_x[c] = chain_{k=0..K-1} fma(g[k], w[k,c]) * x.scale."),
     "avgpool_grad": OpDef(
         ("g",), _declared, _none, "g_x[c,h,w] = g[c] / float(H*W) (one division per channel)."),
+    "maxpool2d_grad": OpDef(
+        ("g", "x"), _declared, _none,
+        "g_x[c,y,x] = chain_{(oy,ox) row-major} add(g[c,oy,ox]) over the windows whose argmax (maxpool2d's scan "
+        "order, recomputed from the saved input x) is (y, x) and whose maximum lies inside [act_min, act_max] (the "
+        "fused clamp's STE mask); 0 elsewhere. Ties: the first tap in row-major (i, j) order takes it all."),
+    "avgpool2d_grad": OpDef(
+        ("g",), _declared, _none,
+        "g_x[c,y,x] = chain_{(oy,ox) row-major} add(g[c,oy,ox] / float(n[oy,ox])) over the windows that have (y, x) "
+        "as a tap, n the window's tap count (one division per output element)."),
     "add_grad": OpDef(
         ("g", "mask"), _declared, _none,
         "g_a = (g * float(mask)) * ra, g_b = (g * float(mask)) * rb (mask 1 where the add's pre-clamp value was "

@@ -11,6 +11,7 @@ from microtrain.ir.graph import Graph, Op
 from microtrain.ir.ops import conv_pads
 from microtrain.ir.quant import Requant, add_fixed_point, add_ratios, mean_fixed_point
 from microtrain.runtime import kernels as K
+from microtrain.runtime import pool_kernels as PK
 
 
 class Executor:
@@ -64,6 +65,12 @@ class Executor:
                 params = mean_fixed_point(ts[0].scale, y.scale, ins[0].shape[2] * ins[0].shape[3])
                 return K.mean_tflite(ins[0], ts[0].zero, y.zero, params, act)
             return K.avgpool_tflite(ins[0], act) if self.tflite else K.avgpool_int8(ins[0])
+        if op.kind == "maxpool2d":
+            return PK.maxpool2d(ins[0], op.attrs)
+        if op.kind == "avgpool2d":
+            return PK.avgpool2d(ins[0], op.attrs, self.tflite)
+        if op.kind == "reshape":
+            return ins[0].reshape(ins[0].shape[0], *y.shape)
         if op.kind == "linear":
             if ts[1].dtype == "int8":
                 acc = K.conv_acc(ins[0][:, :, None, None], ts[0].zero, ins[1][:, :, None, None], 1, 0, 1)[:, :, 0, 0]

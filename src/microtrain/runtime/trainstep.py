@@ -21,6 +21,7 @@ from microtrain.ir.graph import Graph, Op
 from microtrain.ir.ops import conv_pads
 from microtrain.ir.quant import Requant, add_fixed_point, add_ratios, mean_fixed_point, qas_divisor
 from microtrain.runtime import kernels as K
+from microtrain.runtime import pool_kernels as PK
 
 M32 = 0xFFFFFFFF
 
@@ -183,6 +184,24 @@ class GraphTrainStep:
             return [K.avgpool_int8(x)]
         return [x.mean(dim=(2, 3))]
 
+    def _maxpool2d(self, op: Op, env: dict, train: bool) -> list[torch.Tensor]:
+        return [PK.maxpool2d(env[op.inputs[0]], op.attrs, self.exact)]
+
+    def _avgpool2d(self, op: Op, env: dict, train: bool) -> list[torch.Tensor]:
+        return [PK.avgpool2d(env[op.inputs[0]], op.attrs, self.tflite, self.exact)]
+
+    def _reshape(self, op: Op, env: dict, train: bool) -> list[torch.Tensor]:
+        x = env[op.inputs[0]]
+        return [x.reshape(x.shape[0], *self.g.tensors[op.outputs[0]].shape)]
+
+    def _maxpool2d_grad(self, op: Op, env: dict, train: bool) -> list[torch.Tensor]:
+        fwd = self.g.op(op.attrs["pool"])
+        return [PK.maxpool2d_grad(env[op.inputs[0]], env[op.inputs[1]], fwd.attrs)]
+
+    def _avgpool2d_grad(self, op: Op, env: dict, train: bool) -> list[torch.Tensor]:
+        fwd = self.g.op(op.attrs["pool"])
+        return [PK.avgpool2d_grad(env[op.inputs[0]], self.g.tensors[op.outputs[0]].shape, fwd.attrs)]
+
     def _features(self, name: str, env: dict) -> torch.Tensor:
         t = self.g.tensors[name]
         return (env[name].to(torch.float32) - t.zero) * float(t.scale)
@@ -318,7 +337,9 @@ class GraphTrainStep:
         "add_grad": _add_grad, "grad_add": _grad_add, "conv2d_grad_acc": _conv2d_grad_acc,
         "conv2d_grad_input": _conv2d_grad_input, "conv2d_update": _conv2d_update,
         "conv2d_weight_grad": _conv2d_weight_grad, "linear_update": _linear_update,
-        "linear_weight_grad": _linear_weight_grad, "apply_update": _apply_update,
+        "linear_weight_grad": _linear_weight_grad, "apply_update": _apply_update, "maxpool2d": _maxpool2d,
+        "avgpool2d": _avgpool2d, "reshape": _reshape, "maxpool2d_grad": _maxpool2d_grad,
+        "avgpool2d_grad": _avgpool2d_grad,
     }
 
     # ---- protocol -------------------------------------------------------------------------------------------

@@ -1,0 +1,253 @@
+"""The committed .tflite fixtures (tests/fixtures/make_tflite.py): a MobileNetV1-style net, a ResNet-style net (residual
+adds, no depthwise, an overlapping padded MAX_POOL_2D, a windowed AVERAGE_POOL_2D, MEAN) and a plain CNN (MAX_POOL_2D,
+a flatten, two FULLY_CONNECTED layers with a RELU between).
+
+Each is checked end to end: imported logits against TFLite Micro's interpreter (bit for bit) and LiteRT's reference
+kernels (within one output step, top-1 equal) on real images; the torch engine trains it; the planner plans it; the C
+program of its training step equals the torch engine on the host (first step's activations bit for bit, the state
+after the stream within the engines' stated tolerance) and the Cortex-M4 (QEMU) equals the host byte for byte; and it
+exports back to a .tflite that TFLite Micro runs like microtrain.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from microtrain.frontends.zoo import load_model
+from microtrain.runtime.executor import Executor
+
+FIXTURES = Path(__file__).parent / "fixtures"
+NAMES = ("mbv1", "resnet", "plain_cnn")
+SCHEMES = {"mbv1": "last:3", "resnet": "last:4", "plain_cnn": "full"}
+
+
+def maker():
+    """tests/fixtures/make_tflite.py as a module."""
+    spec = importlib.util.spec_from_file_location("make_tflite", FIXTURES / "make_tflite.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def images(g, n: int, seed: int = 5) -> tuple[np.ndarray, np.ndarray]:
+    from microtrain.data.samples import real_images
+
+    x, y, _ = real_images(n, g.tensors[g.inputs[0]].shape, seed=seed, num_classes=10)
+    return x, np.asarray(y)
+
+
+def test_committed_fixtures_are_what_the_script_writes(tmp_path):
+    torch.set_num_threads(1)
+    mod = maker()
+    for name in NAMES:
+        assert mod.FIXTURES[name]() == (FIXTURES / f"{name}.tflite").read_bytes(), name
+
+
+def test_fixtures_have_the_ops_they_claim():
+    kinds = {n: [o.kind for o in load_model(FIXTURES / f"{n}.tflite").ops] for n in NAMES}
+    assert "maxpool2d" in kinds["resnet"] and "avgpool2d" in kinds["resnet"] and kinds["resnet"].count("add") == 2
+    g = load_model(FIXTURES / "resnet.tflite")
+    assert all(o.attrs.get("groups", 1) == 1 for o in g.ops)  # no depthwise
+    mp = next(o for o in g.ops if o.kind == "maxpool2d")
+    assert (mp.attrs["pool_h"], mp.attrs["stride"], mp.attrs.get("pad_bottom")) == (3, 2, 1)  # SAME: pads 0 / 1
+    assert kinds["plain_cnn"].count("maxpool2d") == 2 and kinds["plain_cnn"][-1] == "linear"
+    pc = load_model(FIXTURES / "plain_cnn.tflite")
+    fc = [o for o in pc.ops if o.attrs.get("fc")]  # FULLY_CONNECTED inside the network: a conv on the 7x7 map
+    assert len(fc) == 1 and pc.tensors[fc[0].inputs[1]].shape == (32, 16, 7, 7)
+    assert pc.tensors[fc[0].outputs[0]].zero == -128  # its RELU: the int8 range starts at real 0
+    mb = load_model(FIXTURES / "mbv1.tflite")
+    assert sum(o.attrs.get("groups", 1) > 1 for o in mb.ops) == 4
+
+
+def reference_logits(buf: bytes, path: Path, x: np.ndarray, logits_index: int) -> tuple[np.ndarray, np.ndarray]:
+    """(LiteRT reference kernels' logits, TFLM's logits) for images x (NCHW int8)."""
+    litert = pytest.importorskip("ai_edge_litert.interpreter")
+    tflm = pytest.importorskip("tflite_micro.python.tflite_micro.runtime")
+    it = litert.Interpreter(model_path=str(path), experimental_preserve_all_tensors=True,
+                            experimental_op_resolver_type=litert.OpResolverType.BUILTIN_REF)
+    it.allocate_tensors()
+    tm = tflm.Interpreter.from_bytes(buf, arena_size=1 << 20)
+    lr, tr = [], []
+    for img in x:
+        nhwc = img.transpose(1, 2, 0)[None]
+        it.set_tensor(it.get_input_details()[0]["index"], nhwc)
+        it.invoke()
+        lr.append(it.get_tensor(logits_index).reshape(-1))
+        tm.set_input(nhwc, 0)
+        tm.invoke()
+        tr.append(tm.get_output(0).reshape(-1))
+    return np.stack(lr), np.stack(tr)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_fixture_agrees_with_litert_and_tflite_micro(name):
+    """On 40 real images: logits equal TFLM's bit for bit (the file without its SOFTMAX: the same integers), within
+    one step of LiteRT's reference kernels, top-1 equal to both; the logits spread over classes (no constant net)."""
+    path = FIXTURES / f"{name}.tflite"
+    g = load_model(path)
+    x, _ = images(g, 40)
+    ours = Executor(g).run(torch.from_numpy(x))[g.outputs[0]].numpy().astype(np.int64)
+    lite, micro = reference_logits(maker().FIXTURES[name](softmax=False), path, x, int(g.outputs[0][1:]))
+    np.testing.assert_array_equal(ours, micro)
+    assert np.abs(ours - lite).max() <= 1
+    assert (ours.argmax(1) == lite.argmax(1)).all() and (ours.argmax(1) == micro.argmax(1)).all()
+    assert len(np.unique(ours.argmax(1))) >= 4 and len(np.unique(ours)) > 50
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_fixture_trains_and_plans(name):
+    """A few torch-engine steps change the trainable tensors (FC-as-conv and convs behind pools included) with finite
+    losses; the planner plans the step inside 256 KB / 1 MB."""
+    from microtrain.autodiff.build import build_training_graph
+    from microtrain.compiler.memory import compile_memory
+    from microtrain.runtime.trainstep import GraphTrainStep
+    from microtrain.sparse.scheme import resolve_scheme
+
+    g = load_model(FIXTURES / f"{name}.tflite")
+    scheme = resolve_scheme(SCHEMES[name], g)
+    step = GraphTrainStep(build_training_graph(g, scheme, 10))
+    before = step.state_dict()
+    x, y = images(g, 16, seed=9)
+    losses = [step.step(torch.from_numpy(x[i:i + 4]), torch.from_numpy(y[i:i + 4]), 0.05) for i in range(0, 16, 4)]
+    assert all(np.isfinite(losses))
+    after = step.state_dict()
+    changed = [n for n in before if n != "__step__" and not np.array_equal(before[n], after[n])]
+    assert any(n.endswith("w_train") for n in changed) and len(changed) >= 4
+    rep = compile_memory(g, scheme)
+    assert rep.peak_sram_bytes <= 256 * 1024 and rep.flash_bytes <= 1024 * 1024
+
+
+def c_and_engine(name, tmp_path, scheme, int8_grads=False, n=8):
+    from microtrain.autodiff.build import TrainConfig, build_training_graph
+    from microtrain.compiler.memory import plan_training_graph
+    from microtrain.sparse.scheme import resolve_scheme
+    from test_codegen import check, run_parity
+
+    g = load_model(FIXTURES / f"{name}.tflite")
+    x, y = images(g, n + 4, seed=2)
+    tg = build_training_graph(g, resolve_scheme(scheme, g), 10, TrainConfig(int8_grads=int8_grads))
+    sched, best = plan_training_graph(tg)
+    out = tmp_path / "c"
+    res, host, prog, c_state = run_parity(sched, best.plan, out, x[:n], y[:n], 0.05, x[n:])
+    check(res, host, prog, c_state, out, sched)
+    return sched, x[:n], y[:n], c_state
+
+
+@pytest.mark.parametrize("name,scheme,q8", [("plain_cnn", "full", False), ("resnet", "full", True)])
+def test_host_c_equals_torch_engine_through_the_new_kernels(name, scheme, q8, tmp_path):
+    """maxpool2d / avgpool2d / reshape and their gradients (float32, and qint8 with --int8-grads) in C against the
+    torch engine: the first step's activations bit for bit and its loss, the predictions of the C state, and the
+    state after the stream (int8 weights at most one apart, float32 and int32 state within the engines' tolerance)."""
+    from microtrain.codegen.project import toolchain
+    from microtrain.commands.parity import simulate
+
+    if toolchain("host") is not None:
+        pytest.skip("host C toolchain not installed")
+    sched, x, y, c_state = c_and_engine(name, tmp_path, scheme, q8)
+    kinds = {o.kind for o in sched.ops}
+    assert {"maxpool2d", "maxpool2d_grad"} <= kinds and ("avgpool2d_grad" in kinds or name != "resnet")
+    eng = simulate(sched, x, y, np.full(len(y), 0.05, np.float32)).state
+    for n, v in eng.items():
+        if n == "__step__":
+            continue
+        c = np.asarray(c_state[n])
+        if v.dtype == np.int8:
+            assert np.abs(c.astype(int) - v.astype(int)).max() <= 1 and (c != v).mean() < 0.05, n
+        elif v.dtype == np.int32:
+            assert np.abs(c.astype(np.int64) - v.astype(np.int64)).max() <= 1, n
+        else:
+            np.testing.assert_allclose(c, v, rtol=1e-4, atol=1e-5 * max(1.0, float(np.abs(v).max())), err_msg=n)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_fixture_on_cortex_m4_equals_host(name, tmp_path):
+    """The training step compiled for the Cortex-M4 runs in QEMU with the host's losses and state, byte for byte,
+    and links into 256 KB SRAM / 1 MB flash."""
+    from microtrain.autodiff.build import build_training_graph
+    from microtrain.codegen.project import SRAM_BUDGET, measure_memory, run_host_and_device, toolchain
+    from microtrain.compiler.memory import plan_training_graph
+    from microtrain.sparse.scheme import resolve_scheme
+
+    if toolchain("cortex-m4") is not None:
+        pytest.skip("arm-none-eabi-gcc / qemu-system-arm not installed")
+    g = load_model(FIXTURES / f"{name}.tflite")
+    x, y = images(g, 4, seed=4)
+    sched, best = plan_training_graph(build_training_graph(g, resolve_scheme(SCHEMES[name], g), 10))
+    res_host, res_m4 = run_host_and_device(sched, best.plan, tmp_path, x, y, np.full(len(y), 0.05, np.float32))
+    assert (res_host["dir"] / "state.bin").read_bytes() == (res_m4["dir"] / "state.bin").read_bytes()
+    assert np.float32(res_host["losses"]).tobytes() == np.float32(res_m4["losses"]).tobytes()
+    mem = measure_memory(res_m4["dir"], res_m4, best.plan)
+    assert mem["fits"] and mem["sram_total_bytes"] <= SRAM_BUDGET
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_fixture_export_round_trip(name, tmp_path):
+    """Imported, trained (torch engine), exported (forward_graph + the int8 head, graph_to_tflite) and imported back:
+    the same ops, the trained backbone bit for bit, and TFLM computes the exported file's logits as microtrain does."""
+    tflm = pytest.importorskip("tflite_micro.python.tflite_micro.runtime")
+    from microtrain.autodiff.build import build_training_graph
+    from microtrain.commands.export import forward_graph, quantize_head
+    from microtrain.frontends.tflite_write import graph_to_tflite
+    from microtrain.runtime.trainstep import GraphTrainStep
+    from microtrain.sparse.scheme import resolve_scheme
+
+    g = load_model(FIXTURES / f"{name}.tflite")
+    assert [o.kind for o in load_model_bytes(graph_to_tflite(g), tmp_path / "same.tflite").ops] == \
+        [o.kind for o in g.ops]
+    tg = build_training_graph(g, resolve_scheme(SCHEMES[name], g), 10)
+    step = GraphTrainStep(tg)
+    x, y = images(g, 16, seed=8)
+    for i in range(0, 16, 4):
+        step.step(torch.from_numpy(x[i:i + 4]), torch.from_numpy(y[i:i + 4]), 0.05)
+    state = step.state_dict()
+    fg = forward_graph(tg, state)
+    pooled = tg.meta["train"]["pooled"]
+    feats = Executor(fg).run(torch.from_numpy(x))[pooled]
+    p = fg.tensors[pooled]
+    quantize_head(fg, state["head.w"], state["head.b"], ((feats.float() - p.zero) * float(p.scale)).numpy())
+    buf = graph_to_tflite(fg)
+    back = load_model_bytes(buf, tmp_path / "trained.tflite")
+    env = Executor(back).run(torch.from_numpy(x), keep_all=True)
+    run_env = step.run(step.forward_ops, step._env(torch.from_numpy(x)), train=False)
+    assert torch.equal(env[back.ops[-1].inputs[0]], run_env[pooled])  # the trained backbone, bit for bit
+    tm = tflm.Interpreter.from_bytes(buf, arena_size=1 << 20)
+    ref = []
+    for img in x:
+        tm.set_input(img.transpose(1, 2, 0)[None], 0)
+        tm.invoke()
+        ref.append(tm.get_output(0).reshape(-1))
+    np.testing.assert_array_equal(env[back.outputs[0]].numpy(), np.stack(ref))
+
+
+def load_model_bytes(buf: bytes, path: Path):
+    path.write_bytes(buf)
+    return load_model(path)
+
+
+def test_unsupported_op_exits_2_with_one_line_and_writes_nothing(tmp_path):
+    """A .tflite with an op microtrain does not import (LOGISTIC): `train` and `plan --plot` print one line naming
+    it, exit with status 2, and create neither the run directory nor the plot."""
+    from microtrain.frontends.tflite_write import TFLiteWriter
+
+    w = TFLiteWriter()
+    x = w.tensor((1, 8, 8, 3), scale=1 / 255, zero=-128)
+    y = w.tensor((1, 8, 8, 3), scale=1 / 256, zero=-128)
+    w.op("LOGISTIC", [x], [y])
+    p = tmp_path / "bad.tflite"
+    p.write_bytes(w.finish([x], [y]))
+    mt = [sys.executable, "-m", "microtrain"]
+    for args, made in (([*mt, "train", "--model", str(p), "--data", "cifar10", "--out", str(tmp_path / "run")],
+                        tmp_path / "run"),
+                       ([*mt, "plan", "--model", str(p), "--scheme", "full", "--plot", str(tmp_path / "p.png")],
+                        tmp_path / "p.png")):
+        r = subprocess.run(args, capture_output=True, text=True)
+        assert r.returncode == 2, r.stderr
+        assert r.stderr.startswith("microtrain: error: ") and r.stderr.count("\n") == 1 and "LOGISTIC" in r.stderr
+        assert not made.exists()
