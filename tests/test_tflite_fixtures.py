@@ -251,3 +251,25 @@ def test_unsupported_op_exits_2_with_one_line_and_writes_nothing(tmp_path):
         assert r.returncode == 2, r.stderr
         assert r.stderr.startswith("microtrain: error: ") and r.stderr.count("\n") == 1 and "LOGISTIC" in r.stderr
         assert not made.exists()
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_patch_stage_of_a_single_op(stream, tmp_path):
+    """A patch stage holding one op (the stem conv: it reads the image and writes the stage output, so its tile arena
+    is empty unless the input streams into it) compiles and its C program equals the torch engine (it failed with
+    "patch_stage.scratch has no arena offset")."""
+    from microtrain.autodiff.build import build_training_graph
+    from microtrain.codegen.project import toolchain
+    from microtrain.sparse.scheme import resolve_scheme
+    from test_codegen import check, forced_stage, run_parity
+
+    if toolchain("host") is not None:
+        pytest.skip("host C toolchain not installed")
+    g = load_model(FIXTURES / "mbv1.tflite")
+    tg = build_training_graph(g, resolve_scheme("last:2", g), 10)
+    sched, plan = forced_stage(tg, 0, 2, stream)
+    st = sched.meta["patch_stage"]
+    assert len(st["ops"]) == 1 and (st["tile_plan"]["arena_bytes"] > 0) == stream
+    x, y = images(g, 8)
+    out = tmp_path / "c"
+    check(*run_parity(sched, plan, out, x[:4], y[:4], 0.05, x[4:]), out, sched)

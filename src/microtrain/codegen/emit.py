@@ -392,7 +392,9 @@ class Emitter:
         ops = [g.op(n) for n in st["ops"]]
         tiles = make_stage(g, ops, st["output"], st["grid"]).tiles
         tp = st["tile_plan"]
-        base = self.off("patch_stage.scratch")
+        # a one-op stage reads the image and writes the stage output (both outside): its tile arena is empty, and the
+        # planner plans no zero-byte scratch, so nothing is addressed through `base` then
+        base = self.off("patch_stage.scratch") if tp["arena_bytes"] else 0
         image = g.inputs[0]
         outer = {st["output"]} if self.streaming else {image, st["output"]}
         code = [f"/* patch stage: {len(ops)} ops up to {c_comment(st['output'])}, "
@@ -566,6 +568,14 @@ class Emitter:
         return (f"mt_conv2d_grads_row({step}, {plane}, {channel}, {o['gd']}, {o['x']}, {xc0}, {o['xd']}, {o['xz']}, "
                 f"{o['geo']}, {op.attrs['channels']}, {o['w']}, {o['b']}, {o['gw']}, {o['gb']});")
 
+    def grads_rows(self, op: Op, planes: str, first: str, count: str) -> str:
+        """Output channels first .. first + count - 1 of a conv's fused update (or materialised gradients), their
+        planes one after another from `planes`: a pointwise conv's four at a time (mt_conv2d_grads_rows)."""
+        o = self.conv_grad_operands(op)
+        step = "0" if op.kind == "conv2d_weight_grad" else "&st"
+        return (f"mt_conv2d_grads_rows({step}, {planes}, {first}, {count}, {o['gd']}, {o['x']}, {o['xd']}, "
+                f"{o['xz']}, {o['geo']}, {op.attrs['channels']}, {o['w']}, {o['b']}, {o['gw']}, {o['gb']});")
+
     def block_grad(self, grp: dict[str, Any]) -> str:
         """An inverted-residual block's backward one expanded channel e at a time (compiler/blockgrad.py): each
         member's per-channel body in schedule order, through two float32 planes, pw1's input gradient accumulated."""
@@ -629,7 +639,10 @@ class Emitter:
             elif role == "dw_upd":
                 body.append(self.grads_row(op, "pa", "e", "y1" if rc else None))
             elif role == "pw1_upd":  # batched: after the pass that read row e of W1 (a weight update must follow it)
-                (after if batched else body).append(self.grads_row(op, "pb", "e"))
+                if batched:
+                    after.append(self.grads_rows(op, "pbs", "e0", "n"))
+                else:
+                    body.append(self.grads_row(op, "pb", "e"))
             elif role == "dw_gi":
                 wt = self.define("mt_weights", "WT", dw.name, self.weights(dw))
                 gd, xd = chw(t[op.inputs[0]].shape), chw(t[op.outputs[0]].shape)
@@ -663,7 +676,7 @@ class Emitter:
                     f"for (int32_t e = e0; e < e0 + n; e++) {{ {plane} {text(body)} }} "
                     f"mt_pw_grad_input_accumulate(pbs, n, {wt}, {cin}, e0, {hw1}, total); "
                     f"{self.prof('block_grad ' + self.prof_kind(r['pw1_gi']))} "
-                    + (f"for (int32_t e = e0; e < e0 + n; e++) {{ {plane} {text(after)} }} " if after else "")
+                    + (f"{text(after)} " if after else "")
                     + "e0 += n; }")
         return "{ " + text(pre) + " " + loop + " " + text(post) + " }"
 
