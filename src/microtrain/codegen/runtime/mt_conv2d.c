@@ -106,31 +106,93 @@ static inline void pw_out(const int32_t *a, int32_t np, float m, int32_t y_zero,
   if (mask) mt_mask_put(mask, i, bits, np);
 }
 
+/* One requantized output (bias included) and its mask bit (in range: 1) at bit b of *bits. */
+MT_INLINE int8_t pw_req(int32_t a, float m, int32_t y_zero, uint32_t *bits, int32_t b) {
+  uint32_t in;
+  const int8_t v = mt_requant(a, m, y_zero, &in);
+  *bits |= in << b;
+  return v;
+}
+
+MT_INLINE int8_t pw_req_nomask(int32_t a, float m, int32_t y_zero) {
+  return (int8_t)mt_ssat(mt_ssat(mt_rint_i32((float)a * m), 17) + y_zero, 8);
+}
+
+/* Every output channel over one block of eight pixels (two staged blocks of four, sta and stb; nb = 0: the second
+ * is absent), the accumulators in registers: a channel's per-block cost (the bias, the weight rows, the multiplier,
+ * the mask byte) is paid once per eight pixels. Each staged block holds the trainable part's `ch` channels, then the
+ * frozen part's at offset `off`. */
+static void pw_block8(const uint32_t *sta, const uint32_t *stb, int32_t off, int32_t na, int32_t nb, const mt_conv *p,
+                      int32_t ch, int32_t cf, int32_t oc, int8_t *y, int32_t ycs, uint8_t *mask, int32_t mi,
+                      int32_t hw) {
+  const int8_t *wt = p->w.w_train, *wf = p->w.w_frozen;
+  const int32_t *bias = p->bias, y_zero = p->y_zero;
+  const float *mult = p->mult;
+  for (int32_t o = 0; o < oc; o++, wt += ch, wf += cf, y += ycs, mi += hw) {
+    int32_t a[4], b[4];
+    a[0] = a[1] = a[2] = a[3] = bias[o];
+    if (ch) pw_dot(sta, wt, ch, a);
+    if (cf) pw_dot(sta + off, wf, cf, a);
+    const float m = mult[o];
+    if (nb) {
+      b[0] = b[1] = b[2] = b[3] = bias[o];
+      if (ch) pw_dot(stb, wt, ch, b);
+      if (cf) pw_dot(stb + off, wf, cf, b);
+    }
+    if (na + nb == 8) {  /* the common case, unrolled */
+      if (!mask) {
+        y[0] = pw_req_nomask(a[0], m, y_zero), y[1] = pw_req_nomask(a[1], m, y_zero);
+        y[2] = pw_req_nomask(a[2], m, y_zero), y[3] = pw_req_nomask(a[3], m, y_zero);
+        y[4] = pw_req_nomask(b[0], m, y_zero), y[5] = pw_req_nomask(b[1], m, y_zero);
+        y[6] = pw_req_nomask(b[2], m, y_zero), y[7] = pw_req_nomask(b[3], m, y_zero);
+        continue;
+      }
+      uint32_t bits = 0;
+      y[0] = pw_req(a[0], m, y_zero, &bits, 0), y[1] = pw_req(a[1], m, y_zero, &bits, 1);
+      y[2] = pw_req(a[2], m, y_zero, &bits, 2), y[3] = pw_req(a[3], m, y_zero, &bits, 3);
+      y[4] = pw_req(b[0], m, y_zero, &bits, 4), y[5] = pw_req(b[1], m, y_zero, &bits, 5);
+      y[6] = pw_req(b[2], m, y_zero, &bits, 6), y[7] = pw_req(b[3], m, y_zero, &bits, 7);
+      if ((mi & 7) == 0) mask[mi >> 3] = (uint8_t)bits;
+      else mt_mask_put(mask, mi, bits, 8);
+      continue;
+    }
+    pw_out(a, na, m, y_zero, y, mask, mi);
+    if (nb) pw_out(b, nb, m, y_zero, y + 4, mask, mi + 4);
+  }
+}
+
 static void pointwise(const int8_t *x, mt_dims xd, const mt_conv *p, int8_t *y, mt_dims yd, uint8_t *mask) {
   const int32_t cin = xd.c, ch = p->w.ch, cf = cin - ch, cs = xd.cs, z = p->x_zero;
   const int8_t *wt = p->w.w_train, *wf = p->w.w_frozen;
   const int compact = xd.cs == xd.h * xd.w && xd.rs == xd.w && yd.cs == yd.h * yd.w && yd.rs == yd.w;
   const int32_t runs = compact ? 1 : yd.h, len = compact ? yd.h * yd.w : yd.w, hw = yd.h * yd.w;
-  uint32_t st[PW_CB * 2 + 16];  /* two parts of up to three remaining channels take four words each */
   int32_t acc[PW_OB * 4];
+  if (cin <= PW_CB) {  /* both weight parts staged at once, eight pixels (two blocks) a pass */
+    const int32_t off = 8 * (ch / 4) + 4 * (ch % 4), words = off + 8 * (cf / 4) + 4 * (cf % 4);
+    uint32_t st[2 * (PW_CB * 2 + 16)];
+    uint32_t *stb = st + words;
+    for (int32_t r = 0; r < runs; r++) {
+      const int8_t *xr = x + r * xd.rs;
+      for (int32_t q0 = 0; q0 < len; q0 += 8) {
+        const int32_t na = len - q0 < 4 ? len - q0 : 4, nb = len - q0 - 4 < 0 ? 0 : len - q0 - 4 < 4 ? len - q0 - 4 : 4;
+        pw_stage(xr + q0, cs, ch, na, z, st);
+        pw_stage(xr + ch * cs + q0, cs, cf, na, z, st + off);
+        if (nb) {
+          pw_stage(xr + q0 + 4, cs, ch, nb, z, stb);
+          pw_stage(xr + ch * cs + q0 + 4, cs, cf, nb, z, stb + off);
+        }
+        pw_block8(st, stb, off, na, nb, p, ch, cf, yd.c, y + r * yd.rs + q0, yd.cs, mask, r * yd.w + q0, hw);
+      }
+    }
+    return;
+  }
+  uint32_t st[PW_CB * 2 + 16];  /* two parts of up to three remaining channels take four words each */
   for (int32_t r = 0; r < runs; r++) {
     const int8_t *xr = x + r * xd.rs;
     for (int32_t q0 = 0; q0 < len; q0 += 4) {
       const int32_t np = len - q0 < 4 ? len - q0 : 4;
       int8_t *yq = y + r * yd.rs + q0;
       const int32_t mi = r * yd.w + q0;  /* mask index of the block's first pixel in channel 0 */
-      if (cin <= PW_CB) {  /* both weight parts staged at once, then every output channel */
-        pw_stage(xr + q0, cs, ch, np, z, st);
-        pw_stage(xr + ch * cs + q0, cs, cf, np, z, st + 8 * (ch / 4) + 4 * (ch % 4));
-        for (int32_t o = 0; o < yd.c; o++) {
-          int32_t a[4];
-          a[0] = a[1] = a[2] = a[3] = p->bias[o];
-          if (ch) pw_dot(st, wt + o * ch, ch, a);
-          if (cf) pw_dot(st + 8 * (ch / 4) + 4 * (ch % 4), wf + o * cf, cf, a);
-          pw_out(a, np, p->mult[o], p->y_zero, yq + o * yd.cs, mask, o * hw + mi);
-        }
-        continue;
-      }
       for (int32_t ob = 0; ob < yd.c; ob += PW_OB) {  /* wide input: chunks of channels per block of outputs */
         const int32_t nb = yd.c - ob < PW_OB ? yd.c - ob : PW_OB;
         for (int32_t i = 0; i < 4 * nb; i++) acc[i] = p->bias[ob + i / 4];

@@ -110,6 +110,83 @@ static void row(const float *g, int32_t o, mt_dims gd, const int8_t *x_saved, in
   }
 }
 
+/* Pointwise weight gradients of four output channels o0..o0+3 (planes g0..g3) against input channels [0, ch), four
+ * input channels at a time: 16 chains in registers, each over the pixels in order from 0 (the same chains as row's),
+ * so each x byte is converted once for four output channels and each g value loaded once for four input channels. */
+static void pw_rows4(const float *g0, int32_t o0, int32_t hw, const int8_t *x_saved, int32_t x_zero, int32_t ch,
+                     const mt_step *s, const mt_param *w, float *gw) {
+  const float *g1 = g0 + hw, *g2 = g1 + hw, *g3 = g2 + hw;
+  int32_t c = 0;
+  for (; c + 4 <= ch; c += 4) {
+    const int8_t *x0 = x_saved + c * hw, *x1 = x0 + hw, *x2 = x1 + hw, *x3 = x2 + hw;
+    float a[4][4] = {{0.0f}};
+    int32_t q = 0;
+#if MT_DSP
+    const uint32_t mg = 0x4B400000u - (uint32_t)x_zero;
+    for (; q + 4 <= hw; q += 4) {
+      const uint32_t u0 = mt_ld32(x0 + q), u1 = mt_ld32(x1 + q), u2 = mt_ld32(x2 + q), u3 = mt_ld32(x3 + q);
+      MT_UNROLL
+      for (int32_t t = 0; t < 4; t++) {
+        const float v0 = mt_magic_f(mt_sxtab(mg, u0, t)), v1 = mt_magic_f(mt_sxtab(mg, u1, t));
+        const float v2 = mt_magic_f(mt_sxtab(mg, u2, t)), v3 = mt_magic_f(mt_sxtab(mg, u3, t));
+        const float h[4] = {g0[q + t], g1[q + t], g2[q + t], g3[q + t]};
+        MT_UNROLL
+        for (int32_t u = 0; u < 4; u++) {
+          a[u][0] = mt_fma(h[u], v0, a[u][0]), a[u][1] = mt_fma(h[u], v1, a[u][1]);
+          a[u][2] = mt_fma(h[u], v2, a[u][2]), a[u][3] = mt_fma(h[u], v3, a[u][3]);
+        }
+      }
+    }
+#endif
+    for (; q < hw; q++) {
+      const float v[4] = {(float)((int32_t)x0[q] - x_zero), (float)((int32_t)x1[q] - x_zero),
+                          (float)((int32_t)x2[q] - x_zero), (float)((int32_t)x3[q] - x_zero)};
+      const float h[4] = {g0[q], g1[q], g2[q], g3[q]};
+      MT_UNROLL
+      for (int32_t u = 0; u < 4; u++)
+        for (int32_t i = 0; i < 4; i++) a[u][i] = mt_fma(h[u], v[i], a[u][i]);
+    }
+    for (int32_t u = 0; u < 4; u++)
+      for (int32_t i = 0; i < 4; i++) {
+        if (gw) gw[(o0 + u) * ch + c + i] = a[u][i];
+        else mt_update_one(s, w, (o0 + u) * ch + c + i, a[u][i]);
+      }
+  }
+  for (; c < ch; c++) {
+    const int8_t *xc = x_saved + c * hw;
+    for (int32_t u = 0; u < 4; u++) {
+      const float *g = g0 + u * hw;
+      float acc = 0.0f;
+      for (int32_t q = 0; q < hw; q++) acc = mt_fma(g[q], (float)((int32_t)xc[q] - x_zero), acc);
+      if (gw) gw[(o0 + u) * ch + c] = acc;
+      else mt_update_one(s, w, (o0 + u) * ch + c, acc);
+    }
+  }
+}
+
+/* Output channels o0 .. o0 + n - 1 (the channel-serial block backward's batch of pw1 gradient planes, hw = gd.h *
+ * gd.w apart from g): the same gradients and updates as n calls of mt_conv2d_grads_row, a pointwise conv's four
+ * channels at a time through pw_rows4. */
+void mt_conv2d_grads_rows(const mt_step *s, const float *g, int32_t o0, int32_t n, mt_dims gd, const int8_t *x_saved,
+                          mt_dims xd, int32_t x_zero, int32_t k, int32_t stride, int32_t pad, int32_t depthwise,
+                          int32_t ch, const mt_param *w, const mt_param *b, float *gw, float *gb) {
+  const int32_t hw = gd.h * gd.w;
+  const int pw = !depthwise && k == 1 && stride == 1 && pad == 0 && gd.h == xd.h && gd.w == xd.w && (w || gw);
+  if (!pw || n != 4) {
+    for (int32_t u = 0; u < n; u++)
+      row(g + u * hw, o0 + u, gd, x_saved, 0, xd, x_zero, k, stride, pad, depthwise, ch, s, w, b, gw, gb);
+    return;
+  }
+  for (int32_t u = 0; u < n; u++) {
+    if (b || gb) {
+      const float v = mt_sum(g + u * hw, hw);
+      if (gb) gb[o0 + u] = v;
+      else mt_update_one(s, b, o0 + u, v);
+    }
+  }
+  pw_rows4(g, o0, hw, x_saved, x_zero, ch, s, w, gw);
+}
+
 /* Every output channel; gacc is float32, or with plane != NULL qint8 (scales, then values) dequantized per channel. */
 static void grads(const float *gacc, mt_dims gd, const int8_t *x_saved, mt_dims xd, int32_t x_zero, int32_t k,
                   int32_t stride, int32_t pad, int32_t depthwise, int32_t ch, const mt_step *s, const mt_param *w,

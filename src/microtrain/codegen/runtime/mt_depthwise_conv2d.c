@@ -165,14 +165,22 @@ static int channel_plane(const int8_t *x, mt_dims xd, const mt_conv *p, int32_t 
       const int32_t lo = w[i * k + 2 * j], hi = 2 * j + 1 < k ? w[i * k + 2 * j + 1] : 0;
       wp[i * kp + j] = (uint32_t)(uint16_t)lo | (uint32_t)hi << 16;
     }
-  for (int32_t r = 0; r < nr; r++) {
-    const int32_t yy = r - p->pad_top;
+  /* the whole buffer zeroed once (padding rows and columns), then each input row's columns converted in place */
+  __builtin_memset(buf, 0, (size_t)(nr * wst) * sizeof(int16_t));
+  const int32_t pl = p->pad_left, j0 = pl > 0 ? pl : 0, j1 = xd.w + pl < wst ? xd.w + pl : wst;
+  const uint32_t zz = (uint32_t)(uint16_t)(int16_t)z * 0x10001u;
+  const int32_t r0 = p->pad_top > 0 ? p->pad_top : 0, r1 = xd.h + p->pad_top < nr ? xd.h + p->pad_top : nr;
+  for (int32_t r = r0; r < r1; r++) {
+    const int8_t *xr = xc + (r - p->pad_top) * xd.rs - pl;
     int16_t *d = buf + r * wst;
-    if (yy < 0 || yy >= xd.h) {
-      for (int32_t j = 0; j < wst; j += 2) __builtin_memset(d + j, 0, 4);
-    } else {
-      mt_stage_row_i16(xc + yy * xd.rs, xd.w, p->pad_left, z, d, wst);
+    int32_t j = j0;
+    for (; j + 4 <= j1; j += 4) {
+      const uint32_t u = mt_ld32(xr + j);
+      const uint32_t e = mt_ssub16(mt_sxtb16(u), zz), o = mt_ssub16(mt_sxtb16_r8(u), zz);
+      const uint32_t lo = mt_pkhbt(e, o), hi = mt_pkhtb(e, o);
+      __builtin_memcpy(d + j, &lo, 4), __builtin_memcpy(d + j + 2, &hi, 4);
     }
+    for (; j < j1; j++) d[j] = (int16_t)(xr[j] - z);
   }
   for (int32_t oy = 0; oy < oh; oy++) {  /* row oy's four-column blocks spill into row oy + 1's, written next */
     const int16_t *base = buf + oy * s * wst;

@@ -195,6 +195,10 @@ void mt_conv2d_grad_acc_plane(float *g, const uint8_t *mask, int32_t c, int32_t 
 void mt_conv2d_grads_row(const mt_step *s, const float *g, int32_t o, mt_dims gd, const int8_t *x_saved, int32_t xc0,
                          mt_dims xd, int32_t x_zero, int32_t k, int32_t stride, int32_t pad, int32_t depthwise,
                          int32_t ch, const mt_param *w, const mt_param *b, float *gw, float *gb);
+/* The same for output channels o0 .. o0 + n - 1, their planes hw apart from g (a batch of pw1 gradient planes). */
+void mt_conv2d_grads_rows(const mt_step *s, const float *g, int32_t o0, int32_t n, mt_dims gd, const int8_t *x_saved,
+                          mt_dims xd, int32_t x_zero, int32_t k, int32_t stride, int32_t pad, int32_t depthwise,
+                          int32_t ch, const mt_param *w, const mt_param *b, float *gw, float *gb);
 mt_conv mt_conv_channel(const mt_conv *p, int32_t cin, int32_t o, int32_t depthwise);
 void mt_q8_round(float *v, int32_t n);
 
