@@ -142,6 +142,11 @@ def _weight_grad_macs(g: Graph, op: Op) -> int:
     return h * w * k * k * ch * (1 if op.attrs["depthwise"] else o)
 
 
+# What a model file holds (frontends produce these; autodiff gives each a gradient rule), and the kinds that exist
+# only in planning views (compiler/memory.py: their member ops run, each with its own kernels).
+FORWARD_KINDS = ("conv2d", "add", "avgpool", "linear", "maxpool2d", "avgpool2d", "reshape")
+PLANNING_KINDS = ("patch_stage", "block_grad")
+
 OPS: dict[str, OpDef] = {
     "conv2d": OpDef(
         ("x", "w", "b"), _conv_shape, _conv_macs,
