@@ -13,7 +13,8 @@ from microtrain.codegen.project import toolchain
 
 
 @pytest.mark.skipif(toolchain("host") is not None, reason="host C toolchain (gcc, make) not installed")
-@pytest.mark.parametrize("flags", [[], ["--int8-grads", "--stream-input"]], ids=["default", "lowest-memory"])
+@pytest.mark.parametrize("flags", [[], ["--int8-grads", "--stream-input", "--lr", "0.03"]],
+                         ids=["default", "lowest-memory"])  # default: --lr auto
 def test_demo_end_to_end(flags, tmp_path, capsys):
     rc = main(["demo", "--subset", "200", "--epochs", "1", "--steps", "4", "--out", str(tmp_path), *flags])
     out = capsys.readouterr().out

@@ -14,6 +14,7 @@ from microtrain.data.datasets import model_resolution, open_dataset
 from microtrain.errors import MicrotrainError
 from microtrain.frontends.zoo import load_model
 from microtrain.outputs import check_output_dir
+from microtrain.runtime.lr_select import AUTO, base_grid, parse_lr, select_lr
 from microtrain.runtime.prefix_cache import PrefixCache
 from microtrain.runtime.trainer import evaluate, fit
 from microtrain.runtime.trainstep import GraphTrainStep
@@ -32,7 +33,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--scheme", default="paper-99kb")
     p.add_argument("--subset", type=int, default=1000, help="training images (default 1000)")
     p.add_argument("--epochs", type=int, default=3)
-    p.add_argument("--lr", type=float, default=0.03)
+    p.add_argument("--lr", default=AUTO, help="learning rate, or 'auto' (default): chosen as `train --lr auto` does, "
+                                               "on a validation slice of the training images")
     p.add_argument("--steps", type=int, default=20, help="images the C program trains on (host; QEMU gets 5)")
     p.add_argument("--int8-grads", action="store_true", help="per-channel int8 activation gradients (less SRAM)")
     p.add_argument("--stream-input", action="store_true",
@@ -60,6 +62,7 @@ def run(args: argparse.Namespace) -> int:
     for flag, v in (("--subset", args.subset), ("--epochs", args.epochs), ("--steps", args.steps)):
         if v < 1:  # before the dataset fallback below could read a bad value as "no CIFAR-10 here"
             raise MicrotrainError(f"{flag} must be >= 1, got {v}")
+    lr = parse_lr(str(args.lr))
     model = load_model(args.model)
     scheme = resolve_scheme(args.scheme, model)
     train_ds, test_ds = _datasets(args.subset)
@@ -80,25 +83,37 @@ def run(args: argparse.Namespace) -> int:
     run_dir.mkdir(parents=True, exist_ok=True)
     graph = build_training_graph(model, scheme, train_ds.num_classes, cfg)
     graph.save(run_dir / GRAPH)
-    step = PrefixCache(GraphTrainStep(graph))
+    entries: dict = {}  # the frozen prefix per image, shared by the rate's candidates and the run
+    step = PrefixCache(GraphTrainStep(graph), entries=entries)
     res = model_resolution(model)
     before = evaluate(step, test_ds, resolution=res, eval_crop=1.0)
     print(f"== 2. fine-tune on {len(train_ds)} {train_ds.name} images ({args.epochs} epochs, int8 graph, QAS)")
-    m = fit(step, train_ds, test_ds, epochs=args.epochs, lr=args.lr, batch_size=32, warmup_epochs=0.5,
-            augment="flip", resolution=res, out_dir=run_dir, progress=True,
-            extra={"model": model.name, "scheme": scheme.to_dict(), "precision": "int8",
-                   "int8_grads": args.int8_grads})
+    batch, warmup = 32, 0.5
+    extra = {"model": model.name, "scheme": scheme.to_dict(), "precision": "int8", "int8_grads": args.int8_grads}
+    if lr == AUTO:
+        grid, ratio = base_grid("int8", True, "sgd", batch)
+        sel = select_lr(lambda: PrefixCache(GraphTrainStep(graph), entries=entries), train_ds, grid=grid,
+                        ratio=ratio, epochs=args.epochs, batch_size=batch, warmup_epochs=warmup, augment="flip",
+                        resolution=res, progress=False)
+        lr = sel["lr"]
+        extra["lr_selection"] = sel
+        print(f"   lr auto: {lr:g} from " + ", ".join(
+            f"{c['lr']:g} ({c['val_accuracy']:.1%})" if c["status"] == "completed" else f"{c['lr']:g} (diverged)"
+            for c in sel["candidates"]) + f" on {sel['validation_images']} validation images carved from the "
+            f"training images, {sel['seconds']:.1f}s")
+    m = fit(step, train_ds, test_ds, epochs=args.epochs, lr=lr, batch_size=batch, warmup_epochs=warmup,
+            augment="flip", resolution=res, out_dir=run_dir, progress=True, extra=extra)
     print(f"   test accuracy {before:.1%} (new zero head) -> {m['test_accuracy']:.1%} on {len(test_ds)} images")
-    report.update(accuracy_before=before, accuracy_after=m["test_accuracy"], run=str(run_dir))
+    report.update(accuracy_before=before, accuracy_after=m["test_accuracy"], run=str(run_dir), lr=lr)
     print("== 3. compile the trained step to C and train on the host")
     rc = cli_main(["compile", "--from", str(run_dir), "--target", "host", "-o", str(root / "host"), "--run",
-                   "--steps", str(args.steps), "--lr", str(args.lr / 10), *stream_args])
+                   "--steps", str(args.steps), "--lr", str(lr / 10), *stream_args])
     if rc:
         return rc
     if toolchain("cortex-m4") is None:
         print("== 4. the same program on an emulated Cortex-M4 (256 KB SRAM / 1 MB flash linker script, QEMU)")
         rc = cli_main(["compile", "--from", str(run_dir), "--target", "cortex-m4", "-o", str(root / "m4"),
-                       "--run", "--steps", "5", "--lr", str(args.lr / 10), *stream_args])
+                       "--run", "--steps", "5", "--lr", str(lr / 10), *stream_args])
     else:
         print(f"== 4. skipped: {toolchain('cortex-m4')} is not installed (make install brings it)")
     for target in ("host", "m4"):
