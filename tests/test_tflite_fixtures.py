@@ -273,3 +273,19 @@ def test_patch_stage_of_a_single_op(stream, tmp_path):
     x, y = images(g, 8)
     out = tmp_path / "c"
     check(*run_parity(sched, plan, out, x[:4], y[:4], 0.05, x[4:]), out, sched)
+
+
+def test_patch_stage_candidates_stop_at_a_pool():
+    """Only conv2d / add run tile by tile: the early stage the planner may choose ends before resnet's MAX_POOL_2D
+    (with it, `last:3` planned a stage holding the pool, which neither the tiled executor nor the C stage runs)."""
+    from microtrain.autodiff.build import build_training_graph
+    from microtrain.compiler.memory import compile_memory, frozen_forward_ops
+    from microtrain.compiler.patch import candidate_stages
+    from microtrain.sparse.scheme import resolve_scheme
+
+    g = load_model(FIXTURES / "resnet.tflite")
+    tg = build_training_graph(g, resolve_scheme("last:3", g), 10)
+    cands = candidate_stages(tg, frozen_forward_ops(tg))
+    assert cands and all(o.kind in ("conv2d", "add") for ops, _ in cands for o in ops)
+    st = compile_memory(g, "last:3").graph.meta.get("patch_stage")
+    assert st is None or all(not n.startswith("pool") for n in st["ops"])

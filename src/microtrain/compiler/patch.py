@@ -117,10 +117,13 @@ def tile_graph(g: Graph, stage: PatchStage) -> Graph:
 
 
 def candidate_stages(g: Graph, frozen: list[Op]) -> list[tuple[list[Op], str]]:
-    """Prefixes of the frozen forward ops whose end leaves exactly one tensor alive (no pending residual)."""
+    """Prefixes of the frozen forward ops whose end leaves exactly one tensor alive (no pending residual), made of
+    the kinds that run tile by tile (conv2d, add: a pool or reshape ends the candidates)."""
     out = []
     for i in range(len(frozen)):
         prefix = frozen[: i + 1]
+        if frozen[i].kind not in ("conv2d", "add"):
+            break
         produced = {n for o in prefix for n in o.outputs}
         later = {n for o in g.ops[i + 1:] for n in o.inputs}
         alive = produced & later
