@@ -68,6 +68,7 @@ def test_auto_is_the_default_never_reads_the_test_split_and_is_recorded(inputs, 
     chosen = next(c for c in sel["candidates"] if c["lr"] == m["lr"])
     assert chosen["status"] == "completed" and 0 <= chosen["val_accuracy"] <= 1
     assert sel["seconds"] > 0 and 0 < sel["fraction_of_total"] < 1 and sel["run_seconds"] > 0
+    assert 0 < sel["cpu_fraction_of_total"] < 1 and sel["cpu_seconds"] > 0
     # what the selection read: training images only, the validation slice disjoint from what candidates trained on
     assert seen and all(ds.split == "train" for ds in seen)
     test = open_dataset(str(inputs / "data"), "test", progress=False)

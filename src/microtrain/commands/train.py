@@ -147,11 +147,16 @@ def auto_lr(args: argparse.Namespace, graph: Any, out: Path, train_ds: Any, batc
     return rec
 
 
-def record_cost(out: Path, metrics: dict[str, Any], selection: dict[str, Any], fit_seconds: float) -> None:
-    """The selection's cost next to the run's: seconds of each and the selection's share of the whole, in
-    metrics.json (and in the returned metrics)."""
+def record_cost(out: Path, metrics: dict[str, Any], selection: dict[str, Any], fit_seconds: float,
+                fit_cpu_seconds: float) -> None:
+    """The selection's cost next to the run's: wall and CPU seconds of each and the selection's share of the whole
+    (CPU time does not depend on what else the machine runs), in metrics.json (and in the returned metrics)."""
     selection["run_seconds"] = round(fit_seconds, 3)
     selection["fraction_of_total"] = round(selection["seconds"] / (selection["seconds"] + fit_seconds), 4)
+    if "cpu_seconds" in selection:  # absent from a selection recorded before CPU time was measured
+        selection["run_cpu_seconds"] = round(fit_cpu_seconds, 3)
+        selection["cpu_fraction_of_total"] = round(
+            selection["cpu_seconds"] / (selection["cpu_seconds"] + fit_cpu_seconds), 4)
     metrics["lr_selection"] = selection
     _write_json(out / METRICS, metrics)
     _write_json(out / LR_SELECTION, selection)
@@ -164,6 +169,8 @@ def describe(selection: dict[str, Any]) -> str:
     cost = f"; selection {selection['seconds']:.0f}s"
     if "fraction_of_total" in selection:
         cost += f" = {selection['fraction_of_total']:.0%} of the run"
+    if "cpu_fraction_of_total" in selection:
+        cost += f" ({selection['cpu_fraction_of_total']:.0%} of its CPU time)"
     return f"lr auto {selection['lr']:g} (validation accuracy {cands}{cost})"
 
 
@@ -257,12 +264,12 @@ def run(args: argparse.Namespace) -> int:
                                 model_resolution(model), shared if cache else {}, progress)
             lr = selection["lr"]
             extra["lr_selection"] = selection
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         result = fit(make_step(), train_ds, test_ds, lr=lr, out_dir=out, **common)
         summary = (f"test accuracy {result['test_accuracy']:.2%} after {epochs} epochs "
                    f"({result['images_per_second']:.0f} images/s)")
         if selection is not None:
-            record_cost(out, result, selection, time.perf_counter() - t0)
+            record_cost(out, result, selection, time.perf_counter() - t0, time.process_time() - c0)
             summary += "; " + describe(selection)
     if args.json:
         print(json.dumps(result, indent=1))

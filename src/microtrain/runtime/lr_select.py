@@ -178,7 +178,7 @@ def select_lr(make_step: Callable[[], TrainStep], train_ds: ImageDataset, *, gri
     """Chooses the learning rate of a run of `epochs` over `train_ds` (see the module docstring). `make_step` builds
     a fresh step from the run's initial state each call (share a prefix cache between them). Returns the record
     written to metrics.json: chosen lr, every candidate with its scores, slices, steps and seconds."""
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     run_images = epochs * len(train_ds)
     # a short run's candidates see at least MIN_STEPS batches, but never more images than the run itself
     per_candidate = max(math.ceil(budget_fraction * run_images), min(MIN_STEPS * batch_size, run_images))
@@ -233,4 +233,4 @@ def select_lr(make_step: Callable[[], TrainStep], train_ds: ImageDataset, *, gri
             "steps_per_candidate": steps, "batch_size": batch_size, "augment": sel_augment,
             "split": "train (validation slice carved from the training images; the test split is not read)",
             "rule": "highest validation accuracy; within one standard error, lowest validation loss, then smallest lr",
-            "seconds": round(seconds, 3)}
+            "seconds": round(seconds, 3), "cpu_seconds": round(time.process_time() - c0, 3)}
