@@ -31,7 +31,8 @@ MAX_SIDE = 1024
 @dataclass
 class FloatNode:
     """One float op: conv (w OIHW, b, stride, pads (top, bottom, left, right), groups), add, gap (mean over H, W),
-    linear (w [K, C], b), maxpool / avgpool (kernel, stride, pads); `clamp` = (lo, hi) of a fused ReLU / ReLU6 /
+    linear (the classifier head) and fc (a fully-connected layer before it; w [K, C*H*W] on its flattened input),
+    maxpool / avgpool (kernel, stride, pads); `clamp` = (lo, hi) of a fused ReLU / ReLU6 /
     Clip."""
 
     kind: str
@@ -80,12 +81,16 @@ class FloatBuilder:
         self.alias: dict[str, str] = {}  # source tensor -> the FloatGraph tensor holding its values
         self.input: str | None = None
         self.input_shape: tuple[int, int, int] | None = None
+        self.flat: dict[str, str] = {}  # a flattened C x H x W map -> the map (read only by a fully-connected layer)
 
     def err(self, msg: str) -> ModelLoadError:
         return ModelLoadError(f"{self.path}: {msg}")
 
     def t(self, name: str, what: str) -> str:
         """The graph tensor behind source tensor `name` (an activation produced by an earlier supported op)."""
+        if name in self.flat:
+            raise self.err(f"{what}: reads a flattened {'x'.join(map(str, self.shapes[self.flat[name]]))} map (only a "
+                           "fully-connected layer may)")
         name = self.alias.get(name, name)
         if name not in self.shapes:
             raise self.err(f"{what}: input {str(name)[:60]!r} is not an activation of a supported op")
@@ -173,9 +178,9 @@ class FloatBuilder:
         what = f"{name} ({kind})"
         xn = self.t(x, what)
         p = self.producer(xn)
-        if p is None or p.kind not in ("conv", "add") or self.uses.get(x, 0) != 1:
-            raise self.err(f"{what}: a clamp is supported only on the output of a convolution or an add that "
-                           "nothing else reads")
+        if p is None or p.kind not in ("conv", "add", "linear") or self.uses.get(x, 0) != 1:
+            raise self.err(f"{what}: a clamp is supported only on the output of a convolution, an add or a "
+                           "fully-connected layer that nothing else reads")
         if not (lo <= 0.0 <= hi) or np.isnan(lo) or np.isnan(hi):
             raise self.err(f"{what}: clamp range [{lo}, {hi}] must contain 0")
         plo, phi = p.clamp or (-np.inf, np.inf)
@@ -198,28 +203,34 @@ class FloatBuilder:
         self._node(FloatNode("gap", name, [xn], out), (self.shapes[xn][0],))
 
     def flatten(self, name: str, kind: str, x: str, out: str, numel: int | None = None) -> None:
-        """Flatten / Reshape / Squeeze of a (C,) or (C, 1, 1) value to a vector: the same values."""
+        """Flatten / Reshape / Squeeze to a vector: of a (C,) or (C, 1, 1) value the same values; of a C x H x W map
+        the input of a fully-connected layer (the only op that may read it)."""
         xn = self.t(x, f"{name} ({kind})")
         s = self.shapes[xn]
-        c = s[0]
-        if int(np.prod(s)) != c or (numel is not None and numel != c):
-            raise self.err(f"{name} ({kind}): {kind} of a {'x'.join(map(str, s))} feature map (only a pooled vector "
-                           "can be flattened; a fully-connected layer on a feature map is not supported)")
+        if numel is not None and numel != int(np.prod(s)):
+            raise self.err(f"{name} ({kind}): reshapes {'x'.join(map(str, s))} values to {numel}")
+        if int(np.prod(s)) != s[0]:
+            self.flat[out] = xn
+            return
         self.alias[out] = xn
 
     def identity(self, x: str, out: str) -> None:
         self.alias[out] = self.alias.get(x, x)
 
     def linear(self, name: str, x: str, out: str, w: np.ndarray, b: np.ndarray | None) -> None:
+        """Gemm / Linear on a vector or on a flattened map. The last one is the classifier head; `finish` makes any
+        other a fully-connected layer (`fc`: an int8 conv2d on (C,1,1), or an H x H kernel on the map it flattens)."""
         what = f"{name} (Gemm/Linear)"
-        xn = self.t(x, what)
+        xn = self.flat[x] if x in self.flat else self.t(x, what)
         s = self.shapes[xn]
         w = np.asarray(w, np.float64)
-        if len(s) != 1:
-            raise self.err(f"{what}: input is a {'x'.join(map(str, s))} feature map (only a classifier on pooled "
-                           "features is supported)")
-        if w.ndim != 2 or w.shape[1] != s[0] or w.shape[0] > MAX_CHANNELS:
-            raise self.err(f"{what}: weight {list(w.shape)} does not fit {s[0]} features")
+        n_in = int(np.prod(s))
+        if len(s) == 3 and n_in == s[0]:
+            raise self.err(f"{what}: input is an unflattened {'x'.join(map(str, s))} value")
+        if len(s) == 3 and x not in self.flat:
+            raise self.err(f"{what}: input is an unflattened {'x'.join(map(str, s))} feature map")
+        if w.ndim != 2 or w.shape[1] != n_in or w.shape[0] > MAX_CHANNELS:
+            raise self.err(f"{what}: weight {list(w.shape)} does not fit {n_in} features")
         bias = np.zeros(w.shape[0]) if b is None else np.asarray(b, np.float64).reshape(-1)
         if bias.shape != (w.shape[0],):
             raise self.err(f"{what}: bias of shape {list(np.shape(b))} for {w.shape[0]} outputs")
@@ -261,9 +272,18 @@ class FloatBuilder:
         if not self.nodes or self.nodes[-1].output != out or self.nodes[-1].kind != "linear":
             raise self.err("the model must end in a Gemm / Linear classifier on pooled features (its output is "
                            "the graph's only output)")
-        for n in self.nodes:
-            if n.kind == "linear" and n is not self.nodes[-1]:
-                raise self.err(f"{n.name}: a fully-connected layer before the classifier is not supported")
+        head = self.nodes[-1]
+        if len(self.shapes[head.inputs[0]]) == 3:
+            hw = "x".join(map(str, self.shapes[head.inputs[0]][1:]))
+            raise self.err(f"{head.name}: a classifier head on an unpooled {hw} map is not supported (pool first, or "
+                           "add a fully-connected layer before the head)")
+        for n in self.nodes[:-1]:
+            if n.kind == "linear":  # a fully-connected layer inside the network: an int8 conv2d (frontends/ptq.py)
+                s = self.shapes[n.inputs[0]]
+                if len(s) == 3 and (s[1] != s[2] or s[1] % 2 == 0 or s[1] > MAX_KERNEL):
+                    raise self.err(f"{n.name}: a fully-connected layer on a flattened {s[1]}x{s[2]} map (square odd "
+                                   f"maps up to {MAX_KERNEL}x{MAX_KERNEL} and vectors are supported)")
+                n.kind = "fc"
         return FloatGraph(self.name, self.input, self.input_shape, self.nodes, out, dict(self.shapes), self.source,
                           mean, std)
 
@@ -296,8 +316,9 @@ def run_float(fg: FloatGraph, x: torch.Tensor, observe: Callable[[str, torch.Ten
             v = v + env[n.inputs[1]]
         elif n.kind == "gap":
             v = v.mean(dim=(2, 3))
-        elif n.kind == "linear":
-            v = F.linear(v, torch.from_numpy(n.w.astype(np.float32)), torch.from_numpy(n.b.astype(np.float32)))
+        elif n.kind in ("linear", "fc"):
+            v = F.linear(v.flatten(1), torch.from_numpy(n.w.astype(np.float32)),
+                         torch.from_numpy(n.b.astype(np.float32)))
         elif n.kind == "maxpool":
             t, b, left, r = n.attrs["pads"]
             v = F.max_pool2d(F.pad(v, (left, r, t, b), value=-float("inf")), n.attrs["kernel"], n.attrs["stride"])

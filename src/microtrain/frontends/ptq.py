@@ -169,7 +169,7 @@ def quantize(fg: FloatGraph, iq: InputQuant, obs: RangeObserver, meta: dict) -> 
     tensors["input"] = {"shape": list(fg.input_shape), "dtype": "int8", "role": "input", "scale": iq.scale,
                         "zero": iq.zero}
     counts: dict[str, int] = {}
-    convs = 0
+    convs = 0  # conv_index: convolutions and fully-connected layers, in order
 
     def opname(kind: str) -> str:
         counts[kind] = counts.get(kind, 0) + 1
@@ -191,26 +191,46 @@ def quantize(fg: FloatGraph, iq: InputQuant, obs: RangeObserver, meta: dict) -> 
         arrays[name] = a
         return name
 
+    def reshape(name: str, shape: tuple[int, ...]) -> str:
+        """A `reshape` op (C,) <-> (C,1,1) of graph tensor `name`: its output's name."""
+        y = f"{name}.r{len(shape)}"
+        if y not in tensors:
+            tensors[y] = {**tensors[name], "shape": list(shape), "role": "act"}
+            ops.append({"name": f"reshape{len(ops)}", "kind": "reshape", "inputs": [name], "outputs": [y],
+                        "attrs": {"to": len(shape)}})
+        return y
+
     for n in fg.nodes:
         xs = [name_of[i] for i in n.inputs]
         x = tensors[xs[0]]
         shape = fg.shapes[n.output]
-        if n.kind in ("conv", "linear"):
-            op = "head" if n.kind == "linear" else opname("conv")
-            qw, sw = quantize_weight(n.w)
+        if n.kind in ("conv", "linear", "fc"):
+            op = {"linear": "head", "conv": f"conv{convs}", "fc": f"fc{convs}"}[n.kind]
+            w = n.w
+            if n.kind == "fc":  # a fully-connected layer inside the network: a conv2d on (C,1,1) or on its map
+                if len(x["shape"]) == 1:
+                    xs[0] = reshape(xs[0], (x["shape"][0], 1, 1))
+                c, h, wd = tensors[xs[0]]["shape"]
+                w = n.w.reshape(n.w.shape[0], c, h, wd)  # torch / ONNX flatten order: (c, i, j)
+            elif n.kind == "linear" and len(x["shape"]) == 3:
+                xs[0] = reshape(xs[0], (x["shape"][0],))
+            qw, sw = quantize_weight(w)
             wn = param(f"{op}.w", qw, sw)
             bn = param(f"{op}.b", quantize_bias(n.b, x["scale"], sw))
-            y = act(n, op, shape, act_quant(*obs.range(n.output), n.clamp))
+            y = act(n, op, (w.shape[0], 1, 1) if n.kind == "fc" else shape, act_quant(*obs.range(n.output), n.clamp))
             attrs: dict = {}
-            if n.kind == "conv":
-                t, b, _, r = n.attrs["pads"]
-                attrs = {"stride": n.attrs["stride"], "padding": t, "groups": n.attrs["groups"], "conv_index": convs}
+            if n.kind != "linear":
+                t, b, _, r = n.attrs["pads"] if n.kind == "conv" else (0, 0, 0, 0)
+                attrs = {"stride": n.attrs.get("stride", 1), "padding": t, "groups": n.attrs.get("groups", 1),
+                         "conv_index": convs}
+                if n.kind == "fc":
+                    attrs["fc"] = True
                 convs += 1
                 if b != t:
                     attrs["pad_bottom"] = b
                 if r != t:
                     attrs["pad_right"] = r
-            ops.append({"name": op, "kind": "conv2d" if n.kind == "conv" else "linear", "inputs": [xs[0], wn, bn],
+            ops.append({"name": op, "kind": "linear" if n.kind == "linear" else "conv2d", "inputs": [xs[0], wn, bn],
                         "outputs": [y], "attrs": attrs})
         elif n.kind == "add":
             op = opname("add")
