@@ -55,6 +55,73 @@ def requantize(acc: torch.Tensor, bias: torch.Tensor, m: torch.Tensor, y_zero: i
     return (torch.round(v) + y_zero).clamp_(-128, 127).to(torch.int8)
 
 
+def centered(x: torch.Tensor, x_zero: int) -> torch.Tensor:
+    """float32(x - x_zero) of an int8 activation in channels_last layout: the operand of the float-path kernels
+    (integer-valued, so exact; channels_last is the layout torch's CPU convolutions and elementwise passes run
+    fastest in here)."""
+    xf = x.to(dtype=torch.float32, memory_format=torch.channels_last) if x.dim() == 4 else x.to(torch.float32)
+    return xf.sub_(float(x_zero)) if x_zero else xf
+
+
+def max_centered(x_zero: int) -> int:
+    """The largest |x - x_zero| an int8 x can give."""
+    return max(127 - x_zero, x_zero + 128)
+
+
+class FloatConv:
+    """An int8 conv's weight and bias prepared for the float32 path (`conv_acc_f32`), and whether it is exact.
+
+    The float32 convolution of integer-valued operands is exact in any summation order while every partial sum stays
+    below 2**24 in magnitude; |x - x_zero| <= max_centered(x_zero), so sum |w[o]| * that bounds the bias-free sums
+    of output channel o (`exact`). A bias b[o] is added inside the convolution where |b[o]| + that bound is also
+    below 2**24; the other channels (e.g. a dead channel's saturated bias near 2**31) get their bias afterwards in
+    int32, wrapping as `conv_acc(...) + b` does, then converted: float32(acc + b) bit for bit on every channel."""
+
+    def __init__(self, w: torch.Tensor, b: torch.Tensor, x_zero: int):
+        self.w = w.to(torch.float32)
+        bound = self.w.abs().sum(dim=tuple(range(1, w.dim()))).mul_(max_centered(x_zero))
+        self.exact = bool(bound.max() < EXACT_F32) if bound.numel() else True
+        small = (b.to(torch.float64).abs() + bound.to(torch.float64)) < EXACT_F32
+        self.b = torch.where(small, b, 0).to(torch.float32)
+        big = (~small).nonzero().flatten()
+        self.big = big if big.numel() else None
+        self.big_b = b[big].to(torch.int32).view(1, -1, 1, 1)
+
+
+def conv_acc_f32(xc: torch.Tensor, fc: FloatConv, stride: int, padding: int | tuple[int, int, int, int],
+                 groups: int) -> torch.Tensor:
+    """float32(acc + b) of an int8 conv from the centered input `xc` (see `centered`), bit for bit, when `fc.exact`
+    (else use `conv_acc`)."""
+    if not isinstance(padding, int):
+        t, b, left, r = padding
+        if t == b == left == r:
+            padding = t
+        else:
+            xc, padding = F.pad(xc, (left, r, t, b)), 0
+    v = F.conv2d(xc, fc.w, fc.b, stride, padding, 1, groups)
+    if fc.big is not None:
+        v[:, fc.big] = (v[:, fc.big].to(torch.int32) + fc.big_b).to(torch.float32)
+    return v
+
+
+def requant_f32(v: torch.Tensor, m: torch.Tensor | None, y_zero: int, lo: int, hi: int,
+                mask: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """The requantization tail of the op table on float32(acc + b) (or an add's float32 sum when m is None), in
+    place on `v`: r = rint(v * m[o]); y = clamp(r + y_zero, lo, hi). Returns (y as int8, y - y_zero as float32 for
+    the next kernel, and the mask lo <= r + y_zero <= hi when asked). Same multiply, same rounding as `requantize`:
+    only where the values live differs (r + y_zero is compared as r against lo - y_zero, exact on integers)."""
+    if m is not None:
+        v.mul_(m.view((1, -1) + (1,) * (v.dim() - 2)))
+    v.round_()
+    if mask:
+        yc = v.clamp(lo - y_zero, hi - y_zero)
+        keep = yc.eq(v)
+    else:
+        yc, keep = v.clamp_(lo - y_zero, hi - y_zero), None
+    y = (yc + y_zero if y_zero else yc).to(torch.int8)
+    return y, yc, keep
+
+
 def conv2d_int8(x: torch.Tensor, x_zero: int, w: torch.Tensor, b: torch.Tensor, m: torch.Tensor, y_zero: int,
                 stride: int, padding: int, groups: int) -> torch.Tensor:
     return requantize(conv_acc(x, x_zero, w, stride, padding, groups), b, m, y_zero)

@@ -24,6 +24,8 @@ from microtrain.runtime import kernels as K
 from microtrain.runtime import pool_kernels as PK
 
 M32 = 0xFFFFFFFF
+# the frozen prefix runs in batches whose widest float32 activation is about this size (see GraphTrainStep.prefix)
+PREFIX_CHUNK_BYTES = 4 << 20
 
 
 def _mul32(x: torch.Tensor, c: int) -> torch.Tensor:
@@ -93,12 +95,31 @@ class GraphTrainStep:
                     self.fx[op.name] = K.fixed_point(x.scale, w.scale, y.scale)
         self.forward_ops = [o for o in graph.ops if o.attrs.get("phase") == "forward"]
         self.frozen_ops, self.boundary = frozen_prefix(graph)
+        frozen = {o.name for o in self.frozen_ops}
+        self.rest_ops = [o for o in graph.ops if o.name not in frozen]
+        self.rest_forward_ops = [o for o in self.forward_ops if o.name not in frozen]
+        widest = max((4 * math.prod(graph.tensors[n].shape) for o in self.frozen_ops for n in o.outputs), default=1)
+        self.prefix_chunk = max(1, PREFIX_CHUNK_BYTES // widest)  # images per pass of the frozen prefix
+        # speed only (int8 precision): float32 copies of conv weights/biases, remade when a parameter changes, and
+        # the centered float32 activations (x - x.zero) of the current `run`, kept beside the int8 env values so
+        # that each kernel reads its operand without converting it again
+        self._fconv: dict[str, tuple[tuple, tuple, K.FloatConv]] = {}
+        self._cx: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
 
     @torch.no_grad()
     def prefix(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        """The boundary tensors of the frozen prefix for a batch of images (cacheable: no trainable input)."""
-        env = self.run(self.frozen_ops, self._env(x), train=True)
-        return {n: env[n] for n in self.boundary}
+        """The boundary tensors of the frozen prefix for a batch of images (cacheable: no trainable input).
+
+        Runs `prefix_chunk` images at a time: each image's prefix is independent of the others (integer-exact
+        forward, no batch statistic), so the values are the same, and the early layers' activations then stay small
+        enough to be reused from the allocator and the caches instead of being faulted in fresh every step."""
+        x = torch.as_tensor(x)
+        k = self.prefix_chunk
+        if x.shape[0] <= k:
+            env = self.run(self.frozen_ops, self._env(x), train=True)
+            return {n: env[n] for n in self.boundary}
+        parts = [self.prefix(x[i:i + k]) for i in range(0, x.shape[0], k)]
+        return {n: torch.cat([p[n] for p in parts]) for n in self.boundary}
 
     # ---- state ----------------------------------------------------------------------------------------------
     def _storage_dtype(self, name: str) -> torch.dtype:
@@ -137,20 +158,55 @@ class GraphTrainStep:
     def _conv2d(self, op: Op, env: dict, train: bool) -> list[torch.Tensor]:
         g, a = self.g, op.attrs
         xt, yt = g.tensors[op.inputs[0]], g.tensors[op.outputs[0]]
-        x, w, b = env[op.inputs[0]], self._full_weight(op), self.params[op.inputs[-1]]
+        x, b = env[op.inputs[0]], self.params[op.inputs[-1]]
         m = self.mult[op.name]
         pads = conv_pads(a)
+        w = self._full_weight(op) if not (self.exact and not self.tflite) else None
         if self.exact and self.tflite:
             acc = K.conv_acc(x, xt.zero, w, a["stride"], pads, a["groups"])
             v = K.requantize_fx(acc, b, *self.fx[op.name], yt.zero)
         elif self.exact:
-            acc = K.conv_acc(x, xt.zero, w, a["stride"], pads, a["groups"])
+            fc = self._float_conv(op)
+            if fc.exact:  # the float32 conv is exact: requantize in place, keep the centered output
+                v = K.conv_acc_f32(self._centered(op.inputs[0], env), fc, a["stride"], pads, a["groups"])
+                return self._requant_out(v, m, op, train)
+            acc = K.conv_acc(x, xt.zero, self._full_weight(op), a["stride"], pads, a["groups"])
             v = torch.round((acc + _bshape(b, 4)).to(torch.float32) * _bshape(m, 4)) + yt.zero
         else:
             xp, p = _pad_input(x - xt.zero, pads)
             acc = F.conv2d(xp, w.to(torch.float32), None, a["stride"], p, 1, a["groups"])
             v = (acc + _bshape(b.to(torch.float32), 4)) * _bshape(m, 4) + yt.zero
         return self._clamp_out(v, op, train)
+
+    def _float_conv(self, op: Op) -> K.FloatConv:
+        """The conv's float32 weight and bias (kernels.FloatConv), made again only when one of its parameter tensors
+        was replaced or changed in place."""
+        parts = tuple(self.params[n] for n in op.inputs[1:])
+        versions = tuple(t._version for t in parts)
+        hit = self._fconv.get(op.name)
+        if hit is not None and hit[1] == versions and all(a is b for a, b in zip(hit[0], parts, strict=True)):
+            return hit[2]
+        fc = K.FloatConv(self._full_weight(op), parts[-1], self.g.tensors[op.inputs[0]].zero)
+        self._fconv[op.name] = (parts, versions, fc)
+        return fc
+
+    def _centered(self, name: str, env: dict) -> torch.Tensor:
+        """float32(env[name] - zero) (channels_last), made once per run from the int8 value it belongs to."""
+        x = env[name]
+        hit = self._cx.get(name)
+        if hit is not None and hit[0] is x:
+            return hit[1]
+        c = K.centered(x, self.g.tensors[name].zero)
+        self._cx[name] = (x, c)
+        return c
+
+    def _requant_out(self, v: torch.Tensor, m: torch.Tensor | None, op: Op, train: bool) -> list[torch.Tensor]:
+        """`_clamp_out` of rint(v * m) + y.zero for the int8 rule, in place on v; keeps the centered output."""
+        lo, hi = op.attrs.get("act_min", -128), op.attrs.get("act_max", 127)
+        want = len(op.outputs) > 1 and train
+        y, yc, keep = K.requant_f32(v, m, self.g.tensors[op.outputs[0]].zero, lo, hi, want)
+        self._cx[op.outputs[0]] = (y, yc)
+        return [y] if len(op.outputs) == 1 else [y, keep]
 
     def _clamp_out(self, v: torch.Tensor, op: Op, train: bool) -> list[torch.Tensor]:
         lo, hi = op.attrs.get("act_min", -128), op.attrs.get("act_max", 127)  # a fused activation's clamp
@@ -167,6 +223,9 @@ class GraphTrainStep:
             return self._clamp_out(K.add_tflite_pre(env[op.inputs[0]], at.zero, env[op.inputs[1]], bt.zero, params,
                                                     yt.zero), op, train)
         ra, rb = add_ratios(at.scale, bt.scale, yt.scale)
+        if self.exact:  # two products, then one sum (no fused multiply-add), as the op table says
+            v = self._centered(op.inputs[0], env) * ra
+            return self._requant_out(v.add_(self._centered(op.inputs[1], env) * rb), None, op, train)
         v = (env[op.inputs[0]].to(torch.float32) - at.zero) * ra + (env[op.inputs[1]].to(torch.float32) - bt.zero) * rb
         v = (torch.round(v) if self.exact else v) + yt.zero
         return self._clamp_out(v, op, train)
@@ -348,19 +407,27 @@ class GraphTrainStep:
         return {self.g.inputs[0]: x if self.exact else x.to(torch.float32)}
 
     def run(self, ops: list[Op], env: dict, train: bool) -> dict[str, torch.Tensor]:
-        for op in ops:
-            outs = self.KERNELS[op.kind](self, op, env, train)
-            for n, v in zip(op.outputs, outs, strict=False):
-                env[n] = quantize_per_channel(v) if self.g.tensors[n].dtype == "qint8" else v
+        last = {n: i for i, op in enumerate(ops) for n in op.inputs}  # a centered copy is dropped after its last use
+        try:
+            for i, op in enumerate(ops):
+                outs = self.KERNELS[op.kind](self, op, env, train)
+                for n, v in zip(op.outputs, outs, strict=False):
+                    env[n] = quantize_per_channel(v) if self.g.tensors[n].dtype == "qint8" else v
+                for n in op.inputs:
+                    if last[n] == i:
+                        self._cx.pop(n, None)
+        finally:
+            self._cx.clear()
         return env
 
     @torch.no_grad()
     def step(self, x: torch.Tensor | dict[str, torch.Tensor], y: torch.Tensor, lr: float) -> float:
         """One update on a batch. `x` is int8 images, or the dict `prefix(images)` returned (skips the prefix)."""
-        if isinstance(x, dict):
-            env, ops = dict(x), [o for o in self.g.ops if o not in self.frozen_ops]
-        else:
+        env = dict(x) if isinstance(x, dict) else (self.prefix(x) if self.exact else None)
+        if env is None:
             env, ops = self._env(x), self.g.ops
+        else:
+            ops = self.rest_ops
         env["label"] = torch.as_tensor(y)
         env["lr"] = torch.tensor(lr, dtype=torch.float32)
         self.run(ops, env, train=True)
@@ -371,7 +438,9 @@ class GraphTrainStep:
     @torch.no_grad()
     def logits(self, x: torch.Tensor | dict[str, torch.Tensor]) -> torch.Tensor:
         if isinstance(x, dict):
-            return self.run([o for o in self.forward_ops if o not in self.frozen_ops], dict(x), train=False)["logits"]
+            return self.run(self.rest_forward_ops, dict(x), train=False)["logits"]
+        if self.exact:
+            return self.run(self.rest_forward_ops, self.prefix(x), train=False)["logits"]
         return self.run(self.forward_ops, self._env(x), train=False)["logits"]
 
 
