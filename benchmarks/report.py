@@ -133,15 +133,16 @@ def section_defaults(r: Report) -> None:
           "full test set, no `--lr` (the rate is chosen on a validation slice of the training images), every other "
           f"option at its default. Data: {r.source('defaults', d)}.", "",
           "| setting | test accuracy % | chosen lr | candidates (validation accuracy %) | selection s | run s | "
-          "selection share |", "|---|---|---|---|---|---|---|")
+          "selection share of wall time | of CPU time |", "|---|---|---|---|---|---|---|---|")
     for name, s in d["settings"].items():
         m = s["metrics"]
         sel = m.get("lr_selection") or {}
         cands = ", ".join(f"{c['lr']:g}: " + (pct(c["val_accuracy"]) if c["status"] == "completed" else "diverged")
                           for c in sel.get("candidates", []))
-        share = sel.get("fraction_of_total")
+        share, cpu = sel.get("fraction_of_total"), sel.get("cpu_fraction_of_total")
         r.add(f"| {name} | {pct(m['test_accuracy'])} | {m['lr']:g} | {cands} | {sel.get('seconds', 0):.0f} | "
-              f"{sel.get('run_seconds', 0):.0f} | {'—' if share is None else f'{100 * share:.1f}%'} |")
+              f"{sel.get('run_seconds', 0):.0f} | {'—' if share is None else f'{100 * share:.1f}%'} | "
+              f"{'—' if cpu is None else f'{100 * cpu:.1f}%'} |")
     a = d.get("acceptance")
     if a:
         ok = lambda b: "✓" if b else "✗"  # noqa: E731
