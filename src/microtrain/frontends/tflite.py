@@ -3,9 +3,11 @@ nothing in the file is executed, and everything read from it is checked (here an
 
 The result is an ordinary microtrain forward graph in CHW layout whose requantization rule is TFLite's fixed-point
 one (`meta["requant"] = "tflite-fixed-point"`, ir/ops.py), so it computes what TFLite Micro computes. Supported:
-CONV_2D, DEPTHWISE_CONV_2D (depth multiplier 1), ADD, AVERAGE_POOL_2D and MEAN over the whole image, RESHAPE of a
-vector, PAD folded into the convolution that reads it, FULLY_CONNECTED as the classifier head, SOFTMAX and
-DEQUANTIZE at the end, QUANTIZE at the start; fused NONE / RELU / RELU6 / RELU_N1_TO_1 become the int8 clamps
+CONV_2D, DEPTHWISE_CONV_2D (depth multiplier 1), ADD, AVERAGE_POOL_2D (global: avgpool; windowed: avgpool2d),
+MAX_POOL_2D (maxpool2d), MEAN over the whole image, RESHAPE of a vector or a flatten feeding a FULLY_CONNECTED, PAD
+folded into the convolution that reads it, FULLY_CONNECTED as the classifier head (the last op) or anywhere else (a
+conv2d on the (C,1,1) vector or the odd square map it flattens, `fc: true`), SOFTMAX and DEQUANTIZE at the end,
+QUANTIZE at the start; fused NONE / RELU / RELU6 / RELU_N1_TO_1 become the int8 clamps
 act_min / act_max; SAME padding including TF's extra bottom/right row at stride 2. Anything else is a one-line error
 naming the op.
 
