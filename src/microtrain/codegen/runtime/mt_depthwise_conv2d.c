@@ -223,6 +223,8 @@ void mt_depthwise_conv2d(const int8_t *x, mt_dims xd, const mt_conv *p, int8_t *
   for (int32_t n = 0; n < yd.c; n++) {
     const int32_t c = descending ? yd.c - 1 - n : n;
     channel_any(x, xd, p, c, scratch, yd.w, mask, c * hw, yd.h, yd.w);
-    for (int32_t oy = 0; oy < yd.h; oy++) memcpy(y + c * yd.cs + oy * yd.rs, scratch + oy * yd.w, (size_t)yd.w);
+    if (yd.rs == yd.w) memcpy(y + c * yd.cs, scratch, (size_t)hw);
+    else
+      for (int32_t oy = 0; oy < yd.h; oy++) memcpy(y + c * yd.cs + oy * yd.rs, scratch + oy * yd.w, (size_t)yd.w);
   }
 }

@@ -96,6 +96,58 @@ static int channel_staged(const float *g, mt_dims gd, const int8_t *w, int32_t k
   return 1;
 }
 
+/* A small channel whole: the gacc plane staged once with zero rows and columns around it, so that every gx row reads
+ * every tap row i of its parity (a row outside gacc is zeros: fma(0, w, acc) leaves acc as it is, as for the
+ * columns above) and no row is staged twice. The late blocks' 8x8 and 4x4 channels spent more in channel_staged's
+ * per-row ring bookkeeping than in their MACs. The same chains as channel_staged. Returns 0 when it does not fit. */
+static int channel_plane(const float *g, mt_dims gd, const int8_t *w, int32_t k, int32_t stride, int32_t pad,
+                         float *out, int32_t h, int32_t wd) {
+  const int32_t s = stride, pl = (k - 1 + s - 1) / s;  /* gacc (row, column) (r, c) lives at (r + pl, c + pl) */
+  const int32_t xb = (wd + 4 * s - 1) / (4 * s) * (4 * s);
+  int32_t pr = (xb - 1 + pad) / s - (gd.w - 1), pb = (h - 1 + pad) / s - (gd.h - 1);
+  if (pr < 0) pr = 0;
+  if (pb < 0) pb = 0;
+  const int32_t rw = pl + gd.w + pr, nrows = pl + gd.h + pb;
+  if (k > MT_DW_KMAX || nrows * rw > DG_RING || xb > MT_ROW_MAX + 8 || pad - (k - 1) < -pl * s) return 0;
+  float plane[DG_RING], wf[MT_DW_KMAX * MT_DW_KMAX], o4[MT_ROW_MAX + 4 * 2];
+  for (int32_t t = 0; t < k * k; t++) wf[t] = (float)w[t];
+  for (int32_t t = 0; t < nrows * rw; t++) plane[t] = 0.0f;
+  for (int32_t r = 0; r < gd.h; r++) {
+    float *d = plane + (pl + r) * rw + pl;
+    const float *gr = g + r * gd.w;
+    for (int32_t c = 0; c < gd.w; c++) d[c] = gr[c];
+  }
+  for (int32_t y = 0; y < h; y++) {
+    const float *rows[MT_DW_KMAX], *wrs[MT_DW_KMAX];
+    int32_t nv = 0;
+    for (int32_t i = (y + pad) % s; i < k; i += s, nv++)  /* (y + pad - i) is a multiple of s: exact division */
+      rows[nv] = plane + (pl + (y + pad - i) / s) * rw, wrs[nv] = wf + i * k;
+    for (int32_t xq = 0; xq < xb; xq += 4 * s)
+      for (int32_t par = 0; par < s; par++) {
+        const int32_t x0 = xq + par, jp = (x0 + pad) % s, c0 = pl + (x0 + pad - jp) / s;
+        float a[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+        for (int32_t v = 0; v < nv; v++) {
+          if (k == 3 && s == 1) dg_block(rows[v], c0, wrs[v], jp, 3, 1, a);
+          else if (k == 5 && s == 1) dg_block(rows[v], c0, wrs[v], jp, 5, 1, a);
+          else if (k == 7 && s == 1) dg_block(rows[v], c0, wrs[v], jp, 7, 1, a);
+          else if (k == 3 && s == 2) dg_block(rows[v], c0, wrs[v], jp, 3, 2, a);
+          else dg_block(rows[v], c0, wrs[v], jp, k, s, a);
+        }
+        for (int32_t t = 0; t < 4; t++) o4[x0 + s * t] = a[t];
+      }
+    for (int32_t x = 0; x < wd; x++) out[y * wd + x] = o4[x];
+  }
+  return 1;
+}
+
+/* One float32 channel by the fastest path that fits. */
+static void channel_any(const float *g, mt_dims gd, const int8_t *w, int32_t k, int32_t stride, int32_t pad,
+                        float *out, int32_t h, int32_t wd) {
+  if (channel_plane(g, gd, w, k, stride, pad, out, h, wd)) return;
+  if (channel_staged(g, gd, w, k, stride, pad, out, h, wd)) return;
+  channel(g, 0, 0.0f, gd, w, k, stride, pad, out, h, wd);
+}
+
 static const int8_t *channel_weights(const mt_weights *w, int32_t c) {
   const int32_t kk = w->k * w->k;
   return c < w->ch ? w->w_train + c * kk : w->w_frozen + (c - w->ch) * kk;
@@ -108,8 +160,7 @@ void mt_depthwise_grad_input(const float *gacc, mt_dims gd, const mt_weights *w,
   for (int32_t n = 0; n < xd.c; n++) {
     const int32_t c = descending ? xd.c - 1 - n : n;
     float *out = scratch ? scratch : gx + c * hw;
-    if (!channel_staged(gacc + c * gd.cs, gd, channel_weights(w, c), w->k, stride, pad, out, xd.h, xd.w))
-      channel(gacc + c * gd.cs, 0, 0.0f, gd, channel_weights(w, c), w->k, stride, pad, out, xd.h, xd.w);
+    channel_any(gacc + c * gd.cs, gd, channel_weights(w, c), w->k, stride, pad, out, xd.h, xd.w);
     if (scratch) memcpy(gx + c * hw, scratch, (size_t)hw * sizeof(float));
   }
 }
@@ -132,6 +183,5 @@ void mt_depthwise_grad_input_q8(const float *gacc, mt_dims gd, const mt_weights 
 /* Channel c alone (the channel-serial block backward): gacc channel g (float32), gx channel into out. */
 void mt_depthwise_grad_input_channel(const float *g, mt_dims gd, const mt_weights *w, int32_t c, int32_t stride,
                                      int32_t pad, float *out, mt_dims xd) {
-  if (!channel_staged(g, gd, channel_weights(w, c), w->k, stride, pad, out, xd.h, xd.w))
-    channel(g, 0, 0.0f, gd, channel_weights(w, c), w->k, stride, pad, out, xd.h, xd.w);
+  channel_any(g, gd, channel_weights(w, c), w->k, stride, pad, out, xd.h, xd.w);
 }
