@@ -157,3 +157,19 @@ def test_grid_depends_on_precision_qas_optimizer_and_batch():
     for bad in ("nan", "-1", "x"):
         with pytest.raises(MicrotrainError, match="--lr"):
             L.parse_lr(bad)
+
+
+def test_contrib_probe_rate_is_chosen_and_recorded(inputs, tmp_path, capsys):
+    out = tmp_path / "c.json"
+    common = ["contrib", "--model", str(inputs / "tiny.json"), "--data", "lfw", "--subset", "48", "--test-subset",
+              "24", "--epochs", "1", "--batch-size", "16", "--probe-epochs", "1", "--workers", "1", "--k-grid", "3",
+              "--base-k", "3", "--weight-convs", "8", "--cache-dir", str(tmp_path / "cache"), "--quiet"]
+    assert main([*common, "--out", str(out)]) == 0
+    d = json.loads(out.read_text())
+    sel = d["probe_lr_selection"]
+    assert sel["lr"] == d["protocol"]["probe_lr"] and f"--probe-lr {sel['lr']:g}" in d["command"]
+    assert next(c for c in sel["candidates"] if c["lr"] == sel["lr"])["status"] == "completed"
+    assert f"probe lr auto: {sel['lr']:g}" in capsys.readouterr().err
+    assert main([*common, "--out", str(tmp_path / "fixed.json"), "--probe-lr", "0.2"]) == 0
+    fixed = json.loads((tmp_path / "fixed.json").read_text())
+    assert fixed["protocol"]["probe_lr"] == 0.2 and "probe_lr_selection" not in fixed

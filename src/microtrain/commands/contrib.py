@@ -5,12 +5,15 @@ from __future__ import annotations
 import argparse
 import json
 import shlex
+import sys
 from pathlib import Path
+from typing import Any
 
 from microtrain.data.datasets import DATASETS
 from microtrain.errors import MicrotrainError
 from microtrain.frontends.zoo import ZOO_MODELS, load_model
 from microtrain.outputs import check_output_file
+from microtrain.runtime.lr_select import AUTO, parse_lr
 from microtrain.sparse.contrib import Protocol, analyse, default_cache_root, default_protocol
 
 
@@ -49,7 +52,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help=f"linear warm-up of each trial, in epochs (default {d.warmup_epochs:g}), then cosine decay")
     p.add_argument("--probe-epochs", type=int, default=d.probe_epochs,
                    help=f"head-only epochs of the shared starting head (default {d.probe_epochs}; 0: fresh head)")
-    p.add_argument("--probe-lr", type=float, default=d.probe_lr)
+    p.add_argument("--probe-lr", default=AUTO,
+                   help="learning rate of the linear-probe head, or 'auto' (default): chosen as `train --lr auto` "
+                        "does, on a validation slice of the training subset; the chosen number goes into the "
+                        "protocol (and the recorded command), so the trial cache stays keyed by a rate")
     p.add_argument("--augment", choices=("flip", "none"), default=d.augment)
     p.add_argument("--k-grid", help="bias counts to measure, e.g. 3,6,9 or 3-12 (default: every 3 up to the base, "
                                     "then every 6, and all convs)")
@@ -70,10 +76,15 @@ def run(args: argparse.Namespace) -> int:
     if args.workers < 1:
         raise MicrotrainError(f"--workers must be >= 1, got {args.workers}")
     graph = load_model(args.model)
+    probe_lr, selection = parse_lr(str(args.probe_lr)), None
+    if probe_lr == AUTO:
+        if args.probe_epochs > 0:
+            selection = select_probe_lr(args, graph)
+        probe_lr = selection["lr"] if selection else Protocol(data="").probe_lr  # no probe: the rate is unused
     proto = default_protocol(graph, args.data, train_images=args.subset, test_images=args.test_subset,
                              epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                              warmup_epochs=args.warmup_epochs, probe_epochs=args.probe_epochs,
-                             probe_lr=args.probe_lr, augment=args.augment,
+                             probe_lr=probe_lr, augment=args.augment,
                              seed=args.seed, k_grid=_ints(args.k_grid, "--k-grid"), base_k=args.base_k,
                              weight_convs=_ints(args.weight_convs, "--weight-convs"))
     # checked before the trials, not after them
@@ -81,6 +92,8 @@ def run(args: argparse.Namespace) -> int:
     command = shlex.join(["microtrain", "contrib", *_argv(args, proto, out)])
     result = analyse(args.model, proto, cache_root=args.cache_dir, workers=args.workers, ray_address=args.ray,
                      progress=not args.quiet, command=command)
+    if selection is not None:
+        result["probe_lr_selection"] = selection
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1) + "\n")
     if args.json:
@@ -94,6 +107,32 @@ def run(args: argparse.Namespace) -> int:
                  f"points" if best_w else "")
               + f"; {len(result['bias']) + len(result['weight']) + 1} trials -> {out}")
     return 0
+
+
+def select_probe_lr(args: argparse.Namespace, graph: Any) -> dict[str, Any]:
+    """--probe-lr auto: the probe head's rate, chosen on the training subset the analysis uses (runtime/lr_select.py,
+    never its test images). The head is a float layer with plain SGD; the int8 + QAS prior (whose QAS-scaled
+    gradients are in real units too) is its prior, and the grid extends when an end of it wins."""
+    from microtrain.autodiff.build import TrainConfig, build_training_graph
+    from microtrain.data.datasets import model_resolution, open_dataset
+    from microtrain.runtime.lr_select import base_grid, select_lr
+    from microtrain.runtime.prefix_cache import PrefixCache
+    from microtrain.runtime.trainstep import GraphTrainStep
+    from microtrain.sparse.scheme import Scheme
+
+    d = Protocol(data="")
+    train = open_dataset(args.data, "train", subset=args.subset, seed=args.seed, progress=not args.quiet)
+    g = build_training_graph(graph, Scheme("probe", 0, {}), train.num_classes, TrainConfig(seed=args.seed))
+    entries: dict = {}
+    grid, ratio = base_grid("int8", True, "sgd", args.batch_size)
+    sel = select_lr(lambda: PrefixCache(GraphTrainStep(g, d.precision), entries=entries), train, grid=grid,
+                    ratio=ratio, epochs=args.probe_epochs, batch_size=args.batch_size,
+                    warmup_epochs=args.warmup_epochs, augment=args.augment, resolution=model_resolution(graph),
+                    eval_crop=1.0, seed=args.seed, progress=not args.quiet)
+    print(f"probe lr auto: {sel['lr']:g} (" + ", ".join(
+        f"{c['lr']:g} {c['val_accuracy']:.1%}" if c["status"] == "completed" else f"{c['lr']:g} diverged"
+        for c in sel["candidates"]) + f"; {sel['seconds']:.1f}s)", file=sys.stderr)
+    return sel
 
 
 def _spans(v: tuple[int, ...]) -> str:
