@@ -34,7 +34,10 @@ from zero; (q, s) = QuantizeMultiplier(real) (frac of frexp rounded half away fr
   maxpool2d: the same as under float32-multiplier (integer max, clamp to act_min/act_max).
 The backward (STE) uses the float32 multiplier m[o] of the conv2d text in both rules.
 A conv's `padding` is its top and left padding; optional pad_bottom / pad_right (default `padding`) the bottom and
-right padding (TF's SAME padding at stride 2); the output size follows from all four.
+right padding (TF's SAME padding at stride 2); the output size follows from all four. A conv with attr `fc` is an
+imported FULLY_CONNECTED (on a (C,1,1) vector, or an H x H kernel over the map it flattened): the same arithmetic,
+exported back as a FULLY_CONNECTED. A pool's `padding` is its top padding; pad_left (default `padding`), pad_bottom
+(default top) and pad_right (default left) the others (ops.pool_pads).
 A `qint8` gradient tensor (--int8-grads) stores channel c of the float32 result v as q = clamp(rint(v / s), -127,
 127) with s = max|v[c]| / 127 (1 when 0), and is read back as float(q) * s.
 """
