@@ -209,6 +209,42 @@ def test_imported_model_trains_plans_and_runs_in_qemu(imported, name, scheme, lr
     print(f"{name} {scheme}: SRAM {mem['sram_total_bytes'] / 1024:.1f} KB, flash {mem['flash_bytes'] / 1024:.1f} KB")
 
 
+def test_input_normalization_folds_into_the_first_conv():
+    """Per-channel mean / std become a per-tensor input quantization plus a per-channel affine folded into the first
+    conv: exact wherever the conv reads no padding, and off only on the zero-padded border (where the model saw 0);
+    a single mean / std folds to the whole-pixel rounding of the mean only."""
+    from microtrain.frontends.float_graph import FloatBuilder, run_float
+    from microtrain.frontends.ptq import (
+        IMAGENET_MEAN,
+        IMAGENET_STD,
+        dequantize_input,
+        fold_input,
+        input_quant,
+        normalize,
+    )
+
+    rng = np.random.default_rng(0)
+    b = FloatBuilder("m", "m", "test", {"x": 1, "c": 1, "p": 1, "y": 1})
+    b.set_input("x", (3, 9, 9))
+    b.conv("c", "x", "c", rng.normal(size=(4, 3, 3, 3)), rng.normal(size=4), (1, 1), (1, 1, 1, 1), 1)
+    b.gap("p", "c", "p")
+    b.linear("y", "p", "y", rng.normal(size=(2, 4)), None)
+    fg = b.finish("y", None, None)
+    x = torch.from_numpy(rng.integers(-128, 128, size=(5, 3, 9, 9)).astype(np.int8))
+    iq = input_quant(IMAGENET_MEAN, IMAGENET_STD, 3)
+    assert not iq.exact and len(set(iq.gain)) == 3
+    folded = fold_input(fg, iq)
+    conv_maps = {}
+    for name, graph, inp in (("orig", fg, normalize(x, iq)), ("folded", folded, dequantize_input(x, iq))):
+        run_float(graph, inp, lambda t, v, name=name: conv_maps.setdefault(name, v) if t == "c" else None)
+    a, f = conv_maps["orig"], conv_maps["folded"]
+    torch.testing.assert_close(a[:, :, 1:-1, 1:-1], f[:, :, 1:-1, 1:-1], atol=1e-4, rtol=1e-5)  # interior: exact
+    assert (a[:, :, 0] - f[:, :, 0]).abs().max() > 1e-3  # the border: the padded taps differ
+    one = input_quant((0.5,), (0.25,), 3)
+    assert one.gain == (1.0, 1.0, 1.0) and abs(one.offset[0]) <= 0.5 / 255 / 0.25 + 1e-12
+    assert one.scale == pytest.approx(1 / (255 * 0.25)) and one.zero == 0
+
+
 # ---- refusals: one line, exit 2, nothing written ---------------------------------------------------------------
 def _onnx_variant(tmp_path: Path, edit) -> Path:
     import onnx
