@@ -38,10 +38,11 @@ def test_every_kind_declares_semantics_shape_macs_kernel_and_inplace_rule():
 def _graphs():
     """Training graphs that together hold every non-planning kind: slices (a half-ratio weight), a residual's two
     gradient contributions, every pool, the FC-as-conv, reorder off (materialised gradients), qint8 gradients."""
-    res, plain, mb = (load_model(FIXTURES / f"{n}.tflite") for n in ("resnet", "plain_cnn", "mbv1"))
+    res, plain, mb, cc = (load_model(FIXTURES / f"{n}.tflite") for n in ("resnet", "plain_cnn", "mbv1", "cifar_cnn"))
     yield res, Scheme("half", 6, {3: 0.5, 5: 1.0}), TrainConfig()
     yield plain, resolve_scheme("full", plain), TrainConfig(reorder=False)
     yield mb, resolve_scheme("last:3", mb), TrainConfig(int8_grads=True, optimizer="adam")
+    yield cc, resolve_scheme("full", cc), TrainConfig(int8_grads=True)
 
 
 def test_every_kind_has_a_gradient_rule_and_a_c_lowering():

@@ -178,9 +178,11 @@ def build_training_graph(fwd: Graph, scheme, num_classes: int, cfg: TrainConfig 
             gx = new_grad(x, "@pool")
             emit(Op("pool.grad", "avgpool_grad", [gy], [gx]))
             contribute(x, gx)
-        elif op.kind in ("maxpool2d", "avgpool2d", "reshape"):  # one input; maxpool re-finds its argmax in x
+        elif op.kind in ("maxpool2d", "avgpool2d", "reshape", "flatten"):  # one input; maxpool re-finds its argmax
             gx = new_grad(x, f"@{op.name}")
-            if op.kind == "reshape":
+            if op.kind == "flatten":
+                emit(Op(f"{op.name}.grad", "flatten_grad", [gy], [gx], plane(x)))
+            elif op.kind == "reshape":
                 emit(Op(f"{op.name}.grad", "reshape", [gy], [gx], {"to": len(g.tensors[x].shape)}))
             else:
                 emit(Op(f"{op.name}.grad", f"{op.kind}_grad", [gy, x] if op.kind == "maxpool2d" else [gy], [gx],

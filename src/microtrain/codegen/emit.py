@@ -45,7 +45,7 @@ KERNEL_FILES = ("mt_conv2d.c", "mt_depthwise_conv2d.c", "mt_add.c", "mt_avgpool.
                 "mt_add_grad.c", "mt_grad_add.c", "mt_conv2d_grad_acc.c", "mt_conv2d_grad_input.c",
                 "mt_depthwise_grad_input.c", "mt_conv2d_update.c", "mt_linear_update.c", "mt_update.c", "mt_math.c",
                 "mt_q8.c", "mt_profile.c", "mt_tflite.c", "mt_maxpool2d.c", "mt_avgpool2d.c", "mt_maxpool2d_grad.c",
-                "mt_avgpool2d_grad.c", "mt_reshape.c")
+                "mt_avgpool2d_grad.c", "mt_reshape.c", "mt_flatten.c", "mt_flatten_grad.c")
 # (the channel-serial block backward's helpers live in the kernels they share code with; mt_profile.c is empty unless
 # the profile build defines MT_PROFILE)
 HARNESS_FILES = {"host": ("mt_main.c", "mt_io.h", "mt_io_host.c"),
@@ -348,6 +348,9 @@ class Emitter:
                     f"{self.act(y)});"]
         elif op.kind == "reshape":
             code = [self.reshape(op)]
+        elif op.kind == "flatten":
+            c, h, w = g.tensors[op.inputs[0]].shape
+            code = [f"mt_flatten({self.act(op.inputs[0])}, {c}, {h * w}, {self.act(y)});"]
         elif op.kind == "slice_channels":
             code = [f"mt_slice_channels({self.act(op.inputs[0])}, {g.tensors[y].nbytes}, {self.act(y)});"]
         elif op.kind == "linear":
@@ -498,6 +501,10 @@ class Emitter:
             return [f"mt_avgpool2d_grad({self.act(op.inputs[0])}, {d}, {tail});"]
         if op.kind == "reshape":
             return [self.reshape(op)]
+        if op.kind == "flatten_grad":
+            c, h, w = t[op.outputs[0]].shape
+            return [f"mt_flatten_grad({self.act(op.inputs[0])}, {c}, {h * w}, {self.act(op.outputs[0])}, "
+                    f"{int(bool(q8))}, {self.workspace(op) if q8 else '0'});"]
         if op.kind == "add_grad":
             fwd = g.op(op.name.removesuffix(".grad"))
             at, bt, yt = (t[n] for n in (*fwd.inputs, fwd.outputs[0]))

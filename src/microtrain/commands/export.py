@@ -57,7 +57,7 @@ def forward_graph(tg: Graph, state: dict[str, np.ndarray]) -> Graph:
     for op in tg.ops:
         if op.attrs.get("phase") != "forward" or op.kind in ("slice_channels", "linear"):
             continue
-        if op.kind not in ("conv2d", "add", "avgpool", "maxpool2d", "avgpool2d", "reshape"):
+        if op.kind not in ("conv2d", "add", "avgpool", "maxpool2d", "avgpool2d", "reshape", "flatten"):
             raise MicrotrainError(f"{op.name}: op {op.kind} has no export")
         y = tg.tensors[op.outputs[0]]
         g.add_tensor(Tensor(y.name, y.shape, y.dtype, "act", y.scale, y.zero))

@@ -102,6 +102,7 @@ NOT_INPLACE: dict[str, str] = {
     **dict.fromkeys(("maxpool2d", "avgpool2d"), "a window reads neighbours that a row-order write would clobber"),
     **dict.fromkeys(("avgpool_grad", "maxpool2d_grad", "avgpool2d_grad"), "the output is larger than its input"),
     "slice_channels": "its input stays alive for the forward pass (it is the saved copy)",
+    **dict.fromkeys(("flatten", "flatten_grad"), "a permutation: writing in output order clobbers unread input"),
     **dict.fromkeys(("conv2d_weight_grad", "linear_weight_grad"), "parameter gradients are not activations"),
     **dict.fromkeys(("conv2d_update", "linear_update", "apply_update"), "writes no arena tensor (updates the state)"),
     **dict.fromkeys(("patch_stage", "block_grad"), "planning-view ops: their members' rules and their own scratch "

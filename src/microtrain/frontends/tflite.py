@@ -6,10 +6,10 @@ one (`meta["requant"] = "tflite-fixed-point"`, ir/ops.py), so it computes what T
 CONV_2D, DEPTHWISE_CONV_2D (depth multiplier 1), ADD, AVERAGE_POOL_2D (global: avgpool; windowed: avgpool2d),
 MAX_POOL_2D (maxpool2d), MEAN over the whole image, RESHAPE of a vector or a flatten feeding a FULLY_CONNECTED, PAD
 folded into the convolution that reads it, FULLY_CONNECTED as the classifier head (the last op) or anywhere else (a
-conv2d on the (C,1,1) vector or the odd square map it flattens, `fc: true`), SOFTMAX and DEQUANTIZE at the end,
-QUANTIZE at the start; fused NONE / RELU / RELU6 / RELU_N1_TO_1 become the int8 clamps
-act_min / act_max; SAME padding including TF's extra bottom/right row at stride 2. Anything else is a one-line error
-naming the op.
+conv2d with `fc: true` on the (C,1,1) vector, on the odd square map it flattens, or on a `flatten` of any other
+map), SOFTMAX and DEQUANTIZE at the end, QUANTIZE at the start; fused NONE / RELU / RELU6 / RELU_N1_TO_1 become the
+int8 clamps act_min / act_max; SAME padding including TF's extra bottom/right row at stride 2. Anything else is a
+one-line error naming the op.
 
 Input encoding: images map RGB (or gray) 0..255 onto the whole int8 range, `pixel - 128`, which is the model's own
 input range under its input quantization (e.g. scale 1/255, zero -128 for [0, 1] inputs).
@@ -411,10 +411,19 @@ class _Builder:
             self.add_op(f"reshape{k}", "reshape", [x], [y], {"to": len(shape)})
         return y
 
+    def flatten_op(self, x: str, k: int) -> str:
+        """A `flatten` op of map x (TFLite's NHWC order): its (H*W*C, 1, 1) output's name."""
+        c, h, w = self.tensors[x]["shape"]
+        y = f"{x}.flat"
+        self.tensors[y] = {**self.tensors[x], "shape": [c * h * w, 1, 1], "role": "act"}
+        self.add_op(f"flatten{k}", "flatten", [x], [y], {})
+        return y
+
     def fc(self, k: int, ins: list[int], outs: list[int], opt: Any, last: bool) -> None:
         """The last FULLY_CONNECTED is the classifier head (`linear`, replaced by training's new head); any other
-        is a `conv2d` on (C,1,1) (1x1), or on the H x W map it flattens (an H x H kernel, H odd: TFLite's NHWC
-        flatten order becomes the weight's (c, i, j) order), so it trains, plans and compiles like any conv."""
+        is a `conv2d` on (C,1,1) (1x1), or on the H x W map it flattens when H = W is odd (an H x H kernel: TFLite's
+        NHWC flatten order becomes the weight's (c, i, j) order), so it trains, plans and compiles like any conv.
+        Other maps (and a head on a map) are flattened by a `flatten` op first."""
         import tflite
 
         what = f"operator {k} (FULLY_CONNECTED)"
@@ -424,11 +433,9 @@ class _Builder:
         wt = self.const(ins[1], what)
         if wt.dtype != np.int8 or wt.ndim != 2 or wt.shape[1] != c * hh * ww:
             raise self.err(f"{what}: weights {list(wt.shape)} do not fit {c * hh * ww} features")
-        if last and len(xs) == 3 and hh * ww > 1:
-            raise self.err(f"{what}: a classifier head on an unpooled {hh}x{ww} map is not supported (pool first, or "
-                           "add a fully-connected layer before the head)")
-        if not last and (hh != ww or hh % 2 == 0):
-            raise self.err(f"{what}: flattens a {hh}x{ww} map (square odd maps and vectors are supported)")
+        if hh * ww > 1 and (last or hh != ww or hh % 2 == 0):  # a `flatten` op, then a 1x1 conv (or the head)
+            x = self.flatten_op(x, k)
+            c, hh, ww = c * hh * ww, 1, 1
         o = wt.shape[0]
         act = 0
         if opt is not None:
@@ -454,7 +461,7 @@ class _Builder:
                                                            **_act_range(act, ys, yz, what)})
             self.convs += 1
             return
-        if len(xs) == 3:
+        if len(self.tensors[x]["shape"]) == 3:
             x = self.reshape_op(x, (c,), k)
         name = f"fc{k}"
         wn = self.param(f"{name}.w", np.ascontiguousarray(wt), "weight", scales)

@@ -285,7 +285,7 @@ def graph_to_tflite(g) -> bytes:
                 raise ValueError(f"{op.name}: padding {list(pads)} is neither SAME nor VALID")
             w.op("MAX_POOL_2D" if op.kind == "maxpool2d" else "AVERAGE_POOL_2D", [idx[op.inputs[0]]],
                  [act(op.outputs[0])], filter=(kh, kw), stride=s, padding=padding, act=fused)
-        elif op.kind == "reshape":  # (C,) <-> (C,1,1): TFLite's FULLY_CONNECTED reads either as it is
+        elif op.kind in ("reshape", "flatten"):  # TFLite's FULLY_CONNECTED reads a vector or flattens a map itself
             idx[op.outputs[0]] = idx[op.inputs[0]]
         elif op.kind == "linear" and g.tensors[op.inputs[1]].dtype == "int8":
             xt, wt, bt = (g.tensors[n] for n in op.inputs)

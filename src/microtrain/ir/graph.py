@@ -584,5 +584,12 @@ def _check_reshape(g: Graph, op: Op) -> None:
           and x.zero == y.zero, op, "reshape is only (C,) <-> (C,1,1) of one tensor type")
 
 
+def _check_flatten(g: Graph, op: Op) -> None:
+    x, y = g.tensors[op.inputs[0]], g.tensors[op.outputs[0]]
+    _need(len(x.shape) == 3 and x.dtype == "int8" and y.dtype == "int8" and x.scale == y.scale and x.zero == y.zero,
+          op, "flatten takes an int8 CxHxW activation and keeps its quantization")
+
+
 _FORWARD_CHECKS = {"conv2d": _check_conv, "linear": _check_linear, "add": _check_add, "avgpool": _check_pool,
-                   "maxpool2d": _check_window, "avgpool2d": _check_window, "reshape": _check_reshape}
+                   "maxpool2d": _check_window, "avgpool2d": _check_window, "reshape": _check_reshape,
+                   "flatten": _check_flatten}

@@ -107,6 +107,10 @@ def _reshape_shape(g: Graph, op: Op) -> list[tuple[int, ...]]:
     return [(c, 1, 1) if op.attrs.get("to", 1) == 3 else (c,)]
 
 
+def _flatten_shape(g: Graph, op: Op) -> list[tuple[int, ...]]:
+    return [(math.prod(_shape(g, op, 0)), 1, 1)]
+
+
 def _conv_shape(g: Graph, op: Op) -> list[tuple[int, ...]]:
     c, h, w = _shape(g, op, 0)
     o, _, k, _ = _shape(g, op, 1)
@@ -147,7 +151,7 @@ def _weight_grad_macs(g: Graph, op: Op) -> int:
 
 # What a model file holds (frontends produce these; autodiff gives each a gradient rule), and the kinds that exist
 # only in planning views (compiler/memory.py: their member ops run, each with its own kernels).
-FORWARD_KINDS = ("conv2d", "add", "avgpool", "linear", "maxpool2d", "avgpool2d", "reshape")
+FORWARD_KINDS = ("conv2d", "add", "avgpool", "linear", "maxpool2d", "avgpool2d", "reshape", "flatten")
 PLANNING_KINDS = ("patch_stage", "block_grad")
 
 OPS: dict[str, OpDef] = {
@@ -186,6 +190,10 @@ OPS: dict[str, OpDef] = {
         "y = x as (C,) <-> (C,1,1) (`attrs.to` = the output's rank): the same bytes in the same order (also for a "
         "gradient, float32 or qint8: one scale per channel either way). Connects a fully-connected layer imported as "
         "a 1x1 conv2d on (C,1,1) with vectors (pooled features, the head's input)."),
+    "flatten": OpDef(
+        ("x",), _flatten_shape, _none,
+        "TFLite's flatten of a C x H x W map for a FULLY_CONNECTED: y[(h*W + w)*C + c, 0, 0] = x[c, h, w] (NHWC "
+        "order), same scale and zero point. The fully-connected layer that reads it is a 1x1 conv2d."),
     # ---- training ops (built by autodiff/; float32 gradients in integer units: g_t = dL/dt_q) ----------------
     "slice_channels": OpDef(
         ("x",), _declared, _none,
@@ -209,6 +217,10 @@ OPS: dict[str, OpDef] = {
         ("g",), _declared, _none,
         "g_x[c,y,x] = chain_{(oy,ox) row-major} add(g[c,oy,ox] / float(n[oy,ox])) over the windows that have (y, x) "
         "as a tap, n the window's tap count (one division per output element)."),
+    "flatten_grad": OpDef(
+        ("g",), _declared, _none,
+        "g_x[c, h, w] = g[(h*W + w)*C + c] (the inverse permutation; a qint8 g_x is quantized per channel c from "
+        "those float32 values)."),
     "add_grad": OpDef(
         ("g", "mask"), _declared, _none,
         "g_a = (g * float(mask)) * ra, g_b = (g * float(mask)) * rb (mask 1 where the add's pre-clamp value was "

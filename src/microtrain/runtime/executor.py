@@ -71,6 +71,8 @@ class Executor:
             return PK.avgpool2d(ins[0], op.attrs, self.tflite)
         if op.kind == "reshape":
             return ins[0].reshape(ins[0].shape[0], *y.shape)
+        if op.kind == "flatten":  # TFLite's NHWC flatten order
+            return ins[0].permute(0, 2, 3, 1).reshape(ins[0].shape[0], *y.shape).contiguous()
         if op.kind == "linear":
             if ts[1].dtype == "int8":
                 acc = K.conv_acc(ins[0][:, :, None, None], ts[0].zero, ins[1][:, :, None, None], 1, 0, 1)[:, :, 0, 0]

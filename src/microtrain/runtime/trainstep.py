@@ -8,6 +8,7 @@ trainable weights updated with counter-hash stochastic rounding, int32 biases ro
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 
@@ -34,10 +35,16 @@ def _mul32(x: torch.Tensor, c: int) -> torch.Tensor:
     return (x * lo + (((x * hi) & 0xFFFF) << 16)) & M32
 
 
+@functools.lru_cache(maxsize=256)
+def _index_hash(n: int) -> torch.Tensor:
+    """(i * 0x9E3779B1) mod 2**32 for i < n: the step-independent first term of sr_uniform (made once per size; never
+    written to)."""
+    return _mul32(torch.arange(n, dtype=torch.int64), 0x9E3779B1)
+
+
 def sr_uniform(seed: int, step: int, stream: int, n: int) -> torch.Tensor:
     """n uniforms in [0, 1) from a counter hash of (seed, step, stream, element index); identical in the C runtime."""
-    x = torch.arange(n, dtype=torch.int64)
-    x = (_mul32(x, 0x9E3779B1) + ((step * 0x85EBCA77 + stream * 0xC2B2AE3D + seed * 0x27D4EB2F) & M32)) & M32
+    x = (_index_hash(n) + ((step * 0x85EBCA77 + stream * 0xC2B2AE3D + seed * 0x27D4EB2F) & M32)) & M32
     x = x ^ (x >> 16)
     x = _mul32(x, 0x7FEB352D)
     x = x ^ (x >> 15)
@@ -95,6 +102,7 @@ class GraphTrainStep:
                     self.fx[op.name] = K.fixed_point(x.scale, w.scale, y.scale)
         self.forward_ops = [o for o in graph.ops if o.attrs.get("phase") == "forward"]
         self.frozen_ops, self.boundary = frozen_prefix(graph)
+        self.op_named = {o.name: o for o in graph.ops}
         frozen = {o.name for o in self.frozen_ops}
         self.rest_ops = [o for o in graph.ops if o.name not in frozen]
         self.rest_forward_ops = [o for o in self.forward_ops if o.name not in frozen]
@@ -103,8 +111,9 @@ class GraphTrainStep:
         # speed only (int8 precision): float32 copies of conv weights/biases, remade when a parameter changes, and
         # the centered float32 activations (x - x.zero) of the current `run`, kept beside the int8 env values so
         # that each kernel reads its operand without converting it again
-        self._fconv: dict[str, tuple[tuple, tuple, K.FloatConv]] = {}
+        self._fconv: dict[str, tuple[tuple, tuple, tuple, K.FloatConv]] = {}
         self._cx: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._qas: dict[tuple[str, int], torch.Tensor] = {}  # QAS divisors: constants of the graph's scales
 
     @torch.no_grad()
     def prefix(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -179,15 +188,19 @@ class GraphTrainStep:
         return self._clamp_out(v, op, train)
 
     def _float_conv(self, op: Op) -> K.FloatConv:
-        """The conv's float32 weight and bias (kernels.FloatConv), made again only when one of its parameter tensors
-        was replaced or changed in place."""
-        parts = tuple(self.params[n] for n in op.inputs[1:])
-        versions = tuple(t._version for t in parts)
+        """The conv's float32 weight and bias (kernels.FloatConv), the weight part made again only when one of its
+        weight tensors was replaced or changed in place, the bias part when the bias was."""
+        ws, b = tuple(self.params[n] for n in op.inputs[1:-1]), self.params[op.inputs[-1]]
         hit = self._fconv.get(op.name)
-        if hit is not None and hit[1] == versions and all(a is b for a, b in zip(hit[0], parts, strict=True)):
-            return hit[2]
-        fc = K.FloatConv(self._full_weight(op), parts[-1], self.g.tensors[op.inputs[0]].zero)
-        self._fconv[op.name] = (parts, versions, fc)
+        wkey = tuple((id(t), t._version) for t in ws)
+        if hit is None or hit[0] != wkey or any(a is not c for a, c in zip(hit[1], ws, strict=True)):
+            fc = K.FloatConv(self._full_weight(op), b, self.g.tensors[op.inputs[0]].zero)
+            self._fconv[op.name] = (wkey, ws, (b, b._version), fc)
+            return fc
+        fc = hit[3]
+        if hit[2][0] is not b or hit[2][1] != b._version:
+            fc.set_bias(b)
+            self._fconv[op.name] = (wkey, ws, (b, b._version), fc)
         return fc
 
     def _centered(self, name: str, env: dict) -> torch.Tensor:
@@ -253,6 +266,15 @@ class GraphTrainStep:
         x = env[op.inputs[0]]
         return [x.reshape(x.shape[0], *self.g.tensors[op.outputs[0]].shape)]
 
+    def _flatten(self, op: Op, env: dict, train: bool) -> list[torch.Tensor]:
+        x = env[op.inputs[0]]
+        return [x.permute(0, 2, 3, 1).reshape(x.shape[0], -1, 1, 1).contiguous()]
+
+    def _flatten_grad(self, op: Op, env: dict, train: bool) -> list[torch.Tensor]:
+        c, h, w = self.g.tensors[op.outputs[0]].shape
+        g = env[op.inputs[0]]
+        return [g.reshape(g.shape[0], h, w, c).permute(0, 3, 1, 2).contiguous()]
+
     def _maxpool2d_grad(self, op: Op, env: dict, train: bool) -> list[torch.Tensor]:
         fwd = self.g.op(op.attrs["pool"])
         return [PK.maxpool2d_grad(env[op.inputs[0]], env[op.inputs[1]], fwd.attrs)]
@@ -269,7 +291,11 @@ class GraphTrainStep:
         return [self._features(op.inputs[0], env) @ self.params[op.inputs[1]].t() + self.params[op.inputs[2]]]
 
     def _slice(self, op: Op, env: dict, train: bool) -> list[torch.Tensor]:
-        return [env[op.inputs[0]][:, : op.attrs["channels"]].clone()]
+        ch = op.attrs["channels"]
+        y = env[op.inputs[0]][:, :ch].clone()
+        if self.exact and env[op.inputs[0]].dim() == 4:  # its centered value: a view of the source's
+            self._cx[op.outputs[0]] = (y, self._centered(op.inputs[0], env)[:, :ch])
+        return [y]
 
     def _softmax_ce(self, op: Op, env: dict, train: bool) -> list[torch.Tensor]:
         z, y = env[op.inputs[0]], env[op.inputs[1]].long()
@@ -287,7 +313,7 @@ class GraphTrainStep:
         return [(gy / float(h * w))[:, :, None, None].expand(-1, -1, h, w).contiguous()]
 
     def _add_grad(self, op: Op, env: dict, train: bool) -> list[torch.Tensor]:
-        fwd = self.g.op(op.name.removesuffix(".grad"))
+        fwd = self.op_named[op.name.removesuffix(".grad")]
         at, bt, yt = (self.g.tensors[n] for n in (*fwd.inputs, fwd.outputs[0]))
         gm = env[op.inputs[0]] * env[op.inputs[1]]
         return [gm * r for r, want in zip(add_ratios(at.scale, bt.scale, yt.scale), op.attrs["which"], strict=True)
@@ -297,13 +323,13 @@ class GraphTrainStep:
         return [env[op.inputs[0]] + env[op.inputs[1]]]
 
     def _conv2d_grad_acc(self, op: Op, env: dict, train: bool) -> list[torch.Tensor]:
-        return [env[op.inputs[0]] * env[op.inputs[1]] * _bshape(self.mult[op.attrs["conv"]], 4)]
+        return [torch.mul(env[op.inputs[0]], env[op.inputs[1]]).mul_(_bshape(self.mult[op.attrs["conv"]], 4))]
 
     def _conv2d_grad_input(self, op: Op, env: dict, train: bool) -> list[torch.Tensor]:
-        conv = self.g.op(op.attrs["conv"])
+        conv = self.op_named[op.attrs["conv"]]
         gacc = env[op.inputs[0]]
         shape = (gacc.shape[0], *self.g.tensors[conv.inputs[0]].shape)
-        w = self._full_weight(conv).to(torch.float32)
+        w = self._float_conv(conv).w if self.exact else self._full_weight(conv).to(torch.float32)
         a = op.attrs
         t, b, left, r = conv_pads(a)
         if (t, left) == (b, r):
@@ -321,8 +347,11 @@ class GraphTrainStep:
             if p.endswith(".b"):
                 out[p] = gacc.sum(dim=(0, 2, 3))
             else:
-                xs = self.g.tensors[op.inputs[1]]
-                x, pad = _pad_input(env[op.inputs[1]].to(torch.float32) - xs.zero, conv_pads(a))
+                if self.exact:
+                    xc = self._centered(op.inputs[1], env)
+                else:
+                    xc = env[op.inputs[1]].to(torch.float32) - self.g.tensors[op.inputs[1]].zero
+                x, pad = _pad_input(xc, conv_pads(a))
                 ch = a["channels"]
                 wshape = self.g.tensors[p].shape
                 if a["depthwise"]:
@@ -363,9 +392,12 @@ class GraphTrainStep:
         cfg = self.cfg
         lr = float(env["lr"])
         if conv is not None and cfg.qas:  # QAS: divide by the squared per-channel scale of the parameter
-            cop = self.g.op(conv)
-            x_scale = self.g.tensors[cop.inputs[0]].scale if name.endswith(".b") else None
-            div = torch.from_numpy(qas_divisor(self.g.tensors[cop.inputs[1]].scale, grad.shape[0], x_scale))
+            div = self._qas.get((name, grad.shape[0]))
+            if div is None:
+                cop = self.op_named[conv]
+                x_scale = self.g.tensors[cop.inputs[0]].scale if name.endswith(".b") else None
+                div = torch.from_numpy(qas_divisor(self.g.tensors[cop.inputs[1]].scale, grad.shape[0], x_scale))
+                self._qas[(name, grad.shape[0])] = div
             grad = grad / div.view((-1,) + (1,) * (grad.dim() - 1))
         step = self.step_count + 1
         if cfg.optimizer == "sgd":
@@ -398,7 +430,7 @@ class GraphTrainStep:
         "conv2d_weight_grad": _conv2d_weight_grad, "linear_update": _linear_update,
         "linear_weight_grad": _linear_weight_grad, "apply_update": _apply_update, "maxpool2d": _maxpool2d,
         "avgpool2d": _avgpool2d, "reshape": _reshape, "maxpool2d_grad": _maxpool2d_grad,
-        "avgpool2d_grad": _avgpool2d_grad,
+        "avgpool2d_grad": _avgpool2d_grad, "flatten": _flatten, "flatten_grad": _flatten_grad,
     }
 
     # ---- protocol -------------------------------------------------------------------------------------------

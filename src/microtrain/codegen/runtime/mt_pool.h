@@ -1,7 +1,8 @@
 /* Windowed pooling (maxpool2d / avgpool2d of src/microtrain/ir/ops.py) and their gradients, and the (C,) <-> (C,1,1)
  * reshape: one kernel per file (mt_maxpool2d.c, mt_avgpool2d.c, mt_maxpool2d_grad.c, mt_avgpool2d_grad.c,
  * mt_reshape.c). Compact CHW tensors; window (oy, ox) covers rows oy * stride - pad_top + i (i < kh) and columns
- * ox * stride - pad_left + j (j < kw); taps outside the input are not taps. */
+ * ox * stride - pad_left + j (j < kw); taps outside the input are not taps. Also the two layout ops of
+ * fully-connected layers: reshape and flatten. */
 #ifndef MT_POOL_H
 #define MT_POOL_H
 
@@ -28,6 +29,11 @@ void mt_maxpool2d_grad(const float *g, const int8_t *x, const mt_pool *p, float 
 void mt_avgpool2d_grad(const float *g, const mt_pool *p, float *gx, int32_t q8, float *plane);
 /* dst = src (nbytes), nothing when the planner put both at one offset. */
 void mt_reshape(const void *src, void *dst, uint32_t nbytes);
+/* TFLite's flatten (NHWC order) of an int8 C x H x W map: y[(h * W + w) * C + c] = x[c, h, w] (mt_flatten.c). */
+void mt_flatten(const int8_t *x, int32_t c, int32_t hw, int8_t *y);
+/* Its gradient: gx[c, h, w] = g[(h * W + w) * C + c]; q8: g is qint8 with one element per channel and gx qint8 per
+ * channel c, through the float32 plane [H*W] (mt_flatten_grad.c). */
+void mt_flatten_grad(const float *g, int32_t c, int32_t hw, float *gx, int32_t q8, float *plane);
 
 /* Element i of channel c of a gradient, float32 or qint8 (n elements per channel, `c_count` channels). */
 static inline float mt_grad_at(const float *g, int32_t q8, int32_t c_count, int32_t c, int32_t n, int32_t i) {
