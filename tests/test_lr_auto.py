@@ -153,6 +153,7 @@ def test_grid_depends_on_precision_qas_optimizer_and_batch():
     assert max(noqas) > max(qas) > max(fp32)
     assert max(L.base_grid("int8", True, "sgd-m", 64)[0]) < max(qas)
     assert max(L.base_grid("int8", True, "sgd", 1)[0]) < max(qas)
+    assert L.scale_rate(0.03, 64, 1) == 0.00375 and L.scale_rate(0.00375, 1, 64) == 0.03
     assert L.parse_lr("auto") == "auto" and L.parse_lr("0.5") == 0.5
     for bad in ("nan", "-1", "x"):
         with pytest.raises(MicrotrainError, match="--lr"):
