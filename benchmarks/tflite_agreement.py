@@ -91,7 +91,7 @@ def committed_fixtures(n: int) -> dict:
     spec = importlib.util.spec_from_file_location("make_tflite", fixtures / "make_tflite.py")
     mk = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mk)
-    schemes = {"mbv1": "last:3", "resnet": "last:4", "plain_cnn": "full"}  # tests/test_tflite_fixtures.py
+    schemes = {"mbv1": "last:3", "resnet": "last:4", "plain_cnn": "full", "cifar_cnn": "full"}  # the tests'
     out = {}
     for name in mk.FIXTURES:
         path = fixtures / f"{name}.tflite"
