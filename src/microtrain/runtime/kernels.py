@@ -79,13 +79,22 @@ class FloatConv:
 
     def __init__(self, w: torch.Tensor, b: torch.Tensor, x_zero: int):
         self.w = w.to(torch.float32)
-        bound = self.w.abs().sum(dim=tuple(range(1, w.dim()))).mul_(max_centered(x_zero))
+        bound = self.w.abs().sum(dim=tuple(range(1, w.dim()))).mul_(max_centered(x_zero)).to(torch.float64)
         self.exact = bool(bound.max() < EXACT_F32) if bound.numel() else True
-        small = (b.to(torch.float64).abs() + bound.to(torch.float64)) < EXACT_F32
-        self.b = torch.where(small, b, 0).to(torch.float32)
-        big = (~small).nonzero().flatten()
-        self.big = big if big.numel() else None
-        self.big_b = b[big].to(torch.int32).view(1, -1, 1, 1)
+        self.room = EXACT_F32 - bound  # a bias below this (in magnitude) is added inside the convolution exactly
+        self.big_mask: torch.Tensor | None = None
+        self.set_bias(b)
+
+    def set_bias(self, b: torch.Tensor) -> None:
+        """(Re)place the int32 bias (the weight, hence the bound, unchanged)."""
+        big = b.to(torch.float64).abs_() >= self.room
+        if not bool(big.any()):
+            self.b, self.big, self.big_b, self.big_mask = b.to(torch.float32), None, None, None
+            return
+        if self.big_mask is None or not torch.equal(big, self.big_mask):
+            self.big_mask, self.big = big, big.nonzero().flatten()
+        self.b = b.masked_fill(big, 0).to(torch.float32)
+        self.big_b = b[self.big].view(1, -1, 1, 1)
 
 
 def conv_acc_f32(xc: torch.Tensor, fc: FloatConv, stride: int, padding: int | tuple[int, int, int, int],

@@ -354,8 +354,10 @@ class GraphTrainStep:
                 x, pad = _pad_input(xc, conv_pads(a))
                 ch = a["channels"]
                 wshape = self.g.tensors[p].shape
-                if a["depthwise"]:
-                    out[p] = conv2d_weight(x, wshape, gacc[:, :ch].contiguous(), a["stride"], pad, 1, ch)
+                if a["depthwise"]:  # torch's depthwise weight gradient is much slower on mixed layouts: gacc gets x's
+                    fmt = torch.channels_last if self.exact else torch.contiguous_format  # (see kernels.centered)
+                    out[p] = conv2d_weight(x, wshape, gacc[:, :ch].contiguous(memory_format=fmt), a["stride"], pad, 1,
+                                           ch)
                 else:
                     out[p] = conv2d_weight(x, wshape, gacc, a["stride"], pad)
         return out
