@@ -46,7 +46,7 @@ static void pw_stage(const int8_t *x, int32_t cs, int32_t n, int32_t np, int32_t
 /* a[0..3] += the staged block (n channels) times the weights w[0..n). On the Cortex-M4 the loop over groups of four
  * channels is written out (ACLE has no LDM): per group one weight word, two SXTB16, two LDM of four staged words,
  * eight SMLAD. */
-static inline void pw_dot(const uint32_t *st, const int8_t *w, int32_t n, int32_t *a) {
+MT_INLINE void pw_dot(const uint32_t *st, const int8_t *w, int32_t n, int32_t *a) {
   int32_t a0 = a[0], a1 = a[1], a2 = a[2], a3 = a[3], c = n & ~3;
 #if MT_DSP
   if (c) {
@@ -92,7 +92,7 @@ static inline void pw_dot(const uint32_t *st, const int8_t *w, int32_t n, int32_
 }
 
 /* Requantize a[0..np) (bias included) into y[0..np), their mask bits at i .. i + np - 1. */
-static inline void pw_out(const int32_t *a, int32_t np, float m, int32_t y_zero, int8_t *y, uint8_t *mask,
+MT_INLINE void pw_out(const int32_t *a, int32_t np, float m, int32_t y_zero, int8_t *y, uint8_t *mask,
                           int32_t i) {
   uint32_t bits = 0, in;
   if (!mask) {  /* no mask bits to compute */
@@ -129,35 +129,42 @@ static void pw_block8(const uint32_t *sta, const uint32_t *stb, int32_t off, int
   const int32_t *bias = p->bias, y_zero = p->y_zero;
   const float *mult = p->mult;
   for (int32_t o = 0; o < oc; o++, wt += ch, wf += cf, y += ycs, mi += hw) {
-    int32_t a[4], b[4];
-    a[0] = a[1] = a[2] = a[3] = bias[o];
+    const int32_t bo = bias[o];
+    const float m = mult[o];
+    int32_t a[4] = {bo, bo, bo, bo};  /* constant indices only: kept in registers */
     if (ch) pw_dot(sta, wt, ch, a);
     if (cf) pw_dot(sta + off, wf, cf, a);
-    const float m = mult[o];
-    if (nb) {
-      b[0] = b[1] = b[2] = b[3] = bias[o];
-      if (ch) pw_dot(stb, wt, ch, b);
-      if (cf) pw_dot(stb + off, wf, cf, b);
-    }
-    if (na + nb == 8) {  /* the common case, unrolled */
-      if (!mask) {
-        y[0] = pw_req_nomask(a[0], m, y_zero), y[1] = pw_req_nomask(a[1], m, y_zero);
-        y[2] = pw_req_nomask(a[2], m, y_zero), y[3] = pw_req_nomask(a[3], m, y_zero);
-        y[4] = pw_req_nomask(b[0], m, y_zero), y[5] = pw_req_nomask(b[1], m, y_zero);
-        y[6] = pw_req_nomask(b[2], m, y_zero), y[7] = pw_req_nomask(b[3], m, y_zero);
-        continue;
+    if (na + nb < 8) {  /* a partial block (the run's end) */
+      int32_t t[4] = {a[0], a[1], a[2], a[3]};
+      pw_out(t, na, m, y_zero, y, mask, mi);
+      if (nb) {
+        t[0] = t[1] = t[2] = t[3] = bo;
+        if (ch) pw_dot(stb, wt, ch, t);
+        if (cf) pw_dot(stb + off, wf, cf, t);
+        pw_out(t, nb, m, y_zero, y + 4, mask, mi + 4);
       }
-      uint32_t bits = 0;
-      y[0] = pw_req(a[0], m, y_zero, &bits, 0), y[1] = pw_req(a[1], m, y_zero, &bits, 1);
-      y[2] = pw_req(a[2], m, y_zero, &bits, 2), y[3] = pw_req(a[3], m, y_zero, &bits, 3);
-      y[4] = pw_req(b[0], m, y_zero, &bits, 4), y[5] = pw_req(b[1], m, y_zero, &bits, 5);
-      y[6] = pw_req(b[2], m, y_zero, &bits, 6), y[7] = pw_req(b[3], m, y_zero, &bits, 7);
-      if ((mi & 7) == 0) mask[mi >> 3] = (uint8_t)bits;
-      else mt_mask_put(mask, mi, bits, 8);
       continue;
     }
-    pw_out(a, na, m, y_zero, y, mask, mi);
-    if (nb) pw_out(b, nb, m, y_zero, y + 4, mask, mi + 4);
+    uint32_t bits = 0;
+    if (!mask) {
+      y[0] = pw_req_nomask(a[0], m, y_zero), y[1] = pw_req_nomask(a[1], m, y_zero);
+      y[2] = pw_req_nomask(a[2], m, y_zero), y[3] = pw_req_nomask(a[3], m, y_zero);
+    } else {
+      y[0] = pw_req(a[0], m, y_zero, &bits, 0), y[1] = pw_req(a[1], m, y_zero, &bits, 1);
+      y[2] = pw_req(a[2], m, y_zero, &bits, 2), y[3] = pw_req(a[3], m, y_zero, &bits, 3);
+    }
+    int32_t b[4] = {bo, bo, bo, bo};
+    if (ch) pw_dot(stb, wt, ch, b);
+    if (cf) pw_dot(stb + off, wf, cf, b);
+    if (!mask) {
+      y[4] = pw_req_nomask(b[0], m, y_zero), y[5] = pw_req_nomask(b[1], m, y_zero);
+      y[6] = pw_req_nomask(b[2], m, y_zero), y[7] = pw_req_nomask(b[3], m, y_zero);
+      continue;
+    }
+    y[4] = pw_req(b[0], m, y_zero, &bits, 4), y[5] = pw_req(b[1], m, y_zero, &bits, 5);
+    y[6] = pw_req(b[2], m, y_zero, &bits, 6), y[7] = pw_req(b[3], m, y_zero, &bits, 7);
+    if ((mi & 7) == 0) mask[mi >> 3] = (uint8_t)bits;
+    else mt_mask_put(mask, mi, bits, 8);
   }
 }
 

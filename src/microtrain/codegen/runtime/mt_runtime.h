@@ -415,6 +415,15 @@ static inline float mt_floor(float r) {
   return t > r ? t - 1.0f : t;
 }
 
+/* clamp8(floor(r)) with integer instructions: r's truncation t (exact inside (-256, 256)), less one where t > r, then
+ * saturated to int8 (SSAT); outside that range the clamp's bound, and 0 for a NaN (what the float cast of the
+ * float-compare form gave on both builds). Equal to mt_clamp8(mt_floor(r)) for every float. */
+static inline int8_t mt_floor_clamp8(float r) {
+  if (!(r > -256.0f && r < 256.0f)) return (int8_t)(r != r ? 0 : r < 0.0f ? -128 : 127);
+  const int32_t t = (int32_t)r;
+  return (int8_t)mt_ssat(t - ((float)t > r), 8);
+}
+
 /* One element of the update (mt_update.c states it; inlined into the fused weight-gradient loops). */
 static inline void mt_update_one(const mt_step *s, const mt_param *p, int32_t i, float grad) {
   const mt_optimizer *opt = s->opt;
@@ -433,7 +442,7 @@ static inline void mt_update_one(const mt_step *s, const mt_param *p, int32_t i,
   if (p->dtype == MT_I8) {
     int8_t *w = (int8_t *)p->data;
     const float u = mt_sr_uniform_inline(opt->seed, s->step, p->stream, (uint32_t)i);
-    w[i] = mt_clamp8(mt_floor((float)w[i] - delta + u));
+    w[i] = mt_floor_clamp8((float)w[i] - delta + u);
   } else if (p->dtype == MT_I32) {
     int32_t *b = (int32_t *)p->data;
     float r = mt_rint(delta);
