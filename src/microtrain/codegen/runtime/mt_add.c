@@ -7,8 +7,8 @@
 static inline int8_t add_one(int32_t xa, int32_t xb, int32_t a_zero, float ra, int32_t b_zero, float rb, int32_t y_zero,
                              uint32_t *inside) {
   const float fa = (float)(xa - a_zero) * ra, fb = (float)(xb - b_zero) * rb;
-  const int32_t r = mt_ssat(mt_rint_i32(fa + fb), 17) + y_zero;
-  *inside = (uint32_t)(r + 128) < 256u;
+  const int32_t r = mt_qadd(mt_rint_i32(fa + fb), y_zero);
+  *inside = (uint32_t)r + 128u < 256u;
   return (int8_t)mt_ssat(r, 8);
 }
 

@@ -96,7 +96,7 @@ MT_INLINE void pw_out(const int32_t *a, int32_t np, float m, int32_t y_zero, int
                           int32_t i) {
   uint32_t bits = 0, in;
   if (!mask) {  /* no mask bits to compute */
-    for (int32_t q = 0; q < np; q++) y[q] = (int8_t)mt_ssat(mt_ssat(mt_rint_i32((float)a[q] * m), 17) + y_zero, 8);
+    for (int32_t q = 0; q < np; q++) y[q] = (int8_t)mt_ssat(mt_qadd(mt_rint_i32((float)a[q] * m), y_zero), 8);
     return;
   }
   for (int32_t q = 0; q < np; q++) {
@@ -115,7 +115,7 @@ MT_INLINE int8_t pw_req(int32_t a, float m, int32_t y_zero, uint32_t *bits, int3
 }
 
 MT_INLINE int8_t pw_req_nomask(int32_t a, float m, int32_t y_zero) {
-  return (int8_t)mt_ssat(mt_ssat(mt_rint_i32((float)a * m), 17) + y_zero, 8);
+  return (int8_t)mt_ssat(mt_qadd(mt_rint_i32((float)a * m), y_zero), 8);
 }
 
 /* Every output channel over one block of eight pixels (two staged blocks of four, sta and stb; nb = 0: the second

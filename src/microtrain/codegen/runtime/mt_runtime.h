@@ -245,9 +245,10 @@ static inline float mt_rint(float v) { return __builtin_rintf(v); }
  * mt_sxtb16(x): bytes 0 and 2 of x sign-extended into two int16 halves; mt_sxtb16_r8(x): bytes 1 and 3;
  * mt_smlad(a, b, c) = c + a.lo * b.lo + a.hi * b.hi (int16 halves, int32 wrap-around);
  * mt_pkhbt(a, b) = (a.lo, b.lo), mt_pkhtb(a, b) = (a.hi, b.hi) as (lo, hi); mt_ssat(v, n): clamp to n signed bits;
- * mt_ssub16(a, b) = (a.lo - b.lo, a.hi - b.hi) (int16 halves, wrap-around);
+ * mt_ssub16(a, b) = (a.lo - b.lo, a.hi - b.hi) (int16 halves, wrap-around); mt_qadd(a, b): a + b saturated to int32;
  * mt_rint_i32(v) = rint(v) (ties to even) for |v| <= 65536, saturated beyond (VCVTR under the default rounding
- * mode; NaN gives 0): callers saturate the result to at most 17 bits (mt_ssat), so both builds agree everywhere. */
+ * mode; NaN gives 0): callers add the zero point with mt_qadd and clamp to int8, so both builds agree everywhere
+ * (beyond 2^16 both give the clamp's bound). */
 #if defined(__ARM_FEATURE_DSP) && defined(__ARM_FP) && !defined(MT_PORTABLE)
 #include <arm_acle.h>
 #define MT_DSP 1
@@ -270,6 +271,7 @@ static inline uint32_t mt_pkhtb(uint32_t a, uint32_t b) {
   return r;
 }
 #define mt_ssat(v, n) __ssat((v), (n))
+#define mt_qadd(a, b) __qadd((a), (b))
 static inline int32_t mt_rint_i32(float v) {
   float r;
   __asm__("vcvtr.s32.f32 %0, %1" : "=t"(r) : "t"(v));
@@ -297,6 +299,10 @@ static inline int32_t mt_ssat_(int32_t v, int32_t n) {
   return v < lo ? lo : v > hi ? hi : v;
 }
 #define mt_ssat(v, n) mt_ssat_((v), (n))
+static inline int32_t mt_qadd(int32_t a, int32_t b) {
+  const int64_t r = (int64_t)a + b;
+  return r > INT32_MAX ? INT32_MAX : r < INT32_MIN ? INT32_MIN : (int32_t)r;
+}
 static inline int32_t mt_rint_i32(float v) {
   const float c = v > 65536.0f ? 65536.0f : v < -65536.0f ? -65536.0f : v == v ? v : 0.0f;
   return (int32_t)__builtin_rintf(c);
@@ -350,8 +356,8 @@ static inline void mt_stage_row_i16(const int8_t *xr, int32_t w, int32_t pl, int
 /* Requantize an int32 accumulator (bias included) with multiplier m: rint(float(acc) * m) + y_zero, clamped to int8;
  * *inside = the pre-clamp value lies in [-128, 127] (the mask bit). The same as clamp8(rint(v) + float(y_zero)). */
 static inline int8_t mt_requant(int32_t acc, float m, int32_t y_zero, uint32_t *inside) {
-  const int32_t r = mt_ssat(mt_rint_i32((float)acc * m), 17) + y_zero;
-  *inside = (uint32_t)(r + 128) < 256u;
+  const int32_t r = mt_qadd(mt_rint_i32((float)acc * m), y_zero);
+  *inside = (uint32_t)r + 128u < 256u;
   return (int8_t)mt_ssat(r, 8);
 }
 
@@ -384,7 +390,7 @@ static inline void mt_requant_row(const int32_t *acc, int32_t n, int32_t bias, f
   int32_t q = 0;
   if (!mask) {  /* no mask bits to compute */
     for (; q < n; q++) {
-      const int32_t r = mt_ssat(mt_rint_i32((float)(int32_t)((uint32_t)acc[q] + (uint32_t)bias) * mult), 17) + y_zero;
+      const int32_t r = mt_qadd(mt_rint_i32((float)(int32_t)((uint32_t)acc[q] + (uint32_t)bias) * mult), y_zero);
       y[q] = (int8_t)mt_ssat(r, 8);
     }
     return;
