@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from microtrain.data.datasets import batches, model_resolution, open_dataset
+from microtrain.data.datasets import ImageDataset, batches, model_resolution, open_dataset
 from microtrain.errors import MicrotrainError
 from microtrain.frontends.float_graph import FloatGraph, run_float
 from microtrain.frontends.ptq import (
@@ -91,7 +91,7 @@ def _floats(text: str | None, what: str) -> tuple[float, ...] | None:
     return vals
 
 
-def agreement(fg: FloatGraph, g: Graph, iq: InputQuant, ds, desc: str, progress: bool) -> dict:
+def agreement(fg: FloatGraph, g: Graph, iq: InputQuant, ds: ImageDataset, desc: str, progress: bool) -> dict:
     """Float model (its own input normalization, nothing folded) vs the int8 graph on the images of `ds`: top-1
     equal, mean |logit difference| in the float model's logit units, and each one's top-1 against the labels."""
     ex = Executor(g)
