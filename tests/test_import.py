@@ -115,6 +115,55 @@ def test_parsed_float_graph_computes_the_original_model(name):
     np.testing.assert_allclose(ours, ref, atol=1e-4, rtol=1e-4)
 
 
+def test_onnx_batchnorm_is_folded(tmp_path):
+    """An ONNX BatchNormalization (the fixture's exporter folds them itself): each conv of float_cnn.onnx split into a
+    conv with rescaled weights and a BatchNormalization with non-trivial statistics computes the same network; the
+    importer folds it back (ONNX Runtime on the variant = our float graph of it = our float graph of the original)."""
+    import onnx
+    from onnx import helper, numpy_helper
+
+    from microtrain.frontends.float_graph import run_float
+    from microtrain.frontends.onnx_import import load_onnx
+
+    ort = pytest.importorskip("onnxruntime")
+    m = onnx.load(str(ONNX))
+    inits = {t.name: t for t in m.graph.initializer}
+    rng = np.random.default_rng(0)
+    nodes = []
+    for node in m.graph.node:
+        nodes.append(node)
+        if node.op_type != "Conv":
+            continue
+        w = numpy_helper.to_array(inits[node.input[1]]).astype(np.float64)
+        b = numpy_helper.to_array(inits[node.input[2]]).astype(np.float64)
+        o = w.shape[0]
+        gamma, beta = rng.uniform(0.5, 2, o), rng.normal(size=o)
+        mean, var = rng.normal(size=o), rng.uniform(0.5, 2, o)
+        k = gamma / np.sqrt(var + 1e-5)
+        inits[node.input[1]].CopyFrom(numpy_helper.from_array((w / k[:, None, None, None]).astype(np.float32),
+                                                              node.input[1]))
+        inits[node.input[2]].CopyFrom(numpy_helper.from_array(((b - beta) / k + mean).astype(np.float32),
+                                                              node.input[2]))
+        y = node.output[0]
+        node.output[0] = f"{y}_pre_bn"
+        stats = [f"{node.name}_bn_{s}" for s in ("scale", "bias", "mean", "var")]
+        for name, v in zip(stats, (gamma, beta, mean, var), strict=True):
+            m.graph.initializer.append(numpy_helper.from_array(v.astype(np.float32), name))
+        nodes.append(helper.make_node("BatchNormalization", [node.output[0], *stats], [y], epsilon=1e-5))
+    del m.graph.node[:]
+    m.graph.node.extend(nodes)
+    variant = tmp_path / "bn.onnx"
+    variant.write_bytes(m.SerializeToString())
+    assert sum(n.op_type == "BatchNormalization" for n in m.graph.node) == 5
+    u = torch.from_numpy(rng.normal(size=(8, 3, 32, 32)).astype(np.float32))
+    sess = ort.InferenceSession(str(variant), providers=["CPUExecutionProvider"])
+    ref = np.concatenate([sess.run(None, {"image": u[i:i + 1].numpy()})[0] for i in range(len(u))])
+    with torch.no_grad():
+        folded, orig = run_float(load_onnx(variant), u).numpy(), run_float(load_onnx(ONNX), u).numpy()
+    np.testing.assert_allclose(folded, ref, atol=2e-4, rtol=1e-4)
+    np.testing.assert_allclose(folded, orig, atol=2e-4, rtol=1e-4)
+
+
 @pytest.mark.parametrize("name", list(IMPORTS))
 def test_int8_top1_equals_float_on_held_out_images(imported, name):
     """Acceptance: the imported int8 model's top-1 equals the float model's on >= 95% of held-out test images (and
