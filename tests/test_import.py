@@ -411,6 +411,18 @@ def test_refusals_are_one_line_exit_2_nothing_written(make, reason, tmp_path, ca
     assert not (tmp_path / "PWNED").exists()  # and no pickled code ran
 
 
+@pytest.mark.parametrize("args,reason", [
+    (["--mean", "0.5,0.5"], "--mean has 2 values for a 3-channel input"),
+    (["--std", "0,1,1"], "std must be positive"),
+    (["--mean", "a,b,c"], "not a comma-separated list of numbers"),
+])
+def test_bad_normalization_flags_are_one_line(args, reason, tmp_path, capsys):
+    out = tmp_path / "m.json"
+    rc, _, err = run_cli(["import", str(ONNX), "--calib", "cifar10", "-o", str(out), *args], capsys)
+    assert rc == 2 and len(err.strip().splitlines()) == 1 and reason in err, err
+    assert not list(tmp_path.iterdir())
+
+
 def test_frontends_import_no_runtime_codegen_or_commands():
     """Layering: the importers produce IR; only commands/import_model.py wires them to the executor and the data."""
     src = Path(__file__).resolve().parents[1] / "src" / "microtrain" / "frontends"
