@@ -56,7 +56,13 @@ def git(*args: str) -> str:
     return r.stdout.strip()
 
 
-def load(results: Path, name: str) -> dict[str, Any] | None:
+def load(results: Path | None, name: str) -> dict[str, Any] | None:
+    """A results file: from `results` when given, else as committed at HEAD (not the working tree, where another
+    benchmark may be half-way through rewriting it)."""
+    if results is None:
+        r = subprocess.run(["git", "show", f"HEAD:benchmarks/results/{BENCHMARKS[name][0]}"], cwd=ROOT,
+                           capture_output=True, text=True)
+        return json.loads(r.stdout) if r.returncode == 0 else None
     path = results / BENCHMARKS[name][0]
     return json.loads(path.read_text()) if path.is_file() else None
 
@@ -79,7 +85,7 @@ def src_command(data: dict[str, Any], name: str) -> str:
 class Report:
     """Collects the markdown and writes the figures, each stamped with the command and the commit that made it."""
 
-    def __init__(self, results: Path, out: Path, command: str):
+    def __init__(self, results: Path | None, out: Path, command: str):
         self.results, self.out, self.command = results, out, command
         self.figdir = out / "figures"
         self.figdir.mkdir(parents=True, exist_ok=True)
@@ -422,13 +428,13 @@ SECTIONS: list[Callable[[Report], None]] = [section_defaults, section_qas, secti
                                             section_speed, section_search, section_pytorch]
 
 
-def build(results: Path, out: Path, command: str) -> Path:
+def build(results: Path | None, out: Path, command: str) -> Path:
     """Writes out/results.md and out/figures/*.png from the results directory; returns the markdown's path."""
     r = Report(results, out, command)
     r.add("# Results: microtrain beside the paper", "",
           f"Regenerate with `{command}` (add `--rerun NAME ...` to re-measure first; names: "
           f"{', '.join(BENCHMARKS)}, or `cheap` / `all`). Built at commit {r.commit} on "
-          f"{datetime.date.today().isoformat()} from the committed files in `benchmarks/results/`; the paper's numbers "
+          f"{datetime.date.today().isoformat()} from `benchmarks/results/` as committed; the paper's numbers "
           "are from `../shared/PAPER.md` (the paper's tables and text).", "")
     for section in SECTIONS:
         section(r)
@@ -439,7 +445,7 @@ def build(results: Path, out: Path, command: str) -> Path:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--results", default=str(HERE / "results"), help="results directory (default benchmarks/results)")
+    ap.add_argument("--results", help="results directory (default: benchmarks/results as committed at HEAD)")
     ap.add_argument("--out", default=str(ROOT / "docs"), help="where results.md and figures/ go (default docs)")
     ap.add_argument("--rerun", nargs="*", metavar="NAME",
                     help=f"re-measure these first: {', '.join(BENCHMARKS)}; 'cheap' = {', '.join(CHEAP)}; 'all'")
@@ -453,7 +459,7 @@ def main() -> int:
             cmd = BENCHMARKS[n][1]
             print(f"$ {cmd}  ({BENCHMARKS[n][2]})", flush=True)
             subprocess.run(shlex.split(cmd), cwd=ROOT, check=True)
-    path = build(Path(args.results), Path(args.out), "python benchmarks/report.py")
+    path = build(Path(args.results) if args.results else None, Path(args.out), "python benchmarks/report.py")
     print(f"wrote {path} and {Path(args.out) / 'figures'}/")
     return 0
 
