@@ -76,6 +76,8 @@ def run(args: argparse.Namespace) -> int:
     if args.workers < 1:
         raise MicrotrainError(f"--workers must be >= 1, got {args.workers}")
     graph = load_model(args.model)
+    # checked before the probe's rate selection and the trials, not after them
+    out = check_output_file(args.out or f"contrib-{graph.name}-{Path(args.data).name}.json", "--out")
     probe_lr, selection = parse_lr(str(args.probe_lr)), None
     if probe_lr == AUTO:
         if args.probe_epochs > 0:
@@ -87,8 +89,6 @@ def run(args: argparse.Namespace) -> int:
                              probe_lr=probe_lr, augment=args.augment,
                              seed=args.seed, k_grid=_ints(args.k_grid, "--k-grid"), base_k=args.base_k,
                              weight_convs=_ints(args.weight_convs, "--weight-convs"))
-    # checked before the trials, not after them
-    out = check_output_file(args.out or f"contrib-{graph.name}-{Path(args.data).name}.json", "--out")
     command = shlex.join(["microtrain", "contrib", *_argv(args, proto, out)])
     result = analyse(args.model, proto, cache_root=args.cache_dir, workers=args.workers, ray_address=args.ray,
                      progress=not args.quiet, command=command)
