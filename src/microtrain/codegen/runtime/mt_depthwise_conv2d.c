@@ -102,6 +102,18 @@ MT_INLINE void staged_row(const int16_t *const *rows, int32_t ow, const uint32_t
   }
 }
 
+/* staged_row with K and S constants for the common kernels (unrolled, loads shared). */
+MT_INLINE void staged_row_ks(const int16_t *const *rows, int32_t ow, const uint32_t *wp, int32_t k, int32_t s,
+                             int32_t *acc) {
+  if (k == 3 && s == 1) staged_row(rows, ow, wp, 3, 1, acc);
+  else if (k == 3 && s == 2) staged_row(rows, ow, wp, 3, 2, acc);
+  else if (k == 5 && s == 1) staged_row(rows, ow, wp, 5, 1, acc);
+  else if (k == 5 && s == 2) staged_row(rows, ow, wp, 5, 2, acc);
+  else if (k == 7 && s == 1) staged_row(rows, ow, wp, 7, 1, acc);
+  else if (k == 7 && s == 2) staged_row(rows, ow, wp, 7, 2, acc);
+  else staged_row(rows, ow, wp, k, s, acc);
+}
+
 static int channel_staged(const int8_t *x, mt_dims xd, const mt_conv *p, int32_t c, int8_t *out, int32_t rs,
                           uint8_t *mask, int32_t mask_base, int32_t oh, int32_t ow) {
   const int32_t k = p->w.k, ch = p->w.ch, s = p->stride, z = p->x_zero, kp = (k + 1) / 2;
@@ -131,13 +143,7 @@ static int channel_staged(const int8_t *x, mt_dims xd, const mt_conv *p, int32_t
       }
     }
     for (int32_t i = 0; i < k; i++) rows[i] = ring + ((y0 + i + p->pad_top) % k) * wst;
-    if (k == 3 && s == 1) staged_row(rows, ow, wp, 3, 1, acc);
-    else if (k == 3 && s == 2) staged_row(rows, ow, wp, 3, 2, acc);
-    else if (k == 5 && s == 1) staged_row(rows, ow, wp, 5, 1, acc);
-    else if (k == 5 && s == 2) staged_row(rows, ow, wp, 5, 2, acc);
-    else if (k == 7 && s == 1) staged_row(rows, ow, wp, 7, 1, acc);
-    else if (k == 7 && s == 2) staged_row(rows, ow, wp, 7, 2, acc);
-    else staged_row(rows, ow, wp, k, s, acc);
+    staged_row_ks(rows, ow, wp, k, s, acc);
     mt_requant_row(acc, ow, p->bias[c], p->mult[c], p->y_zero, out + oy * rs, mask, mask_base + oy * ow);
   }
   return 1;
@@ -187,13 +193,7 @@ static int channel_plane(const int8_t *x, mt_dims xd, const mt_conv *p, int32_t 
     const int16_t *rows[MT_DW_KMAX];
     for (int32_t i = 0; i < k; i++) rows[i] = base + i * wst;
     int32_t *a = acc + oy * ow;
-    if (k == 3 && s == 1) staged_row(rows, ow, wp, 3, 1, a);
-    else if (k == 3 && s == 2) staged_row(rows, ow, wp, 3, 2, a);
-    else if (k == 5 && s == 1) staged_row(rows, ow, wp, 5, 1, a);
-    else if (k == 5 && s == 2) staged_row(rows, ow, wp, 5, 2, a);
-    else if (k == 7 && s == 1) staged_row(rows, ow, wp, 7, 1, a);
-    else if (k == 7 && s == 2) staged_row(rows, ow, wp, 7, 2, a);
-    else staged_row(rows, ow, wp, k, s, a);
+    staged_row_ks(rows, ow, wp, k, s, a);
   }
   if (rs == ow) {
     mt_requant_row(acc, oh * ow, p->bias[c], p->mult[c], p->y_zero, out, mask, mask_base);

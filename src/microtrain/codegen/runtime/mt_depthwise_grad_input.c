@@ -48,6 +48,25 @@ MT_INLINE void dg_block(const float *row, int32_t c0, const float *wr, int32_t j
   a[0] = a0, a[1] = a1, a[2] = a2, a[3] = a3;
 }
 
+/* One gx row into o4[0 .. xb): four columns of one stride phase at a time through dg_block over the nv tap rows
+ * (rows[v] with weight row wrs[v], i ascending); gacc column c lives at row column c + pl. */
+MT_INLINE void gx_row(const float *const *rows, const float *const *wrs, int32_t nv, int32_t xb, int32_t k,
+                      int32_t s, int32_t pad, int32_t pl, float *o4) {
+    for (int32_t xq = 0; xq < xb; xq += 4 * s)
+      for (int32_t par = 0; par < s; par++) {
+        const int32_t x0 = xq + par, jp = (x0 + pad) % s, c0 = pl + (x0 + pad - jp) / s;
+        float a[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+        for (int32_t v = 0; v < nv; v++) {
+          if (k == 3 && s == 1) dg_block(rows[v], c0, wrs[v], jp, 3, 1, a);
+          else if (k == 5 && s == 1) dg_block(rows[v], c0, wrs[v], jp, 5, 1, a);
+          else if (k == 7 && s == 1) dg_block(rows[v], c0, wrs[v], jp, 7, 1, a);
+          else if (k == 3 && s == 2) dg_block(rows[v], c0, wrs[v], jp, 3, 2, a);
+          else dg_block(rows[v], c0, wrs[v], jp, k, s, a);
+        }
+        for (int32_t t = 0; t < 4; t++) o4[x0 + s * t] = a[t];
+      }
+}
+
 static int channel_staged(const float *g, mt_dims gd, const int8_t *w, int32_t k, int32_t stride, int32_t pad,
                           float *out, int32_t h, int32_t wd) {
   const int32_t s = stride, pl = (k - 1 + s - 1) / s;  /* gacc column c lives at ring column c + pl */
@@ -78,19 +97,7 @@ static int channel_staged(const float *g, mt_dims gd, const int8_t *w, int32_t k
       }
       rows[nv] = row, wrs[nv] = wf + i * k;
     }
-    for (int32_t xq = 0; xq < xb; xq += 4 * s)
-      for (int32_t par = 0; par < s; par++) {
-        const int32_t x0 = xq + par, jp = (x0 + pad) % s, c0 = pl + (x0 + pad - jp) / s;
-        float a[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-        for (int32_t v = 0; v < nv; v++) {
-          if (k == 3 && s == 1) dg_block(rows[v], c0, wrs[v], jp, 3, 1, a);
-          else if (k == 5 && s == 1) dg_block(rows[v], c0, wrs[v], jp, 5, 1, a);
-          else if (k == 7 && s == 1) dg_block(rows[v], c0, wrs[v], jp, 7, 1, a);
-          else if (k == 3 && s == 2) dg_block(rows[v], c0, wrs[v], jp, 3, 2, a);
-          else dg_block(rows[v], c0, wrs[v], jp, k, s, a);
-        }
-        for (int32_t t = 0; t < 4; t++) o4[x0 + s * t] = a[t];
-      }
+    gx_row(rows, wrs, nv, xb, k, s, pad, pl, o4);
     for (int32_t x = 0; x < wd; x++) out[y * wd + x] = o4[x];
   }
   return 1;
@@ -122,19 +129,7 @@ static int channel_plane(const float *g, mt_dims gd, const int8_t *w, int32_t k,
     int32_t nv = 0;
     for (int32_t i = (y + pad) % s; i < k; i += s, nv++)  /* (y + pad - i) is a multiple of s: exact division */
       rows[nv] = plane + (pl + (y + pad - i) / s) * rw, wrs[nv] = wf + i * k;
-    for (int32_t xq = 0; xq < xb; xq += 4 * s)
-      for (int32_t par = 0; par < s; par++) {
-        const int32_t x0 = xq + par, jp = (x0 + pad) % s, c0 = pl + (x0 + pad - jp) / s;
-        float a[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-        for (int32_t v = 0; v < nv; v++) {
-          if (k == 3 && s == 1) dg_block(rows[v], c0, wrs[v], jp, 3, 1, a);
-          else if (k == 5 && s == 1) dg_block(rows[v], c0, wrs[v], jp, 5, 1, a);
-          else if (k == 7 && s == 1) dg_block(rows[v], c0, wrs[v], jp, 7, 1, a);
-          else if (k == 3 && s == 2) dg_block(rows[v], c0, wrs[v], jp, 3, 2, a);
-          else dg_block(rows[v], c0, wrs[v], jp, k, s, a);
-        }
-        for (int32_t t = 0; t < 4; t++) o4[x0 + s * t] = a[t];
-      }
+    gx_row(rows, wrs, nv, xb, k, s, pad, pl, o4);
     for (int32_t x = 0; x < wd; x++) out[y * wd + x] = o4[x];
   }
   return 1;
