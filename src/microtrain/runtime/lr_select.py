@@ -18,7 +18,8 @@ How (cheap and never touching the test split):
   smaller rate (short trials favour large rates; the smaller one is safer over a longer run);
 - the grid (`base_grid`) is a prior from measured sweeps, by precision, QAS, optimizer and batch size; when the
   winner sits at an end of the grid and its neighbour beyond was not diverged-out, the grid is extended one step in
-  that direction (at most `MAX_EXTEND` times), so a setting outside the prior still finds its rate.
+  that direction (at most `MAX_EXTEND` times), so a setting outside the prior still finds its rate; then one
+  refinement round tries the geometric midpoints between the winner and its completed neighbours (`refine`).
 """
 
 from __future__ import annotations
@@ -178,6 +179,26 @@ def _best(results: Sequence[dict[str, Any]], n_val: int) -> dict[str, Any] | Non
     return min((r for r in done if r["val_accuracy"] >= top - se), key=lambda r: r["lr"])
 
 
+def refine(results: dict[float, dict[str, Any]], run: Callable[[float], None], n_val: int) -> list[float]:
+    """One refinement round around the winner: the geometric midpoints between it and each completed neighbour, so
+    every setting's rate is resolved to a factor of about sqrt(3) (the priors' grids are 3x or 10x apart, and a 10x
+    grid can miss a rate by 3x). A midpoint towards a neighbour that diverged is not tried: the trial is ~10x shorter
+    than the run, and a rate within 2x of one that blew up in it is the kind that blows up later in a long run.
+    Returns the rates tried."""
+    best = _best(list(results.values()), n_val)
+    if best is None:
+        return []
+    ordered = sorted(results)
+    i = ordered.index(best["lr"])
+    tried = []
+    for j in (i - 1, i + 1):
+        if 0 <= j < len(ordered) and results[ordered[j]]["status"] == "completed":
+            mid = float(f"{math.sqrt(best['lr'] * ordered[j]):.3g}")
+            run(mid)
+            tried.append(mid)
+    return tried
+
+
 def select_lr(make_step: Callable[[], TrainStep], train_ds: ImageDataset, *, grid: Sequence[float], ratio: float,
               epochs: int, batch_size: int, warmup_epochs: float, schedule: str = "cosine", augment: str = "flip",
               resolution: int = 128, eval_crop: float = 1.0, seed: int = 0, progress: bool = True,
@@ -228,6 +249,7 @@ def select_lr(make_step: Callable[[], TrainStep], train_ds: ImageDataset, *, gri
             break
         extended += 1
         run(nxt)
+    refined = refine(results, run, len(sl.val))
     candidates = [results[k] for k in sorted(results)]
     best = _best(candidates, len(sl.val))
     seconds = time.perf_counter() - t0
@@ -236,6 +258,7 @@ def select_lr(make_step: Callable[[], TrainStep], train_ds: ImageDataset, *, gri
                               f" pass --lr")
     log(f"lr auto: chose lr {best['lr']:g} (val acc {best['val_accuracy']:.2%}) in {seconds:.1f}s")
     return {"lr": best["lr"], "mode": AUTO, "grid": list(grid), "ratio": ratio, "extended": extended,
+            "refined": refined,
             "candidates": candidates, "validation_images": len(sl.val), "fit_images": len(sl.fit),
             "steps_per_candidate": steps, "batch_size": batch_size, "augment": sel_augment,
             "split": "train (validation slice carved from the training images; the test split is not read)",
