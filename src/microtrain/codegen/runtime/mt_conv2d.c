@@ -291,7 +291,8 @@ static int rows_staged(const int8_t *x, mt_dims xd, const mt_conv *p, int8_t *y,
           int32_t a[4];
           a[0] = a[1] = a[2] = a[3] = p->bias[o];
           const int16_t *sr = sbuf + q * s;
-          if (k == 3 && s == 2) rows_block(sr, wst, nrows, wp, 3, 2, a);
+          if (k == 3 && s == 2 && nrows == 9) rows_block(sr, wst, 9, wp, 3, 2, a);  /* an RGB stem: unrolled */
+          else if (k == 3 && s == 2) rows_block(sr, wst, nrows, wp, 3, 2, a);
           else if (k == 3 && s == 1) rows_block(sr, wst, nrows, wp, 3, 1, a);
           else rows_block(sr, wst, nrows, wp, k, s, a);
           pw_out(a, n - q < 4 ? n - q : 4, p->mult[o], p->y_zero, yr + q, mask, mi + q);
