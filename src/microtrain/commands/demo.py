@@ -18,7 +18,7 @@ from microtrain.runtime.lr_select import AUTO, base_grid, parse_lr, select_lr
 from microtrain.runtime.prefix_cache import PrefixCache
 from microtrain.runtime.trainer import evaluate, fit
 from microtrain.runtime.trainstep import GraphTrainStep
-from microtrain.sparse.scheme import resolve_scheme
+from microtrain.sparse.scheme import PAPER_SCHEMES, resolve_scheme
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -30,7 +30,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                     "the host (and in QEMU on an emulated Cortex-M4 when installed), and report memory against the "
                     "256 KB / 1 MB budget and accuracy before / after.")
     p.add_argument("--model", default="mcunet-5fps")
-    p.add_argument("--scheme", default="paper-99kb")
+    p.add_argument("--scheme", help="preset or scheme file (default: paper-99kb for the zoo models that have it, "
+                                    "else last:3, or full for a model with fewer convs)")
     p.add_argument("--subset", type=int, default=1000, help="training images (default 1000)")
     p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--lr", default=AUTO, help="learning rate, or 'auto' (default): chosen as `train --lr auto` does, "
@@ -58,13 +59,21 @@ def _datasets(subset: int):
         return open_dataset("lfw", "train", progress=False), open_dataset("lfw", "test", progress=False)
 
 
+def default_scheme(model) -> str:
+    """The paper's 99 KB scheme for the zoo models that have one; an imported model (a .tflite, an `import`ed
+    .json) has no paper scheme: its last three convs (all of them when it has fewer)."""
+    if "99kb" in PAPER_SCHEMES.get(model.name, {}):
+        return "paper-99kb"
+    return "last:3" if len(model.convs()) >= 3 else "full"
+
+
 def run(args: argparse.Namespace) -> int:
     for flag, v in (("--subset", args.subset), ("--epochs", args.epochs), ("--steps", args.steps)):
         if v < 1:  # before the dataset fallback below could read a bad value as "no CIFAR-10 here"
             raise MicrotrainError(f"{flag} must be >= 1, got {v}")
     lr = parse_lr(str(args.lr))
     model = load_model(args.model)
-    scheme = resolve_scheme(args.scheme, model)
+    scheme = resolve_scheme(args.scheme or default_scheme(model), model)
     train_ds, test_ds = _datasets(args.subset)
     print(f"== 1. plan: {model.name}, scheme {scheme.name}, {train_ds.num_classes} classes")
     cfg = TrainConfig(int8_grads=args.int8_grads)

@@ -65,7 +65,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=int, help="images per step (default 64; the device engine trains 1)")
     p.add_argument("--subset", type=int, help="class-balanced subset of N training images")
     p.add_argument("--test-subset", type=int, help="class-balanced subset of N test images")
-    p.add_argument("--augment", choices=AUGMENTS, help="default: the paper's for the dataset")
+    p.add_argument("--augment", choices=AUGMENTS, help="default: the paper's for the dataset (flip for a gray or "
+                                                       "non-square model)")
     p.add_argument("--warmup-epochs", type=float,
                    help="default: the paper's share of the run (its warm-up over its epochs: 5 of 50, VWW 1 of 10), "
                         "so a shorter run warms up for the same fraction and still decays")
@@ -235,6 +236,8 @@ def run(args: argparse.Namespace) -> int:
     test_ds = open_dataset(args.data, "test", subset=args.test_subset, seed=args.seed, progress=progress)
     report_skipped(train_ds, test_ds)
     augment = args.augment or (info.augment if info else "paper")
+    if augment == "paper" and not args.augment and not isinstance(model_resolution(model), int):
+        augment = "flip"  # the paper's crop + colour jitter needs square RGB inputs (a gray / non-square import)
     epochs = args.epochs or (info.epochs if info else 50)
     warmup = args.warmup_epochs if args.warmup_epochs is not None else default_warmup(info, epochs)
     cfg = TrainConfig(optimizer=args.optimizer, qas=not args.no_qas, update_storage=args.update_storage,
