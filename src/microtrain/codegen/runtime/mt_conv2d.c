@@ -118,54 +118,75 @@ MT_INLINE int8_t pw_req_nomask(int32_t a, float m, int32_t y_zero) {
   return (int8_t)mt_ssat(mt_qadd(mt_rint_i32((float)a * m), y_zero), 8);
 }
 
-/* Every output channel over one block of eight pixels (two staged blocks of four, sta and stb; nb = 0: the second
- * is absent), the accumulators in registers: a channel's per-block cost (the bias, the weight rows, the multiplier,
- * the mask byte) is paid once per eight pixels. Each staged block holds the trainable part's `ch` channels, then the
- * frozen part's at offset `off`. */
-static void pw_block8(const uint32_t *sta, const uint32_t *stb, int32_t off, int32_t na, int32_t nb, const mt_conv *p,
-                      int32_t ch, int32_t cf, int32_t oc, int8_t *y, int32_t ycs, uint8_t *mask, int32_t mi,
-                      int32_t hw) {
+/* Every output channel over one block of eight pixels (two staged blocks of four, sta and stb), the accumulators in
+ * registers: a channel's per-block cost (the bias, the weight rows, the multiplier, the mask byte) is paid once per
+ * eight pixels. Each staged block holds the trainable part's `ch` channels, then the frozen part's at offset `off`.
+ * `has_train` and `has_mask` are constants at each call (the loop is specialised, no per-channel tests), and every
+ * address is computed from o (a multiply-add each) rather than carried as pointers: the narrow layers' blocks are
+ * short, and a pointer per operand spilled to the stack cost more than their MACs. */
+MT_INLINE void pw_block8_full(const uint32_t *sta, const uint32_t *stb, int32_t off, const mt_conv *p, int32_t ch,
+                              int32_t cf, int32_t oc, int8_t *y, int32_t ycs, uint8_t *mask, int32_t mi, int32_t hw,
+                              const int has_train, const int has_mask) {
   const int8_t *wt = p->w.w_train, *wf = p->w.w_frozen;
   const int32_t *bias = p->bias, y_zero = p->y_zero;
   const float *mult = p->mult;
-  for (int32_t o = 0; o < oc; o++, wt += ch, wf += cf, y += ycs, mi += hw) {
+  for (int32_t o = 0; o < oc; o++) {
     const int32_t bo = bias[o];
+    int32_t a[4] = {bo, bo, bo, bo}, b[4] = {bo, bo, bo, bo};  /* constant indices only: kept in registers */
+    if (has_train) pw_dot(sta, wt + o * ch, ch, a);
+    if (cf) pw_dot(sta + off, wf + o * cf, cf, a);
     const float m = mult[o];
-    int32_t a[4] = {bo, bo, bo, bo};  /* constant indices only: kept in registers */
-    if (ch) pw_dot(sta, wt, ch, a);
-    if (cf) pw_dot(sta + off, wf, cf, a);
-    if (na + nb < 8) {  /* a partial block (the run's end) */
-      int32_t t[4] = {a[0], a[1], a[2], a[3]};
-      pw_out(t, na, m, y_zero, y, mask, mi);
-      if (nb) {
-        t[0] = t[1] = t[2] = t[3] = bo;
-        if (ch) pw_dot(stb, wt, ch, t);
-        if (cf) pw_dot(stb + off, wf, cf, t);
-        pw_out(t, nb, m, y_zero, y + 4, mask, mi + 4);
-      }
-      continue;
-    }
+    int8_t *yo = y + o * ycs;
     uint32_t bits = 0;
-    if (!mask) {
-      y[0] = pw_req_nomask(a[0], m, y_zero), y[1] = pw_req_nomask(a[1], m, y_zero);
-      y[2] = pw_req_nomask(a[2], m, y_zero), y[3] = pw_req_nomask(a[3], m, y_zero);
+    if (!has_mask) {
+      yo[0] = pw_req_nomask(a[0], m, y_zero), yo[1] = pw_req_nomask(a[1], m, y_zero);
+      yo[2] = pw_req_nomask(a[2], m, y_zero), yo[3] = pw_req_nomask(a[3], m, y_zero);
     } else {
-      y[0] = pw_req(a[0], m, y_zero, &bits, 0), y[1] = pw_req(a[1], m, y_zero, &bits, 1);
-      y[2] = pw_req(a[2], m, y_zero, &bits, 2), y[3] = pw_req(a[3], m, y_zero, &bits, 3);
+      yo[0] = pw_req(a[0], m, y_zero, &bits, 0), yo[1] = pw_req(a[1], m, y_zero, &bits, 1);
+      yo[2] = pw_req(a[2], m, y_zero, &bits, 2), yo[3] = pw_req(a[3], m, y_zero, &bits, 3);
     }
-    int32_t b[4] = {bo, bo, bo, bo};
-    if (ch) pw_dot(stb, wt, ch, b);
-    if (cf) pw_dot(stb + off, wf, cf, b);
-    if (!mask) {
-      y[4] = pw_req_nomask(b[0], m, y_zero), y[5] = pw_req_nomask(b[1], m, y_zero);
-      y[6] = pw_req_nomask(b[2], m, y_zero), y[7] = pw_req_nomask(b[3], m, y_zero);
+    if (has_train) pw_dot(stb, wt + o * ch, ch, b);
+    if (cf) pw_dot(stb + off, wf + o * cf, cf, b);
+    if (!has_mask) {
+      yo[4] = pw_req_nomask(b[0], m, y_zero), yo[5] = pw_req_nomask(b[1], m, y_zero);
+      yo[6] = pw_req_nomask(b[2], m, y_zero), yo[7] = pw_req_nomask(b[3], m, y_zero);
       continue;
     }
-    y[4] = pw_req(b[0], m, y_zero, &bits, 4), y[5] = pw_req(b[1], m, y_zero, &bits, 5);
-    y[6] = pw_req(b[2], m, y_zero, &bits, 6), y[7] = pw_req(b[3], m, y_zero, &bits, 7);
-    if ((mi & 7) == 0) mask[mi >> 3] = (uint8_t)bits;
-    else mt_mask_put(mask, mi, bits, 8);
+    yo[4] = pw_req(b[0], m, y_zero, &bits, 4), yo[5] = pw_req(b[1], m, y_zero, &bits, 5);
+    yo[6] = pw_req(b[2], m, y_zero, &bits, 6), yo[7] = pw_req(b[3], m, y_zero, &bits, 7);
+    const int32_t mo = mi + o * hw;
+    if ((mo & 7) == 0) mask[mo >> 3] = (uint8_t)bits;
+    else mt_mask_put(mask, mo, bits, 8);
   }
+}
+
+/* The run's last, partial block (na + nb < 8 pixels): the same sums, requantized pixel by pixel. */
+static void pw_block_partial(const uint32_t *sta, const uint32_t *stb, int32_t off, int32_t na, int32_t nb,
+                             const mt_conv *p, int32_t ch, int32_t cf, int32_t oc, int8_t *y, int32_t ycs,
+                             uint8_t *mask, int32_t mi, int32_t hw) {
+  for (int32_t o = 0; o < oc; o++) {
+    const int32_t bo = p->bias[o];
+    int32_t t[4] = {bo, bo, bo, bo};
+    if (ch) pw_dot(sta, p->w.w_train + o * ch, ch, t);
+    if (cf) pw_dot(sta + off, p->w.w_frozen + o * cf, cf, t);
+    pw_out(t, na, p->mult[o], p->y_zero, y + o * ycs, mask, mi + o * hw);
+    if (nb) {
+      t[0] = t[1] = t[2] = t[3] = bo;
+      if (ch) pw_dot(stb, p->w.w_train + o * ch, ch, t);
+      if (cf) pw_dot(stb + off, p->w.w_frozen + o * cf, cf, t);
+      pw_out(t, nb, p->mult[o], p->y_zero, y + o * ycs + 4, mask, mi + o * hw + 4);
+    }
+  }
+}
+
+static void pw_block8(const uint32_t *sta, const uint32_t *stb, int32_t off, int32_t na, int32_t nb, const mt_conv *p,
+                      int32_t ch, int32_t cf, int32_t oc, int8_t *y, int32_t ycs, uint8_t *mask, int32_t mi,
+                      int32_t hw) {
+  if (na + nb < 8) pw_block_partial(sta, stb, off, na, nb, p, ch, cf, oc, y, ycs, mask, mi, hw);
+  else if (ch && mask) pw_block8_full(sta, stb, off, p, ch, cf, oc, y, ycs, mask, mi, hw, 1, 1);
+  else if (ch) pw_block8_full(sta, stb, off, p, ch, cf, oc, y, ycs, mask, mi, hw, 1, 0);
+  else if (mask) pw_block8_full(sta, stb, off, p, ch, cf, oc, y, ycs, mask, mi, hw, 0, 1);
+  else pw_block8_full(sta, stb, off, p, ch, cf, oc, y, ycs, mask, mi, hw, 0, 0);
 }
 
 static void pointwise(const int8_t *x, mt_dims xd, const mt_conv *p, int8_t *y, mt_dims yd, uint8_t *mask) {
