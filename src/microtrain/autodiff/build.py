@@ -17,6 +17,7 @@ import numpy as np
 
 from microtrain.errors import MicrotrainError
 from microtrain.ir.graph import Graph, Op, Tensor
+from microtrain.ir.trainmeta import Param
 
 OPTIMIZERS = ("sgd", "sgd-m", "adam")
 
@@ -66,6 +67,7 @@ def build_training_graph(fwd: Graph, scheme, num_classes: int, cfg: TrainConfig 
     saved: dict[str, str] = {}  # op name -> saved input slice tensor
     masks: dict[str, str] = {}
     state: list[str] = []
+    roles: dict[str, Param] = {}  # meta["train"]["params"] (ir/trainmeta.py): what each parameter tensor is
     for op in fwd.ops[:-1]:  # all but the ImageNet head
         new = Op(op.name, op.kind, list(op.inputs), list(op.outputs), {**op.attrs, "phase": "forward"})
         for n in op.outputs:
@@ -80,7 +82,7 @@ def build_training_graph(fwd: Graph, scheme, num_classes: int, cfg: TrainConfig 
             new.outputs.append(masks[op.name])
         if op.kind == "conv2d" and backbone_grad:
             i = op.attrs["conv_index"]
-            _split_trainable(g, new, fwd, channels[i], i in bias_set, state, cfg.update_storage)
+            _split_trainable(g, new, fwd, channels[i], i in bias_set, state, cfg.update_storage, roles)
         g.add_op(new)
         if op.kind == "conv2d" and backbone_grad and channels[op.attrs["conv_index"]] > 0:
             x = fwd.tensors[op.inputs[0]]
@@ -102,6 +104,7 @@ def build_training_graph(fwd: Graph, scheme, num_classes: int, cfg: TrainConfig 
     g.add_tensor(Tensor("head.b", (num_classes,), "float32", head_role, data=np.zeros(num_classes, np.float32)))
     if scheme.head:
         state += ["head.w", "head.b"]
+    roles["head.w"], roles["head.b"] = Param("head.w", "head_weight", "head"), Param("head.b", "head_bias", "head")
     g.add_tensor(Tensor("logits", (num_classes,), "float32", "act"))
     g.add_op(Op("head", "linear", [pooled, "head.w", "head.b"], ["logits"], {"phase": "forward"}))
     g.add_tensor(Tensor("label", (), "int32", "label"))
@@ -148,6 +151,7 @@ def build_training_graph(fwd: Graph, scheme, num_classes: int, cfg: TrainConfig 
                 g.add_tensor(Tensor(f"{p}.{s}", g.tensors[p].shape, "float32", "state",
                                     data=np.zeros(g.tensors[p].shape, np.float32)))
                 state.append(f"{p}.{s}")
+                roles[f"{p}.{s}"] = Param(f"{p}.{s}", "slot", roles[p].op, slot_of=p, slot=s)
         if cfg.reorder:
             emit(Op(opname, kind, [*inputs, *params, "lr", *slots], [], {**attrs, "params": params}))
             return
@@ -192,7 +196,7 @@ def build_training_graph(fwd: Graph, scheme, num_classes: int, cfg: TrainConfig 
             a, b = op.inputs
             outs = [new_grad(t, f"@{op.name}") if t in needs else None for t in (a, b)]
             emit(Op(f"{op.name}.grad", "add_grad", [gy, masks[op.name]], [o for o in outs if o],
-                    {"which": [t in needs for t in (a, b)]}))
+                    {"which": [t in needs for t in (a, b)], "add": op.name}))
             for t, o in zip((a, b), outs, strict=True):
                 if o:
                     contribute(t, o)
@@ -206,7 +210,7 @@ def build_training_graph(fwd: Graph, scheme, num_classes: int, cfg: TrainConfig 
                         {"conv": op.name, "stride": op.attrs["stride"], "padding": op.attrs["padding"],
                          "groups": op.attrs["groups"], **_end_pads(op), **plane(x)}))
             i = op.attrs["conv_index"]
-            params = ([f"{op.name}.w_train"] if channels[i] else []) + ([f"{op.name}.b"] if i in bias_set else [])
+            params = [n for n in g.op(op.name).inputs if n in roles and roles[n].op == op.name]  # w_train, b
             if params:
                 k = g.tensors[op.inputs[1]].shape[2] if channels[i] == 0 else g.tensors[params[0]].shape[2]
                 ins = [gacc] + ([saved[op.name]] if channels[i] else [])
@@ -223,7 +227,7 @@ def build_training_graph(fwd: Graph, scheme, num_classes: int, cfg: TrainConfig 
     g.meta.update({"train": {"scheme": scheme.to_dict(), "num_classes": num_classes, "state": state,
                              "config": {k: (list(v) if isinstance(v, tuple) else v)
                                         for k, v in cfg.__dict__.items()},
-                             "pooled": pooled}})
+                             "pooled": pooled, "params": {n: p.to_json() for n, p in roles.items()}}})
     return g
 
 
@@ -232,14 +236,17 @@ def _end_pads(op: Op) -> dict[str, int]:
     return {k: op.attrs[k] for k in ("pad_bottom", "pad_right") if k in op.attrs}
 
 
-def _split_trainable(g: Graph, op: Op, fwd: Graph, ch: int, bias: bool, state: list[str], storage: str) -> None:
+def _split_trainable(g: Graph, op: Op, fwd: Graph, ch: int, bias: bool, state: list[str], storage: str,
+                     roles: dict[str, Param]) -> None:
     """Replace a conv's weight operand by [frozen rest (flash), trainable first-ch slice (SRAM)], and mark its bias
-    trainable. Depthwise weights [C,1,k,k] split along channels (axis 0), others along input channels (axis 1)."""
+    trainable (both recorded in `roles`). Depthwise weights [C,1,k,k] split along channels (axis 0), others along
+    input channels (axis 1)."""
     w = fwd.tensors[op.inputs[1]]
     b = g.tensors[op.inputs[2]]
     if bias:
         b.role = "state"
         state.append(b.name)
+        roles[b.name] = Param(b.name, "bias", op.name)
     if ch == 0:
         return
     axis = 0 if op.attrs["groups"] > 1 else 1
@@ -250,6 +257,7 @@ def _split_trainable(g: Graph, op: Op, fwd: Graph, ch: int, bias: bool, state: l
     wt = Tensor(f"{op.name}.w_train", train.shape, str(train.dtype), "state", w.scale, 0, train.copy())
     g.add_tensor(wt)
     state.append(wt.name)
+    roles[wt.name] = Param(wt.name, "weight_slice", op.name)
     parts = [wt.name]
     if ch < full:
         rest = np.take(w.data, np.arange(ch, full), axis=axis)

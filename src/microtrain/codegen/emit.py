@@ -38,6 +38,7 @@ from microtrain.ir.quant import (
     qas_divisor,
     requant_multiplier,
 )
+from microtrain.ir.trainmeta import params as param_roles
 
 TARGETS = ("host", "cortex-m4", "cortex-m7")
 KERNEL_FILES = ("mt_conv2d.c", "mt_depthwise_conv2d.c", "mt_add.c", "mt_avgpool.c",
@@ -149,6 +150,10 @@ class Emitter:
         if self.cfg.update_storage != "int8":
             raise MicrotrainError("the C generator supports int8 update storage only (--update-storage int8)")
         self.state_names: list[str] = list(tr["state"])
+        self.roles = param_roles(g)  # meta["train"]["params"]: bias / weight slice / head / slot, and their op
+        self.slots: dict[str, list[str]] = {n: [] for n in self.roles}  # parameter -> its slots (m, v order)
+        for r in sorted((r for r in self.roles.values() if r.is_slot), key=lambda r: r.slot):
+            self.slots[r.slot_of].append(r.name)
         self.stream = {n: i for i, n in enumerate(sorted(self.state_names))}
         self.values = {n: t.data for n, t in g.tensors.items() if t.data is not None}
         self.step0 = 0
@@ -263,11 +268,11 @@ class Emitter:
         if name in self.params:
             return self.params[name]
         t = self.g.tensors[name]
-        slots = {"sgd": (), "sgd-m": ("m",), "adam": ("m", "v")}[self.cfg.optimizer]
-        ptrs = [self.tensor(f"{name}.{s}") for s in slots] + ["0"] * (2 - len(slots))
+        slots = self.slots[name]
+        ptrs = [self.tensor(s) for s in slots] + ["0"] * (2 - len(slots))
         qas, row = "0", 1
         if conv is not None and self.cfg.qas:  # ir/quant.py: the torch engine divides by the same table
-            x_scale = self.g.tensors[conv.inputs[0]].scale if name.endswith(".b") else None
+            x_scale = self.g.tensors[conv.inputs[0]].scale if self.roles[name].kind == "bias" else None
             qas = self.table("Q", name, qas_divisor(self.g.tensors[conv.inputs[1]].scale, t.shape[0], x_scale))
             row = t.numel // t.shape[0]
         ident = self.names("P", name)
@@ -451,8 +456,10 @@ class Emitter:
         return code + self.trace([st["output"]], "forward")
 
     # ---- loss, backward, updates -------------------------------------------------------------------------------
-    def conv_of(self, name: str) -> Op | None:
-        return None if name == "head" else self.g.op(name)
+    def conv_of(self, param: str) -> Op | None:
+        """The conv whose parameter `param` is (None for the head's)."""
+        conv = self.roles[param].conv
+        return None if conv is None else self.g.op(conv)
 
     def q8(self, op: Op) -> str:
         """The kernel suffix of a backward op: "_q8" when its activation gradients are qint8 (--int8-grads: autodiff
@@ -506,7 +513,7 @@ class Emitter:
             return [f"mt_flatten_grad({self.act(op.inputs[0])}, {c}, {h * w}, {self.act(op.outputs[0])}, "
                     f"{int(bool(q8))}, {self.workspace(op) if q8 else '0'});"]
         if op.kind == "add_grad":
-            fwd = g.op(op.name.removesuffix(".grad"))
+            fwd = g.op(a["add"])
             at, bt, yt = (t[n] for n in (*fwd.inputs, fwd.outputs[0]))
             ra, rb = add_ratios(at.scale, bt.scale, yt.scale)
             outs = iter(op.outputs)
@@ -542,7 +549,7 @@ class Emitter:
             return [f"mt_conv2d_update{q8}(&st, {head}, {o['w']}, {o['b']}{plane});"]
         if op.kind == "apply_update":
             p = a["param"]
-            conv = self.conv_of(a["of"].removesuffix(".update"))
+            conv = self.conv_of(p)
             return [f"mt_apply_update(&st, &{self.param(p, conv)}, {self.act(op.inputs[1])});"]
         raise MicrotrainError(f"op kind {op.kind!r} is not supported by the C generator")
 
@@ -560,10 +567,10 @@ class Emitter:
             o.update(xd=chw(xt.shape), xz=str(xt.zero), x=x_plane if x_plane is not None else self.act(xt.name))
         if op.kind == "conv2d_weight_grad":
             for p, out in zip(a["params"], op.outputs, strict=True):
-                o["gw" if p.endswith(".w_train") else "gb"] = self.act(out)
+                o["gw" if self.roles[p].kind == "weight_slice" else "gb"] = self.act(out)
         else:
             for p in a["params"]:
-                o["w" if p.endswith(".w_train") else "b"] = f"&{self.param(p, conv)}"
+                o["w" if self.roles[p].kind == "weight_slice" else "b"] = f"&{self.param(p, conv)}"
         return o
 
     def grads_row(self, op: Op, plane: str, channel: str, x_plane: str | None = None) -> str:

@@ -23,6 +23,8 @@ from microtrain.data.datasets import batches, open_dataset
 from microtrain.errors import MicrotrainError
 from microtrain.frontends.tflite_write import graph_to_tflite
 from microtrain.ir.graph import Graph, Op, Tensor
+from microtrain.ir.trainmeta import head as head_params
+from microtrain.ir.trainmeta import params as param_roles
 from microtrain.runtime.executor import Executor
 from microtrain.runtime.rundir import load_run_checkpoint, read_metrics
 from microtrain.runtime.trainstep import GraphTrainStep
@@ -44,9 +46,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def forward_graph(tg: Graph, state: dict[str, np.ndarray]) -> Graph:
     """The forward int8 graph of training graph `tg` with `state` applied, ending in an int8 classifier."""
+    roles = param_roles(tg)
+
     def value(name: str) -> np.ndarray:
         a = state.get(name, tg.tensors[name].data)
-        if tg.tensors[name].dtype == "float32" and name.endswith("w_train"):  # --update-storage fp32 shadow
+        if tg.tensors[name].dtype == "float32" and name in roles and roles[name].kind == "weight_slice":
+            # --update-storage fp32: the float shadow of a trainable slice
             a = np.clip(np.round(a), -128, 127)
         return np.asarray(a)
 
@@ -124,8 +129,9 @@ def run(args: argparse.Namespace) -> int:
     pooled = g.ops[-1].outputs[0]
     pt = g.tensors[pooled]
     feats = ((Executor(g).run(xs)[pooled].to(torch.float64) - pt.zero) * float(pt.scale)).numpy()
-    w = np.asarray(state.get("head.w", tg.tensors["head.w"].data), np.float64)
-    b = np.asarray(state.get("head.b", tg.tensors["head.b"].data), np.float64)
+    hw, hb = head_params(tg)
+    w = np.asarray(state.get(hw, tg.tensors[hw].data), np.float64)
+    b = np.asarray(state.get(hb, tg.tensors[hb].data), np.float64)
     quantize_head(g, w, b, feats)
     buf = graph_to_tflite(g)
     out.write_bytes(buf)

@@ -170,8 +170,8 @@ def _recompute(g: Graph, grp: BlockGroup) -> dict[str, Any] | None:
         return None
     dw = g.op(g.op(r["dw_acc"]).attrs["conv"])
     pw1 = g.op(g.op(r["pw1_acc"]).attrs["conv"])
-    masks = [f"{pw1.name}.mask", f"{dw.name}.mask"]
-    if not all(m in g.tensors and m in pw1.outputs + dw.outputs for m in masks):
+    masks = [next((t for t in op.outputs[1:] if g.tensors[t].role == "mask"), None) for op in (pw1, dw)]
+    if None in masks:
         return None
     members = set(grp.members)
     drop, saved = [], None

@@ -36,6 +36,7 @@ from microtrain.compiler.planner import INPLACE_OPS, InplaceRule, Plan, plan_mem
 from microtrain.compiler.schedule import hoist_updates
 from microtrain.errors import MicrotrainError
 from microtrain.ir.graph import Graph, Op, Tensor
+from microtrain.ir.trainmeta import params as param_roles
 from microtrain.sparse.cost import analytic_extra_bytes
 from microtrain.sparse.scheme import Scheme, resolve_scheme
 
@@ -162,12 +163,13 @@ def state_bytes(g: Graph) -> dict[str, int]:
     `update_storage="fp32"` the trainable int8 slices are float32 shadows (4 bytes per element)."""
     names = g.meta["train"]["state"]
     fp32 = g.meta["train"]["config"].get("update_storage") == "fp32"
-    slots = {n for n in names if n.rsplit(".", 1)[0] in names and n.rsplit(".", 1)[-1] in ("m", "v")}
+    report = {"slot": "optimizer_slots", "head_weight": "head", "head_bias": "head",
+              "weight_slice": "trainable_weights", "bias": "trainable_biases"}
+    roles = param_roles(g)
     out = {"trainable_weights": 0, "trainable_biases": 0, "head": 0, "optimizer_slots": 0}
     for n in names:
         t = g.tensors[n]
-        kind = ("optimizer_slots" if n in slots else "head" if n.startswith("head.")
-                else "trainable_weights" if n.endswith(".w_train") else "trainable_biases")
+        kind = report[roles[n].kind]
         out[kind] += 4 * t.numel if fp32 and t.dtype == "int8" else t.nbytes
     return out
 
@@ -176,13 +178,13 @@ def flash_bytes(g: Graph) -> dict[str, int]:
     """Flash: frozen weights and biases, one float32 scale per output channel of each conv (its weight parts share
     it), and the boot values of the state (optimizer slots start at zero)."""
     names = g.meta["train"]["state"]
-    slots = {n for n in names if n.rsplit(".", 1)[0] in names and n.rsplit(".", 1)[-1] in ("m", "v")}
+    roles = param_roles(g)
     scales = sum(4 * np.asarray(g.tensors[op.inputs[1]].scale).size for op in g.ops
                  if op.kind == "conv2d" and g.tensors[op.inputs[1]].scale is not None)
     return {"frozen_weights": sum(t.nbytes for t in g.tensors.values() if t.role == "weight"),
             "frozen_biases": sum(t.nbytes for t in g.tensors.values() if t.role == "bias"),
             "scales": int(scales),
-            "state_init": sum(g.tensors[n].nbytes for n in names if n not in slots)}
+            "state_init": sum(g.tensors[n].nbytes for n in names if not roles[n].is_slot)}
 
 
 def stage_tile_graph(g: Graph, stage: PatchStage, stream_input: bool) -> Graph:

@@ -33,6 +33,7 @@ import torch
 from microtrain.data.datasets import ImageDataset, resize_batch
 from microtrain.errors import MicrotrainError
 from microtrain.ir.graph import Graph
+from microtrain.ir.trainmeta import trainable
 from microtrain.runtime.prefix_cache import PrefixCache
 from microtrain.runtime.trainer import evaluate, lr_at
 from microtrain.runtime.trainstep import GraphTrainStep, sr_uniform
@@ -42,7 +43,6 @@ JOB, GRAPH, CHECKPOINT, STATE, METRICS = "federation.json", "train_graph", "chec
     "metrics.json"
 DATA = "fleet-data"  # RUN/fleet-data/{train,test}.npz (decoded images) and partition.npz (each client's indices)
 PROGRESS, STATE_BIN, PLOT = "progress.json", "state.bin", "accuracy.png"
-SLOT_SUFFIXES = (".m", ".v")  # optimizer slots: device-local, never sent
 AUGMENTS = ("flip", "none")
 
 
@@ -192,8 +192,7 @@ def sample_clients(job: Job, rnd: int) -> list[int]:
 # ---- state -----------------------------------------------------------------------------------------------------------
 def trainable_names(graph: Graph) -> list[str]:
     """The state that travels: the scheme's trainable tensors, without optimizer slots, in the graph's order."""
-    state = graph.meta["train"]["state"]
-    return [n for n in state if not (n.endswith(SLOT_SUFFIXES) and n[:-2] in state)]
+    return trainable(graph)
 
 
 def initial_state(graph: Graph) -> dict[str, np.ndarray]:

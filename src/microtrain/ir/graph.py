@@ -19,6 +19,7 @@ import numpy as np
 from microtrain.errors import MicrotrainError
 from microtrain.ir import ops as opdefs
 from microtrain.ir.quant import Requant
+from microtrain.ir.trainmeta import check as check_params
 
 DTYPE_BYTES = {"int8": 1, "qint8": 1, "uint8": 1, "int16": 2, "int32": 4, "float32": 4, "bit": 0.125}
 ROLES = ("input", "act", "weight", "bias", "const", "label", "loss", "grad", "mask", "state")
@@ -402,6 +403,9 @@ def _check_meta(meta: dict[str, Any], tensors: dict[str, Any]) -> None:
         raise GraphFormatError("meta.train.state names a tensor twice")
     if not (isinstance(tr.get("pooled"), str) and tr["pooled"] in tensors):
         raise GraphFormatError("meta.train.pooled is not a tensor of the graph")
+    why = check_params(tr.get("params"), tensors, state)
+    if why:
+        raise GraphFormatError(why)
     cfg = tr.get("config")
     if not isinstance(cfg, dict):
         raise GraphFormatError("meta.train.config is not an object")

@@ -21,6 +21,7 @@ from microtrain.autodiff.build import TrainConfig, build_training_graph, frozen_
 from microtrain.ir.graph import Graph, Op
 from microtrain.ir.ops import conv_pads
 from microtrain.ir.quant import Requant, add_fixed_point, add_ratios, mean_fixed_point, qas_divisor
+from microtrain.ir.trainmeta import params as param_roles
 from microtrain.runtime import kernels as K
 from microtrain.runtime import pool_kernels as PK
 
@@ -114,6 +115,11 @@ class GraphTrainStep:
         self._fconv: dict[str, tuple[tuple, tuple, tuple, K.FloatConv]] = {}
         self._cx: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self._qas: dict[tuple[str, int], torch.Tensor] = {}  # QAS divisors: constants of the graph's scales
+        self.roles = param_roles(graph)  # meta["train"]["params"]: bias / weight slice / head / slot, and their op
+        self.slots = {n: {} for n in self.roles}
+        for r in self.roles.values():
+            if r.is_slot:
+                self.slots[r.slot_of][r.slot] = r.name
 
     @torch.no_grad()
     def prefix(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -313,7 +319,7 @@ class GraphTrainStep:
         return [(gy / float(h * w))[:, :, None, None].expand(-1, -1, h, w).contiguous()]
 
     def _add_grad(self, op: Op, env: dict, train: bool) -> list[torch.Tensor]:
-        fwd = self.op_named[op.name.removesuffix(".grad")]
+        fwd = self.op_named[op.attrs["add"]]
         at, bt, yt = (self.g.tensors[n] for n in (*fwd.inputs, fwd.outputs[0]))
         gm = env[op.inputs[0]] * env[op.inputs[1]]
         return [gm * r for r, want in zip(add_ratios(at.scale, bt.scale, yt.scale), op.attrs["which"], strict=True)
@@ -344,7 +350,7 @@ class GraphTrainStep:
         gacc = env[op.inputs[0]]
         out = {}
         for p in params:
-            if p.endswith(".b"):
+            if self.roles[p].kind == "bias":
                 out[p] = gacc.sum(dim=(0, 2, 3))
             else:
                 if self.exact:
@@ -385,8 +391,7 @@ class GraphTrainStep:
 
     def _apply_update(self, op: Op, env: dict, train: bool) -> list[torch.Tensor]:
         p = op.attrs["param"]
-        conv = op.attrs["of"].removesuffix(".update")
-        self._apply(p, env[op.inputs[1]], None if conv == "head" else conv, env)
+        self._apply(p, env[op.inputs[1]], self.roles[p].conv, env)
         return []
 
     # ---- the update: QAS, optimizer, storage ----------------------------------------------------------------
@@ -397,7 +402,7 @@ class GraphTrainStep:
             div = self._qas.get((name, grad.shape[0]))
             if div is None:
                 cop = self.op_named[conv]
-                x_scale = self.g.tensors[cop.inputs[0]].scale if name.endswith(".b") else None
+                x_scale = self.g.tensors[cop.inputs[0]].scale if self.roles[name].kind == "bias" else None
                 div = torch.from_numpy(qas_divisor(self.g.tensors[cop.inputs[1]].scale, grad.shape[0], x_scale))
                 self._qas[(name, grad.shape[0])] = div
             grad = grad / div.view((-1,) + (1,) * (grad.dim() - 1))
@@ -405,11 +410,11 @@ class GraphTrainStep:
         if cfg.optimizer == "sgd":
             delta = lr * grad
         elif cfg.optimizer == "sgd-m":
-            m = self.params[name + ".m"]
+            m = self.params[self.slots[name]["m"]]
             m.mul_(cfg.momentum).add_(grad)
             delta = lr * m
         else:
-            m, v = self.params[name + ".m"], self.params[name + ".v"]
+            m, v = self.params[self.slots[name]["m"]], self.params[self.slots[name]["v"]]
             b1, b2 = cfg.betas
             m.mul_(b1).add_(grad, alpha=1 - b1)
             v.mul_(b2).addcmul_(grad, grad, value=1 - b2)
