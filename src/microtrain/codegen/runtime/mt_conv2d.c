@@ -274,6 +274,43 @@ static void rs_weights(const mt_conv *p, int32_t cin, int32_t o, uint32_t *wp) {
 }
 
 /* Returns 0 (nothing done) when the conv does not fit the staging buffers. */
+/* rows_block for a 3x3 stride-2 kernel (the stem). On the Cortex-M4 one loop over the staged rows in assembly: per
+ * row the two weight pairs through one LDM, the five staged words the four outputs read through an LDM and an LDRD
+ * (each used by the one or two tap pairs that need it), eight SMLAD. GCC kept a pointer per row on the stack instead.
+ * Integer sums: the same as rows_block's. */
+MT_INLINE void rows_block_k3s2(const int16_t *sr, int32_t wst, int32_t nrows, const uint32_t *wp, int32_t *a) {
+#if MT_DSP
+  int32_t a0 = a[0], a1 = a[1], a2 = a[2], a3 = a[3];
+  if (nrows > 0) {
+    const uint32_t *wend = wp + 2 * nrows;
+    const int32_t step = wst * (int32_t)sizeof(int16_t);
+    __asm__ volatile(  /* LDM fills its list in register order: fixed registers, w r8-r9, staged words r10-r12 */
+        "1:\n\t"
+        "ldmia %[wp]!, {r8, r9}\n\t"
+        "ldmia %[sr], {r10, r11, r12}\n\t"
+        "smlad %[a0], r10, r8, %[a0]\n\t"
+        "smlad %[a1], r11, r8, %[a1]\n\t"
+        "smlad %[a2], r12, r8, %[a2]\n\t"
+        "smlad %[a0], r11, r9, %[a0]\n\t"
+        "smlad %[a1], r12, r9, %[a1]\n\t"
+        "ldrd r10, r11, [%[sr], #12]\n\t"
+        "smlad %[a3], r10, r8, %[a3]\n\t"
+        "smlad %[a2], r10, r9, %[a2]\n\t"
+        "smlad %[a3], r11, r9, %[a3]\n\t"
+        "add %[sr], %[sr], %[step]\n\t"
+        "cmp %[wp], %[wend]\n\t"
+        "bne 1b"
+        : [a0] "+r"(a0), [a1] "+r"(a1), [a2] "+r"(a2), [a3] "+r"(a3), [wp] "+r"(wp), [sr] "+r"(sr)
+        : [wend] "r"(wend), [step] "r"(step), "m"(*(const int16_t(*)[RS_STAGE])sr),
+          "m"(*(const uint32_t(*)[RS_WP])wp)
+        : "r8", "r9", "r10", "r11", "r12", "cc");
+  }
+  a[0] = a0, a[1] = a1, a[2] = a2, a[3] = a3;
+#else
+  rows_block(sr, wst, nrows, wp, 3, 2, a);
+#endif
+}
+
 static int rows_staged(const int8_t *x, mt_dims xd, const mt_conv *p, int8_t *y, mt_dims yd, uint8_t *mask) {
   const int32_t k = p->w.k, cin = xd.c, s = p->stride, z = p->x_zero, kp = (k + 1) / 2;
   const int32_t nrows = cin * k;
@@ -283,7 +320,7 @@ static int rows_staged(const int8_t *x, mt_dims xd, const mt_conv *p, int8_t *y,
   while (seg > 4 && nrows * (((seg - 1) * s + k + 2) & ~1) > RS_STAGE) seg = (seg / 2 + 3) / 4 * 4;
   const int32_t wmax = ((seg - 1) * s + k + 2) & ~1;
   if (nrows * wmax > RS_STAGE) return 0;
-  int16_t sbuf[RS_STAGE];
+  int16_t sbuf[RS_STAGE] __attribute__((aligned(8)));  /* LDM and LDRD (rows_block_k3s2) need word alignment */
   uint32_t wpall[RS_WP];  /* every output channel's weight pairs when they fit, else one channel's */
   const int all = yd.c * nrows * kp <= RS_WP;
   if (all)
@@ -312,8 +349,7 @@ static int rows_staged(const int8_t *x, mt_dims xd, const mt_conv *p, int8_t *y,
           int32_t a[4];
           a[0] = a[1] = a[2] = a[3] = p->bias[o];
           const int16_t *sr = sbuf + q * s;
-          if (k == 3 && s == 2 && nrows == 9) rows_block(sr, wst, 9, wp, 3, 2, a);  /* an RGB stem: unrolled */
-          else if (k == 3 && s == 2) rows_block(sr, wst, nrows, wp, 3, 2, a);
+          if (k == 3 && s == 2) rows_block_k3s2(sr, wst, nrows, wp, a);
           else if (k == 3 && s == 1) rows_block(sr, wst, nrows, wp, 3, 1, a);
           else rows_block(sr, wst, nrows, wp, k, s, a);
           pw_out(a, n - q < 4 ? n - q : 4, p->mult[o], p->y_zero, yr + q, mask, mi + q);

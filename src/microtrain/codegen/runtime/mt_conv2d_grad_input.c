@@ -150,49 +150,55 @@ void mt_pw_grad_input_channel(const float *gacc, mt_dims gd, const mt_weights *w
  * gradient's sums, total[c, p] = fma(g[e - e0][p], w[e, c], total[c, p]) for e in order: the chains pw_channel runs,
  * so the channel-serial backward computes the op-by-op kernel's bits. One pass over the accumulator takes all n
  * channels (the same fused multiply-adds in the same order, less memory traffic). total starts zeroed. */
+/* One input channel's sums a[0..hw) += the n planes g (hw apart) times wv[0..n), each sum's chain in channel order.
+ * Inlined with n = MT_BLOCK_BATCH, the usual batch: the weights stay in registers and the per-channel tests go. */
+MT_INLINE void accumulate_channel(const float *g, int32_t n, const float *wv, int32_t hw, float *a) {
+  int32_t p0 = 0;
+  for (; p0 + 8 <= hw; p0 += 8) {  /* eight sums held in registers across the n channels, loaded eight at once */
+    float v[8], t[8];
+#if MT_DSP
+    /* the sums in s16-s23: one VLDM in, one VSTM out, no copies out of the g loads' s24-s31 */
+    register float v0 __asm__("s16"), v1 __asm__("s17"), v2 __asm__("s18"), v3 __asm__("s19");
+    register float v4 __asm__("s20"), v5 __asm__("s21"), v6 __asm__("s22"), v7 __asm__("s23");
+    float *ap = a + p0;
+    __asm__ volatile("vldmia %8, {s16-s23}" : "=t"(v0), "=t"(v1), "=t"(v2), "=t"(v3), "=t"(v4), "=t"(v5),
+                     "=t"(v6), "=t"(v7) : "r"(ap), "m"(*(const float(*)[8])ap));
+    for (int32_t i = 0; i < n; i++) {
+      const float wi = wv[i];
+      const float *gp = g + i * hw + p0;
+      AFTER8_REGS(v0, v1, v2, v3, v4, v5, v6, v7, gp);
+      MT_LOAD8(gp, t);
+      v0 = mt_fma(t[0], wi, v0), v1 = mt_fma(t[1], wi, v1), v2 = mt_fma(t[2], wi, v2), v3 = mt_fma(t[3], wi, v3);
+      v4 = mt_fma(t[4], wi, v4), v5 = mt_fma(t[5], wi, v5), v6 = mt_fma(t[6], wi, v6), v7 = mt_fma(t[7], wi, v7);
+    }
+    __asm__ volatile("vstmia %9, {s16-s23}" : "=m"(*(float(*)[8])ap) : "t"(v0), "t"(v1), "t"(v2), "t"(v3),
+                     "t"(v4), "t"(v5), "t"(v6), "t"(v7), "r"(ap));
+    (void)v;
+#else
+    MT_LOAD8(a + p0, v);
+    for (int32_t i = 0; i < n; i++) {
+      const float wi = wv[i];
+      MT_LOAD8(g + i * hw + p0, t);
+      MT_UNROLL
+      for (int32_t q = 0; q < 8; q++) v[q] = mt_fma(t[q], wi, v[q]);
+    }
+    MT_UNROLL
+    for (int32_t q = 0; q < 8; q++) a[p0 + q] = v[q];
+#endif
+  }
+  for (; p0 < hw; p0++) {
+    float v = a[p0];
+    for (int32_t i = 0; i < n; i++) v = mt_fma(g[i * hw + p0], wv[i], v);
+    a[p0] = v;
+  }
+}
+
 void mt_pw_grad_input_accumulate(const float *g, int32_t n, const mt_weights *w, int32_t cin, int32_t e0, int32_t hw,
                                  float *total) {
   for (int32_t c = 0; c < cin; c++) {
     float wv[MT_BLOCK_BATCH];
     for (int32_t i = 0; i < n; i++) wv[i] = weight(w, cin, e0 + i, c, 0);
-    float *a = total + c * hw;
-    int32_t p0 = 0;
-    for (; p0 + 8 <= hw; p0 += 8) {  /* eight sums held in registers across the n channels, loaded eight at once */
-      float v[8], t[8];
-#if MT_DSP
-      /* the sums in s16-s23: one VLDM in, one VSTM out, no copies out of the g loads' s24-s31 */
-      register float v0 __asm__("s16"), v1 __asm__("s17"), v2 __asm__("s18"), v3 __asm__("s19");
-      register float v4 __asm__("s20"), v5 __asm__("s21"), v6 __asm__("s22"), v7 __asm__("s23");
-      float *ap = a + p0;
-      __asm__ volatile("vldmia %8, {s16-s23}" : "=t"(v0), "=t"(v1), "=t"(v2), "=t"(v3), "=t"(v4), "=t"(v5),
-                       "=t"(v6), "=t"(v7) : "r"(ap), "m"(*(const float(*)[8])ap));
-      for (int32_t i = 0; i < n; i++) {
-        const float wi = wv[i];
-        const float *gp = g + i * hw + p0;
-        AFTER8_REGS(v0, v1, v2, v3, v4, v5, v6, v7, gp);
-        MT_LOAD8(gp, t);
-        v0 = mt_fma(t[0], wi, v0), v1 = mt_fma(t[1], wi, v1), v2 = mt_fma(t[2], wi, v2), v3 = mt_fma(t[3], wi, v3);
-        v4 = mt_fma(t[4], wi, v4), v5 = mt_fma(t[5], wi, v5), v6 = mt_fma(t[6], wi, v6), v7 = mt_fma(t[7], wi, v7);
-      }
-      __asm__ volatile("vstmia %9, {s16-s23}" : "=m"(*(float(*)[8])ap) : "t"(v0), "t"(v1), "t"(v2), "t"(v3),
-                       "t"(v4), "t"(v5), "t"(v6), "t"(v7), "r"(ap));
-      (void)v;
-#else
-      MT_LOAD8(a + p0, v);
-      for (int32_t i = 0; i < n; i++) {
-        const float wi = wv[i];
-        MT_LOAD8(g + i * hw + p0, t);
-        MT_UNROLL
-        for (int32_t q = 0; q < 8; q++) v[q] = mt_fma(t[q], wi, v[q]);
-      }
-      MT_UNROLL
-      for (int32_t q = 0; q < 8; q++) a[p0 + q] = v[q];
-#endif
-    }
-    for (; p0 < hw; p0++) {
-      float v = a[p0];
-      for (int32_t i = 0; i < n; i++) v = mt_fma(g[i * hw + p0], wv[i], v);
-      a[p0] = v;
-    }
+    if (n == MT_BLOCK_BATCH) accumulate_channel(g, MT_BLOCK_BATCH, wv, hw, total + c * hw);
+    else accumulate_channel(g, n, wv, hw, total + c * hw);
   }
 }

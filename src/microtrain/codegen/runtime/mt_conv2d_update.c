@@ -86,9 +86,10 @@ static void row(const float *g, int32_t o, mt_dims gd, const int8_t *x_saved, in
         a3 = mt_fma(gv, (float)((int32_t)x3[q] - x_zero), a3);
       }
       const float v[4] = {a0, a1, a2, a3};
-      for (int32_t u = 0; u < 4; u++) {
-        if (gw) gw[o * ch + c + u] = v[u];
-        else mt_update_one(s, w, o * ch + c + u, v[u]);
+      if (gw) {
+        for (int32_t u = 0; u < 4; u++) gw[o * ch + c + u] = v[u];
+      } else {
+        mt_update_run(s, w, o * ch + c, v, 4);
       }
     }
     for (; c < c1; c++) {
@@ -146,11 +147,14 @@ static void pw_rows4(const float *g0, int32_t o0, int32_t hw, const int8_t *x_sa
       for (int32_t u = 0; u < 4; u++)
         for (int32_t i = 0; i < 4; i++) a[u][i] = mt_fma(h[u], v[i], a[u][i]);
     }
-    for (int32_t u = 0; u < 4; u++)
-      for (int32_t i = 0; i < 4; i++) {
-        if (gw) gw[(o0 + u) * ch + c + i] = a[u][i];
-        else mt_update_one(s, w, (o0 + u) * ch + c + i, a[u][i]);
+    for (int32_t u = 0; u < 4; u++) {
+      const float v[4] = {a[u][0], a[u][1], a[u][2], a[u][3]};  /* a copy: `a` stays in registers */
+      if (gw) {
+        for (int32_t i = 0; i < 4; i++) gw[(o0 + u) * ch + c + i] = v[i];
+      } else {
+        mt_update_run(s, w, (o0 + u) * ch + c, v, 4);
       }
+    }
   }
   for (; c < ch; c++) {
     const int8_t *xc = x_saved + c * hw;
