@@ -345,6 +345,22 @@ static int rows_staged(const int8_t *x, mt_dims xd, const mt_conv *p, int8_t *y,
         if (!all) rs_weights(p, cin, o, wpall);
         int8_t *yr = y + o * yd.cs + oy * yd.rs + q0;
         const int32_t mi = (o * yd.h + oy) * yd.w + q0;
+        if (k == 3 && s == 2 && !mask) {  /* the stem: whole blocks without a mask, then the generic tail */
+          const int32_t bo = p->bias[o], yz = p->y_zero, n4 = n & ~3;
+          const float m = p->mult[o];
+          for (int32_t q = 0; q < n4; q += 4) {
+            int32_t a[4] = {bo, bo, bo, bo};
+            rows_block_k3s2(sbuf + q * 2, wst, nrows, wp, a);
+            yr[q] = pw_req_nomask(a[0], m, yz), yr[q + 1] = pw_req_nomask(a[1], m, yz);
+            yr[q + 2] = pw_req_nomask(a[2], m, yz), yr[q + 3] = pw_req_nomask(a[3], m, yz);
+          }
+          if (n4 < n) {
+            int32_t a[4] = {bo, bo, bo, bo};
+            rows_block_k3s2(sbuf + n4 * 2, wst, nrows, wp, a);
+            pw_out(a, n - n4, m, yz, yr + n4, mask, mi + n4);
+          }
+          continue;
+        }
         for (int32_t q = 0; q < n; q += 4) {
           int32_t a[4];
           a[0] = a[1] = a[2] = a[3] = p->bias[o];
