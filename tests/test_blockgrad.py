@@ -153,3 +153,25 @@ def test_cortex_m4_recompute_blocks(tmp_path):
     mem = measure_memory(tmp_path, res, best.plan)
     assert mem["fits"] and mem["ram_bytes"] < mem["arena_bytes"] + mem["state_bytes"] + 4096
     check(res, host, prog, c_state, tmp_path, sched)
+
+
+@pytestmark_c
+@pytest.mark.parametrize("recompute", [False, True], ids=["stored", "recompute"])
+def test_tflite_fixture_channel_serial_parity(recompute, tmp_path):
+    """The MobileNetV1-style TFLite fixture (TFLite's fixed-point requantization, fused ReLU6 clamps): its pw -> dw ->
+    pw chains run channel-serial, with pw1's and dw's channels stored or recomputed through the fixed-point kernels
+    (each channel's multiplier and shift); the C program ends with the op-by-op program's state, bit for bit, and
+    the torch engine's within the usual tolerance."""
+    from pathlib import Path
+
+    from test_tflite_fixtures import images
+
+    g = load_model(Path(__file__).parent / "fixtures" / "mbv1.tflite")
+    x, y = images(g, 10, seed=2)
+    tg = build_training_graph(g, resolve_scheme("full", g), 10, TrainConfig())
+    sched, plan = forced(tg, recompute)
+    groups = sched.meta["block_grads"]
+    assert groups and all(bool(grp["recompute"]) == recompute for grp in groups)
+    out = tmp_path / "serial"
+    check(*run_parity(sched, plan, out, x[:8], y[:8], 0.05, x[8:], sanitizers=2), out, sched)
+    same_as_op_by_op(tg, out, tmp_path / "op-by-op")

@@ -612,8 +612,6 @@ class Emitter:
             return [f"mt_q8_round({plane}, {n});"] if q8.get(name) else []
 
         rc = grp.get("recompute")
-        if rc and g.requant == Requant.TFLITE:
-            raise MicrotrainError("--recompute-blocks: the channel recompute has no TFLite fixed-point kernels yet")
         if rc:  # pw1's and dw's output channel e recomputed (int8 planes, their mask bits) instead of stored
             pw1c, dwc, x = g.op(rc["pw1"]), g.op(rc["dw"]), rc["x"]
             y1, y2 = t[pw1c.outputs[0]], t[dwc.outputs[0]]
@@ -621,12 +619,21 @@ class Emitter:
             pre += [f"int8_t *y1 = {area}, *y2 = y1 + {hw1};",
                     f"uint8_t *m1 = (uint8_t *)(y2 + {hw2}), *m2 = m1 + {-(-hw1 // 8)};"]
             p1, p2 = pw1c.attrs["padding"], dwc.attrs["padding"]
-            body += [f"{{ const mt_conv c1 = mt_conv_channel({self.conv_descriptor(pw1c, p1, p1)}, "
-                     f"{t[x].shape[0]}, e, 0); mt_conv2d({self.act(x)}, {chw(t[x].shape)}, &c1, y1, "
-                     f"{chw((1, *y1.shape[1:]))}, m1); }}",
-                     f"{{ const mt_conv c2 = mt_conv_channel({self.conv_descriptor(dwc, p2, p2)}, {e_count}, e, 1); "
-                     f"mt_depthwise_conv2d(y1, {chw((1, *y1.shape[1:]))}, &c2, y2, {chw((1, *y2.shape[1:]))}, m2, "
-                     "0); }"]
+            d1, d2 = chw((1, *y1.shape[1:])), chw((1, *y2.shape[1:]))
+            c1 = f"const mt_conv c1 = mt_conv_channel({self.conv_descriptor(pw1c, p1, p1)}, {t[x].shape[0]}, e, 0);"
+            c2 = f"const mt_conv c2 = mt_conv_channel({self.conv_descriptor(dwc, p2, p2)}, {e_count}, e, 1);"
+            if g.requant == Requant.TFLITE:  # channel e's fixed-point multiplier and shift: the tables from e on
+                def fixed(op: Op) -> tuple[str, str]:
+                    q, sh = conv_fixed_point(t[op.inputs[0]].scale, t[op.inputs[1]].scale, t[op.outputs[0]].scale)
+                    return self.itable("QM", op.name, q), self.itable("QS", op.name, sh)
+                (q1, s1), (q2, s2) = fixed(pw1c), fixed(dwc)
+                body += [f"{{ {c1} mt_conv2d_tfl({self.act(x)}, {chw(t[x].shape)}, &c1, {q1} + e, {s1} + e, "
+                         f"{act_range(pw1c)}, y1, {d1}, m1, 0, 0); }}",
+                         f"{{ {c2} mt_conv2d_tfl(y1, {d1}, &c2, {q2} + e, {s2} + e, {act_range(dwc)}, y2, {d2}, m2, "
+                         "1, 0); }"]
+            else:
+                body += [f"{{ {c1} mt_conv2d({self.act(x)}, {chw(t[x].shape)}, &c1, y1, {d1}, m1); }}",
+                         f"{{ {c2} mt_depthwise_conv2d(y1, {d1}, &c2, y2, {d2}, m2, 0); }}"]
         if batched:
             cin = t[out].shape[0]
             need = plane_bytes(hw1, hw2, batch, cin * hw1, q8[out])
