@@ -176,9 +176,9 @@ def test_contrib_probe_rate_is_chosen_and_recorded(inputs, tmp_path, capsys):
     assert fixed["protocol"]["probe_lr"] == 0.2 and "probe_lr_selection" not in fixed
 
 
-def test_refine_tries_midpoints_towards_completed_neighbours_only():
+def test_refine_tries_the_midpoint_towards_the_better_completed_neighbour():
     def rec(lr, acc=None):
-        return {"lr": lr, "status": "completed", "val_accuracy": acc} if acc is not None else \
+        return {"lr": lr, "status": "completed", "val_accuracy": acc, "val_loss": 1.0} if acc is not None else \
             {"lr": lr, "status": "diverged"}
 
     tried: list[float] = []
@@ -188,7 +188,10 @@ def test_refine_tries_midpoints_towards_completed_neighbours_only():
         results[lr] = rec(lr, 0.1)
 
     results = {0.01: rec(0.01, 0.4), 0.1: rec(0.1, 0.5), 1.0: rec(1.0, 0.45)}
-    assert L.refine(results, run, 500) == [0.0316, 0.316] == tried
+    assert L.refine(results, run, 500) == [0.316] == tried
+    tried.clear()
+    results = {0.01: rec(0.01, 0.46), 0.1: rec(0.1, 0.5), 1.0: rec(1.0, 0.45)}
+    assert L.refine(results, run, 500) == [0.0316] == tried
     tried.clear()
     results = {0.01: rec(0.01, 0.4), 0.03: rec(0.03, 0.55), 0.1: rec(0.1)}  # never towards a diverged rate
     assert L.refine(results, run, 500) == [0.0173] == tried

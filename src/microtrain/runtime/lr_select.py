@@ -19,7 +19,7 @@ How (cheap and never touching the test split):
 - the grid (`base_grid`) is a prior from measured sweeps, by precision, QAS, optimizer and batch size; when the
   winner sits at an end of the grid and its neighbour beyond was not diverged-out, the grid is extended one step in
   that direction (at most `MAX_EXTEND` times), so a setting outside the prior still finds its rate; then one
-  refinement round tries the geometric midpoints between the winner and its completed neighbours (`refine`).
+  refinement round tries the geometric midpoint between the winner and its better completed neighbour (`refine`).
 """
 
 from __future__ import annotations
@@ -180,23 +180,24 @@ def _best(results: Sequence[dict[str, Any]], n_val: int) -> dict[str, Any] | Non
 
 
 def refine(results: dict[float, dict[str, Any]], run: Callable[[float], None], n_val: int) -> list[float]:
-    """One refinement round around the winner: the geometric midpoints between it and each completed neighbour, so
-    every setting's rate is resolved to a factor of about sqrt(3) (the priors' grids are 3x or 10x apart, and a 10x
-    grid can miss a rate by 3x). A midpoint towards a neighbour that diverged is not tried: the trial is ~10x shorter
-    than the run, and a rate within 2x of one that blew up in it is the kind that blows up later in a long run.
-    Returns the rates tried."""
+    """One refinement round: the geometric midpoint between the winner and its better completed neighbour, so every
+    setting's rate is resolved to a factor of about sqrt(3) (the priors' grids are 3x or 10x apart, and a 10x grid
+    can miss a rate by 3x), for one more trial. The better neighbour is the side the optimum leans to; a neighbour
+    that diverged is never the side: the trial is ~10x shorter than the run, and a rate within 2x of one that blew
+    up in it is the kind that blows up later in a long run. Returns the rates tried."""
     best = _best(list(results.values()), n_val)
     if best is None:
         return []
     ordered = sorted(results)
     i = ordered.index(best["lr"])
-    tried = []
-    for j in (i - 1, i + 1):
-        if 0 <= j < len(ordered) and results[ordered[j]]["status"] == "completed":
-            mid = float(f"{math.sqrt(best['lr'] * ordered[j]):.3g}")
-            run(mid)
-            tried.append(mid)
-    return tried
+    sides = [ordered[j] for j in (i - 1, i + 1)
+             if 0 <= j < len(ordered) and results[ordered[j]]["status"] == "completed"]
+    if not sides:
+        return []
+    side = max(sides, key=lambda lr: (results[lr]["val_accuracy"], -results[lr]["val_loss"]))
+    mid = float(f"{math.sqrt(best['lr'] * side):.3g}")
+    run(mid)
+    return [mid]
 
 
 def select_lr(make_step: Callable[[], TrainStep], train_ds: ImageDataset, *, grid: Sequence[float], ratio: float,
