@@ -244,3 +244,26 @@ def test_fit_rejects_bad_arguments(data, tmp_path):
     with pytest.raises(MicrotrainError, match="classes"):
         T.fit(LeastSquaresStep(), train, other, lr=0.1, out_dir=tmp_path, **KW)
     assert isinstance(LeastSquaresStep(), T.TrainStep)
+
+
+def test_stochastic_rounding_hash_is_the_c_runtimes():
+    """sr_uniform element by element against the C runtime's definition (mt_sr_uniform_at in mt_runtime.h) written
+    with Python integers modulo 2**32, at indices across a large parameter and seeds/steps beyond 32 bits."""
+    from microtrain.runtime.trainstep import sr_uniform
+
+    def c_hash(seed: int, step: int, stream: int, i: int) -> float:
+        m = 0xFFFFFFFF
+        x = (i * 0x9E3779B1 + ((step * 0x85EBCA77 + stream * 0xC2B2AE3D + seed * 0x27D4EB2F) & m)) & m
+        x ^= x >> 16
+        x = (x * 0x7FEB352D) & m
+        x ^= x >> 15
+        x = (x * 0x846CA68B) & m
+        x ^= x >> 16
+        return (x >> 8) / float(1 << 24)
+
+    for seed, step, stream in [(0, 1, 0), (7, 123456, 3), (2**40 + 5, 2**32 + 9, 2**31 + 1)]:
+        u = sr_uniform(seed, step, stream, 100_003).numpy()
+        assert u.dtype == np.float32 and u.shape == (100_003,)
+        for i in (0, 1, 2, 977, 65_535, 65_536, 100_002):
+            assert float(u[i]) == c_hash(seed, step, stream, i)
+        assert 0.45 < float(u.mean()) < 0.55 and float(u.min()) >= 0.0 and float(u.max()) < 1.0

@@ -30,28 +30,30 @@ M32 = 0xFFFFFFFF
 PREFIX_CHUNK_BYTES = 4 << 20
 
 
-def _mul32(x: torch.Tensor, c: int) -> torch.Tensor:
-    """(x * c) mod 2**32 for x < 2**32 held in int64, without int64 overflow (as C's uint32_t multiply)."""
-    lo, hi = c & 0xFFFF, c >> 16
-    return (x * lo + (((x * hi) & 0xFFFF) << 16)) & M32
-
-
 @functools.lru_cache(maxsize=256)
-def _index_hash(n: int) -> torch.Tensor:
-    """(i * 0x9E3779B1) mod 2**32 for i < n: the step-independent first term of sr_uniform (made once per size; never
-    written to)."""
-    return _mul32(torch.arange(n, dtype=torch.int64), 0x9E3779B1)
+def _index_hash(n: int) -> np.ndarray:
+    """(i * 0x9E3779B1) mod 2**32 for i < n: the step-independent first term of sr_uniform (made once per size;
+    read-only)."""
+    h = np.arange(n, dtype=np.uint32)
+    h *= np.uint32(0x9E3779B1)
+    h.flags.writeable = False
+    return h
 
 
 def sr_uniform(seed: int, step: int, stream: int, n: int) -> torch.Tensor:
-    """n uniforms in [0, 1) from a counter hash of (seed, step, stream, element index); identical in the C runtime."""
-    x = (_index_hash(n) + ((step * 0x85EBCA77 + stream * 0xC2B2AE3D + seed * 0x27D4EB2F) & M32)) & M32
-    x = x ^ (x >> 16)
-    x = _mul32(x, 0x7FEB352D)
-    x = x ^ (x >> 15)
-    x = _mul32(x, 0x846CA68B)
-    x = x ^ (x >> 16)
-    return (x >> 8).to(torch.float32) * (1.0 / (1 << 24))
+    """n uniforms in [0, 1) from a counter hash of (seed, step, stream, element index); identical in the C runtime.
+    numpy's uint32 arithmetic is C's uint32_t arithmetic (wraps modulo 2**32 by definition), one vectorised pass per
+    operation: about 6x faster than the same hash emulated in int64 torch ops (a fifth of a last:6 step's time)."""
+    x = _index_hash(n) + np.uint32((step * 0x85EBCA77 + stream * 0xC2B2AE3D + seed * 0x27D4EB2F) & M32)
+    x ^= x >> np.uint32(16)
+    x *= np.uint32(0x7FEB352D)
+    x ^= x >> np.uint32(15)
+    x *= np.uint32(0x846CA68B)
+    x ^= x >> np.uint32(16)
+    x >>= np.uint32(8)
+    u = x.astype(np.float32)  # < 2**24: exact
+    u *= np.float32(1.0 / (1 << 24))  # a power of two: exact
+    return torch.from_numpy(u)
 
 
 def quantize_per_channel(v: torch.Tensor) -> torch.Tensor:
