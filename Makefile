@@ -23,7 +23,7 @@ demo: install
 
 test: install
 	$(PYTHON) -m ruff check src tests benchmarks
-	$(PYTHON) -m pytest -n 2 -q
+	$(PYTHON) -m pytest -n 2 --dist worksteal -q --durations=15
 
 lint:
 	$(PYTHON) -m ruff check src tests benchmarks
