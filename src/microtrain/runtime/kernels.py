@@ -78,15 +78,25 @@ class FloatConv:
     int32, wrapping as `conv_acc(...) + b` does, then converted: float32(acc + b) bit for bit on every channel."""
 
     def __init__(self, w: torch.Tensor, b: torch.Tensor, x_zero: int):
-        self.w = w.to(torch.float32)
-        bound = self.w.abs().sum(dim=tuple(range(1, w.dim()))).mul_(max_centered(x_zero)).to(torch.float64)
-        self.exact = bool(bound.max() < EXACT_F32) if bound.numel() else True
-        self.room = EXACT_F32 - bound  # a bias below this (in magnitude) is added inside the convolution exactly
+        self.w = w.to(torch.float32)  # int8 values (a float32 w holding them is kept as is, not copied)
+        fan = int(np.prod(w.shape[1:]))
+        static = 128 * fan * max_centered(x_zero)  # |w| <= 128: a bound for any int8 weight
+        if static < EXACT_F32:  # exact whatever the weight: no pass over it (a looser room classes more biases
+            self.exact, self.room = True, float(EXACT_F32 - static)  # as big, which gives the same values)
+        else:
+            bound = self.w.abs().sum(dim=tuple(range(1, w.dim()))).mul_(max_centered(x_zero)).to(torch.float64)
+            self.exact = bool(bound.max() < EXACT_F32) if bound.numel() else True
+            self.room = EXACT_F32 - bound  # a bias below this (in magnitude) is added inside the convolution exactly
         self.big_mask: torch.Tensor | None = None
         self.set_bias(b)
 
     def set_bias(self, b: torch.Tensor) -> None:
         """(Re)place the int32 bias (the weight, hence the bound, unchanged)."""
+        if isinstance(self.room, float):  # one scalar room: the bias's extremes decide (int64: |INT32_MIN| fits)
+            lo, hi = torch.aminmax(b.to(torch.int64)) if b.numel() else (torch.tensor(0), torch.tensor(0))
+            if -self.room < float(lo) and float(hi) < self.room:
+                self.b, self.big, self.big_b, self.big_mask = b.to(torch.float32), None, None, None
+                return
         big = b.to(torch.float64).abs_() >= self.room
         if not bool(big.any()):
             self.b, self.big, self.big_b, self.big_mask = b.to(torch.float32), None, None, None
@@ -228,3 +238,79 @@ def mean_tflite(x: torch.Tensor, x_zero: int, y_zero: int, params: tuple[int, in
     acc = x.to(torch.int64).sum(dim=(2, 3)) - x_zero * n
     q, s = (torch.tensor(v, dtype=torch.int64) for v in params)
     return clamp_act(mbqm(acc, q, s) + y_zero, act)
+
+
+# ---- float32 backward fast paths (speed only: same sums as torch's convolution backward, other summation orders) ----
+CL = torch.channels_last
+
+
+def nhwc(t: torch.Tensor) -> torch.Tensor:
+    """t in channels_last memory (a no-op when it already is)."""
+    return t if t.is_contiguous(memory_format=CL) else t.contiguous(memory_format=CL)
+
+
+def rows(t: torch.Tensor) -> torch.Tensor:
+    """[N, C, H, W] -> the [N*H*W, C] matrix of its channels_last memory (a view once `nhwc`)."""
+    return nhwc(t).permute(0, 2, 3, 1).reshape(-1, t.shape[1])
+
+
+def from_rows(m: torch.Tensor, n: int, h: int, w: int) -> torch.Tensor:
+    """The [N, C, H, W] channels_last view of an [N*H*W, C] matrix."""
+    return m.view(n, h, w, m.shape[1]).permute(0, 3, 1, 2)
+
+
+def pointwise_grad_input(gacc: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """Input gradient of a 1x1, stride-1, unpadded, ungrouped conv: one matrix product (channels_last out)."""
+    n, _, h, wd = gacc.shape
+    return from_rows(rows(gacc) @ w.view(w.shape[0], w.shape[1]), n, h, wd)
+
+
+def pointwise_grad_weight(gacc: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """Weight gradient [O, I, 1, 1] of a 1x1, stride-1, unpadded, ungrouped conv: one matrix product."""
+    return (rows(gacc).t() @ rows(x)).view(gacc.shape[1], x.shape[1], 1, 1)
+
+
+def depthwise_grad_input(gacc: torch.Tensor, w: torch.Tensor, pad: int) -> torch.Tensor:
+    """Input gradient of a stride-1 depthwise conv with symmetric padding `pad` <= k - 1: the forward convolution
+    of the output gradient with the flipped kernel (mkldnn's forward depthwise kernel, several times faster here than
+    its backward one)."""
+    k = w.shape[2]
+    return F.conv2d(nhwc(gacc), w.flip(2, 3), None, 1, k - 1 - pad, 1, w.shape[0])
+
+
+_TAPS: dict[tuple, torch.Tensor] = {}
+
+
+def _tap_index(h: int, w: int, k: int, stride: int, pads: tuple[int, int, int, int]) -> torch.Tensor:
+    """idx[t, o]: for kernel tap t and output position o, the flat (o, input position) index into an
+    [Ho*Wo, H*W] matrix, or Ho*Wo*H*W (a zero slot) where the tap falls into the padding."""
+    key = (h, w, k, stride, pads)
+    idx = _TAPS.get(key)
+    if idx is None:
+        t, b, left, r = pads
+        ho, wo = (h + t + b - k) // stride + 1, (w + left + r - k) // stride + 1
+        oy, ox = torch.meshgrid(torch.arange(ho), torch.arange(wo), indexing="ij")
+        ky, kx = torch.meshgrid(torch.arange(k), torch.arange(k), indexing="ij")
+        iy = oy.reshape(1, -1) * stride + ky.reshape(-1, 1) - t  # [k*k, Ho*Wo]
+        ix = ox.reshape(1, -1) * stride + kx.reshape(-1, 1) - left
+        inside = (iy >= 0) & (iy < h) & (ix >= 0) & (ix < w)
+        o = torch.arange(ho * wo).reshape(1, -1)
+        idx = torch.where(inside, o * (h * w) + iy * w + ix, torch.full_like(iy, ho * wo * h * w)).reshape(-1)
+        _TAPS[key] = idx
+    return idx
+
+
+def depthwise_grad_weight_small(x: torch.Tensor, gacc: torch.Tensor, k: int, stride: int,
+                                pads: tuple[int, int, int, int]) -> torch.Tensor:
+    """Weight gradient [C, 1, k, k] of a depthwise conv on a small map (H*W <= k*k): per channel the products of
+    every output position with every input position summed over the batch (one batched matrix product,
+    [C, Ho*Wo, N] @ [C, N, H*W]), then each tap sums the entries it connects. Fewer multiplies than the k*k taps
+    when H*W <= k*k, and far faster than mkldnn's depthwise weight gradient for 5x5 kernels on 4x4 maps."""
+    n, c, h, w = x.shape
+    ho, wo = gacc.shape[2], gacc.shape[3]
+    g3 = gacc.permute(1, 2, 3, 0).contiguous().view(c, ho * wo, n)  # bmm loops over strided batches: copy once
+    x3 = x.permute(1, 0, 2, 3).contiguous().view(c, n, h * w)
+    m = (torch.bmm(g3, x3) if n > 1 else g3 * x3).view(c, -1)  # one image: the outer products (bmm is slow there)
+    m = torch.cat([m, m.new_zeros(c, 1)], dim=1)
+    idx = _tap_index(h, w, k, stride, pads)
+    return m.index_select(1, idx).view(c, k * k, ho * wo).sum(dim=2).view(c, 1, k, k)

@@ -117,6 +117,7 @@ class GraphTrainStep:
         self._fconv: dict[str, tuple[tuple, tuple, tuple, K.FloatConv]] = {}
         self._cx: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self._qas: dict[tuple[str, int], torch.Tensor] = {}  # QAS divisors: constants of the graph's scales
+        self._wfloat: dict[str, tuple[torch.Tensor, torch.Tensor, int]] = {}  # int8 param -> its float32 (update)
         self.roles = param_roles(graph)  # meta["train"]["params"]: bias / weight slice / head / slot, and their op
         self.slots = {n: {} for n in self.roles}
         for r in self.roles.values():
@@ -171,6 +172,16 @@ class GraphTrainStep:
         parts = [self._weight(n) for n in op.inputs[1:-1]]
         return parts[0] if len(parts) == 1 else torch.cat(parts, dim=op.attrs["split_axis"])
 
+    def _float_weight(self, op: Op) -> torch.Tensor:
+        """float32 of `_full_weight(op)`: the update's own float32 result where it made the current int8 value."""
+        parts = []
+        for n in op.inputs[1:-1]:
+            hit = self._wfloat.get(n)
+            v = self.params[n]
+            parts.append(hit[1] if hit is not None and hit[0] is v and v._version == hit[2] else
+                         self._weight(n).to(torch.float32))
+        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=op.attrs["split_axis"])
+
     # ---- kernels --------------------------------------------------------------------------------------------
     def _conv2d(self, op: Op, env: dict, train: bool) -> list[torch.Tensor]:
         g, a = self.g, op.attrs
@@ -202,7 +213,7 @@ class GraphTrainStep:
         hit = self._fconv.get(op.name)
         wkey = tuple((id(t), t._version) for t in ws)
         if hit is None or hit[0] != wkey or any(a is not c for a, c in zip(hit[1], ws, strict=True)):
-            fc = K.FloatConv(self._full_weight(op), b, self.g.tensors[op.inputs[0]].zero)
+            fc = K.FloatConv(self._float_weight(op), b, self.g.tensors[op.inputs[0]].zero)
             self._fconv[op.name] = (wkey, ws, (b, b._version), fc)
             return fc
         fc = hit[3]
@@ -318,7 +329,8 @@ class GraphTrainStep:
     def _avgpool_grad(self, op: Op, env: dict, train: bool) -> list[torch.Tensor]:
         _, h, w = self.g.tensors[op.outputs[0]].shape
         gy = env[op.inputs[0]]
-        return [(gy / float(h * w))[:, :, None, None].expand(-1, -1, h, w).contiguous()]
+        fmt = torch.channels_last if self.exact else torch.contiguous_format  # the int8 backward runs channels_last
+        return [(gy / float(h * w))[:, :, None, None].expand(-1, -1, h, w).contiguous(memory_format=fmt)]
 
     def _add_grad(self, op: Op, env: dict, train: bool) -> list[torch.Tensor]:
         fwd = self.op_named[op.attrs["add"]]
@@ -340,6 +352,12 @@ class GraphTrainStep:
         w = self._float_conv(conv).w if self.exact else self._full_weight(conv).to(torch.float32)
         a = op.attrs
         t, b, left, r = conv_pads(a)
+        if self.exact and a["stride"] == 1:  # channels_last fast paths (same sums, other orders)
+            k = w.shape[2]
+            if a["groups"] == 1 and k == 1 and t == b == left == r == 0:
+                return [K.pointwise_grad_input(gacc, w)]
+            if a["groups"] == w.shape[0] == gacc.shape[1] and w.shape[1] == 1 and t == b == left == r < k:
+                return [K.depthwise_grad_input(gacc, w, t)]
         if (t, left) == (b, r):
             return [conv2d_input(shape, w, gacc, a["stride"], t, 1, a["groups"])]
         padded = (*shape[:2], shape[2] + t + b, shape[3] + left + r)  # asymmetric: on the padded input, cropped
@@ -359,9 +377,13 @@ class GraphTrainStep:
                     xc = self._centered(op.inputs[1], env)
                 else:
                     xc = env[op.inputs[1]].to(torch.float32) - self.g.tensors[op.inputs[1]].zero
-                x, pad = _pad_input(xc, conv_pads(a))
                 ch = a["channels"]
                 wshape = self.g.tensors[p].shape
+                fast = self._fast_weight_grad(a, xc, gacc, wshape) if self.exact else None
+                if fast is not None:
+                    out[p] = fast
+                    continue
+                x, pad = _pad_input(xc, conv_pads(a))
                 if a["depthwise"]:  # torch's depthwise weight gradient is much slower on mixed layouts: gacc gets x's
                     fmt = torch.channels_last if self.exact else torch.contiguous_format  # (see kernels.centered)
                     out[p] = conv2d_weight(x, wshape, gacc[:, :ch].contiguous(memory_format=fmt), a["stride"], pad, 1,
@@ -369,6 +391,20 @@ class GraphTrainStep:
                 else:
                     out[p] = conv2d_weight(x, wshape, gacc, a["stride"], pad)
         return out
+
+    @staticmethod
+    def _fast_weight_grad(a: dict, xc: torch.Tensor, gacc: torch.Tensor, wshape) -> torch.Tensor | None:
+        """The weight gradient by a channels_last fast path where one applies (1x1 stride-1 unpadded conv: a matrix
+        product; depthwise on a map no larger than its kernel: kernels.depthwise_grad_weight_small), else None."""
+        pads, k, ch = conv_pads(a), wshape[2], a["channels"]
+        if a["depthwise"]:
+            if xc.shape[1] == ch and xc.shape[2] * xc.shape[3] <= k * k and wshape[1] == 1:
+                return K.depthwise_grad_weight_small(xc, gacc[:, :ch], k, a["stride"], pads)
+            return None
+        if (k == 1 and a["stride"] == 1 and pads == (0, 0, 0, 0) and tuple(wshape[:2]) == (gacc.shape[1], xc.shape[1])
+                and wshape[3] == 1):
+            return K.pointwise_grad_weight(gacc, xc)
+        return None
 
     def _conv2d_update(self, op: Op, env: dict, train: bool) -> list[torch.Tensor]:
         for p, grad in self._conv_grads(op, env).items():
@@ -426,8 +462,10 @@ class GraphTrainStep:
             p.sub_(delta.to(torch.float32))
         elif p.dtype == torch.int8:  # stochastic rounding, counter hash shared with the C runtime
             u = sr_uniform(cfg.seed, step, self.stream[name], p.numel()).view(p.shape)
-            new = torch.floor(p.to(torch.float32) - delta.to(torch.float32) + u)
-            self.params[name] = new.clamp_(-128, 127).to(torch.int8)
+            new = p.to(torch.float32)  # floor((p - delta) + u), clamped: in place, the same operations in order
+            new.sub_(delta.to(torch.float32)).add_(u).floor_().clamp_(-128, 127)
+            self.params[name] = q = new.to(torch.int8)
+            self._wfloat[name] = (q, new, q._version)  # its float32 value, for the next FloatConv (same values as q)
         else:  # int32 bias: round to nearest
             self.params[name] = p - torch.round(delta.to(torch.float32)).to(torch.int32)
 
