@@ -544,9 +544,11 @@ def test_zoo_model_exported_to_tflite_runs_like_tflite_micro(tmp_path):
 
 
 def test_export_a_trained_run(tmp_path):
-    """train an imported model, `microtrain export` it: the .tflite runs in TFLM with exactly the logits microtrain
-    computes for it, its backbone is the run's (same rule, trained weights), and its top-1 follows the run's float32
-    head on most test images (the head is quantized to int8)."""
+    """train an imported model, `microtrain export` it. The default float32 head (DEQUANTIZE + a float32
+    FULLY_CONNECTED): the file read back is the run's trained backbone bit for bit and a `linear` with the run's
+    float32 head; LiteRT (reference kernels) and TFLM give the run's logits within float summation order and its
+    top-1 on every test image, and export reports 100% agreement. --int8-head writes the old int8 head: TFLM computes
+    exactly the int8 logits microtrain computes for it, its top-1 following the run's on most images."""
     tflm = pytest.importorskip("tflite_micro.python.tflite_micro.runtime")
     import json
 
@@ -554,6 +556,7 @@ def test_export_a_trained_run(tmp_path):
     from microtrain.commands.train import GRAPH
     from microtrain.data.datasets import batches, open_dataset
     from microtrain.ir.graph import Graph
+    from microtrain.ir.trainmeta import head as head_params
     from microtrain.runtime.rundir import load_run_checkpoint
     from microtrain.runtime.trainstep import GraphTrainStep
 
@@ -565,32 +568,115 @@ def test_export_a_trained_run(tmp_path):
     subprocess.run([*mt, "train", "--model", str(src), "--data", "fashion-mnist", "--subset", "300", "--test-subset",
                     "50", "--epochs", "1", "--scheme", "last:3", "--augment", "none", "--lr", "0.05", "--out",
                     str(run)], check=True, capture_output=True)
-    out = tmp_path / "ft.tflite"
-    r = subprocess.run([*mt, "export", str(run), "-o", str(out), "--calib", "60", "--json"], check=True,
-                       capture_output=True, text=True)
-    report = json.loads(r.stdout)
-    assert report["top1_agreement_with_run"] >= 0.9 and out.stat().st_size == report["bytes"]
     tg = Graph.load(run / GRAPH)
     state = load_run_checkpoint(run)
     ds = open_dataset("fashion-mnist", "test", subset=60, progress=False)
     xs = torch.cat([x for x, _ in batches(ds, 60, resolution=[3, 20, 28], eval_crop=0.875)])
-    g = load_model(out)
-    env = Executor(g).run(xs, keep_all=True)
     pooled = tg.meta["train"]["pooled"]
     step = GraphTrainStep(tg)
     step.load_state_dict(state)
     run_env = step.run(step.forward_ops, step._env(xs), train=False)
-    assert torch.equal(env[g.ops[-1].inputs[0]], run_env[pooled])  # the trained backbone, bit for bit
+    with torch.no_grad():
+        run_logits = step.logits(xs).numpy()
     assert torch.equal(Executor(forward_graph(tg, state)).run(xs)[pooled], run_env[pooled])
-    it = tflm.Interpreter.from_bytes(out.read_bytes(), arena_size=1 << 20)
-    ref = []
+
+    def tflm_outputs(path):
+        it = tflm.Interpreter.from_bytes(path.read_bytes(), arena_size=1 << 20)
+        ref = []
+        for x in xs.numpy():
+            it.set_input(x.transpose(1, 2, 0)[None], 0)
+            it.invoke()
+            ref.append(it.get_output(0).reshape(-1))
+        return np.stack(ref)
+
+    # the default: the float32 head as the run (and the device) hold it
+    out = tmp_path / "ft.tflite"
+    r = subprocess.run([*mt, "export", str(run), "-o", str(out), "--calib", "60", "--json"], check=True,
+                       capture_output=True, text=True)
+    report = json.loads(r.stdout)
+    assert report["head"] == "float32" and report["top1_agreement_with_run"] == 1.0
+    assert report["max_logit_difference"] < 1e-4 and out.stat().st_size == report["bytes"]
+    g = load_model(out)
+    env = Executor(g).run(xs, keep_all=True)
+    assert torch.equal(env[g.ops[-1].inputs[0]], run_env[pooled])  # the trained backbone, bit for bit
+    hw, hb = head_params(tg)
+    w, b = (g.tensors[n] for n in g.ops[-1].inputs[1:])
+    assert g.ops[-1].kind == "linear" and w.dtype == b.dtype == "float32"
+    np.testing.assert_array_equal(w.data, state[hw])
+    np.testing.assert_array_equal(b.data, state[hb])
+    lite = interpreter(out)
+    lref = []
     for x in xs.numpy():
-        it.set_input(x.transpose(1, 2, 0)[None], 0)
-        it.invoke()
-        ref.append(it.get_output(0).reshape(-1))
-    ours = env[g.outputs[0]].numpy()
-    np.testing.assert_array_equal(ours, np.stack(ref))
+        feed(lite, x)
+        lref.append(lite.get_tensor(lite.get_output_details()[0]["index"]).reshape(-1))
+    for ref in (np.stack(lref), tflm_outputs(out)):
+        assert ref.dtype == np.float32
+        np.testing.assert_allclose(ref, run_logits, rtol=0, atol=1e-5)
+        assert (ref.argmax(1) == run_logits.argmax(1)).all()
+
+    # --int8-head: an int8 FULLY_CONNECTED, its logits calibrated on the test images
+    out8 = tmp_path / "ft8.tflite"
+    r = subprocess.run([*mt, "export", str(run), "-o", str(out8), "--calib", "60", "--int8-head", "--json"],
+                       check=True, capture_output=True, text=True)
+    report = json.loads(r.stdout)
+    assert report["head"] == "int8" and report["top1_agreement_with_run"] >= 0.9
+    g8 = load_model(out8)
+    assert g8.tensors[g8.ops[-1].inputs[1]].dtype == "int8" and g8.tensors[g8.outputs[0]].dtype == "int8"
+    env = Executor(g8).run(xs, keep_all=True)
+    assert torch.equal(env[g8.ops[-1].inputs[0]], run_env[pooled])
+    ours = env[g8.outputs[0]].numpy()
+    np.testing.assert_array_equal(ours, tflm_outputs(out8))
     assert len(np.unique(ours)) > 10  # (the random fixture's features hardly separate classes: see the benchmark)
+
+
+def test_float_head_import_is_checked(tmp_path):
+    """The float head export writes (DEQUANTIZE of the int8 features, then a float32 FULLY_CONNECTED as the last op)
+    imports as a float32 `linear`; a float FULLY_CONNECTED anywhere else, float weights without the DEQUANTIZE,
+    NaN weights, a fused activation or an int8 bias on the float head are one-line errors naming the problem."""
+
+    def model(w_data=None, b_dtype=np.float32, act="NONE", extra_fc=False, dequantize=True, w_dtype=np.float32):
+        net = Net(3, (6, 6, 2))
+        net.conv(4, 3)
+        net.pool()
+        wr, (c,) = net.w, net.shape
+        x = net.x
+        if dequantize:
+            x = wr.tensor((1, c), np.float32)
+            wr.op("DEQUANTIZE", [net.x], [x])
+        w = np.arange(5 * c, dtype=np.float32).reshape(5, c) / 7 if w_data is None else w_data
+        wi = wr.tensor(w.shape, w_dtype, data=w)
+        bi = wr.tensor((5,), b_dtype, data=np.arange(5))
+        y = wr.tensor((1, 5), np.float32)
+        wr.op("FULLY_CONNECTED", [x, wi, bi], [y], act=act)
+        if extra_fc:
+            w2 = wr.tensor((3, 5), np.float32, data=np.ones((3, 5)))
+            y2 = wr.tensor((1, 3), np.float32)
+            wr.op("FULLY_CONNECTED", [y, w2], [y2])
+            y = y2
+        p = tmp_path / "m.tflite"
+        p.write_bytes(wr.finish([net.inp], [y]))
+        return p
+
+    g = load_model(model())
+    head = g.ops[-1]
+    assert head.kind == "linear" and g.tensors[head.inputs[1]].dtype == "float32"
+    assert g.tensors[head.inputs[2]].data.tolist() == [0, 1, 2, 3, 4] and g.tensors[g.outputs[0]].dtype == "float32"
+    x = torch.from_numpy(np.random.default_rng(0).integers(-128, 128, (1, 2, 6, 6)).astype(np.int8))
+    lite = interpreter(model())
+    feed(lite, x[0].numpy())
+    ref = lite.get_tensor(lite.get_output_details()[0]["index"]).reshape(-1)
+    np.testing.assert_allclose(Executor(g).logits(x)[0].numpy(), ref, rtol=1e-6, atol=1e-6)
+    bad_w = np.ones((5, 4), np.float32)
+    bad_w[1, 2] = np.nan
+    for kw, why in (({"extra_fc": True}, "unsupported op DEQUANTIZE"),
+                    ({"dequantize": False}, "float32 weights"),
+                    ({"w_data": bad_w}, "NaN or infinite"),
+                    ({"act": "RELU"}, "fused activation"),
+                    ({"b_dtype": np.int32}, "bias of a float head"),
+                    ({"w_dtype": np.int8, "w_data": np.ones((5, 4))}, "float32 weights [K, 4]")):
+        with pytest.raises(ModelLoadError) as e:
+            load_model(model(**kw))
+        assert why in str(e.value) and "\n" not in str(e.value), (kw, str(e.value))
 
 
 def test_export_a_device_state(tmp_path):

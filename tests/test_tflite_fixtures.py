@@ -6,11 +6,13 @@ Each is checked end to end: imported logits against TFLite Micro's interpreter (
 kernels (within one output step, top-1 equal) on real images; the torch engine trains it; the planner plans it; the C
 program of its training step equals the torch engine on the host (first step's activations bit for bit, the state
 after the stream within the engines' stated tolerance) and the Cortex-M4 (QEMU) equals the host byte for byte; and it
-exports back to a .tflite that TFLite Micro runs like microtrain.
+exports back to a .tflite that TFLite Micro runs like microtrain (the int8 head of --int8-head), and whose default
+float32 head gives LiteRT and TFLite Micro the run's logits (within float summation order) and top-1.
 """
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import subprocess
 import sys
@@ -215,24 +217,16 @@ def test_fixture_on_cortex_m4_equals_host(name, tmp_path):
 
 @pytest.mark.parametrize("name", NAMES)
 def test_fixture_export_round_trip(name, tmp_path):
-    """Imported, trained (torch engine), exported (forward_graph + the int8 head, graph_to_tflite) and imported back:
-    the same ops, the trained backbone bit for bit, and TFLM computes the exported file's logits as microtrain does."""
+    """Imported, trained (torch engine), exported with --int8-head (forward_graph + quantize_head, graph_to_tflite) and
+    imported back: the same ops, the trained backbone bit for bit, and TFLM computes the exported file's int8 logits as
+    microtrain does."""
     tflm = pytest.importorskip("tflite_micro.python.tflite_micro.runtime")
-    from microtrain.autodiff.build import build_training_graph
     from microtrain.commands.export import forward_graph, quantize_head
     from microtrain.frontends.tflite_write import graph_to_tflite
-    from microtrain.runtime.trainstep import GraphTrainStep
-    from microtrain.sparse.scheme import resolve_scheme
 
-    g = load_model(FIXTURES / f"{name}.tflite")
+    g, tg, step, state, x = trained(name)
     assert [o.kind for o in load_model_bytes(graph_to_tflite(g), tmp_path / "same.tflite").ops] == \
         [o.kind for o in g.ops]
-    tg = build_training_graph(g, resolve_scheme(SCHEMES[name], g), 10)
-    step = GraphTrainStep(tg)
-    x, y = images(g, 16, seed=8)
-    for i in range(0, 16, 4):
-        step.step(torch.from_numpy(x[i:i + 4]), torch.from_numpy(y[i:i + 4]), 0.05)
-    state = step.state_dict()
     fg = forward_graph(tg, state)
     pooled = tg.meta["train"]["pooled"]
     feats = Executor(fg).run(torch.from_numpy(x))[pooled]
@@ -250,6 +244,80 @@ def test_fixture_export_round_trip(name, tmp_path):
         tm.invoke()
         ref.append(tm.get_output(0).reshape(-1))
     np.testing.assert_array_equal(env[back.outputs[0]].numpy(), np.stack(ref))
+
+
+@functools.cache
+def trained(name: str):
+    """(fixture graph, training graph, the torch engine after 4 steps of 4 images, its state, the 16 images), once
+    per process (read only: the export tests share it)."""
+    from microtrain.autodiff.build import build_training_graph
+    from microtrain.runtime.trainstep import GraphTrainStep
+    from microtrain.sparse.scheme import resolve_scheme
+
+    g = load_model(FIXTURES / f"{name}.tflite")
+    tg = build_training_graph(g, resolve_scheme(SCHEMES[name], g), 10)
+    step = GraphTrainStep(tg)
+    x, y = images(g, 16, seed=8)
+    for i in range(0, 16, 4):
+        step.step(torch.from_numpy(x[i:i + 4]), torch.from_numpy(y[i:i + 4]), 0.05)
+    return g, tg, step, step.state_dict(), x
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_fixture_export_float_head_in_litert(name, tmp_path):
+    """`microtrain export`'s default head: the run's float32 head written as DEQUANTIZE + a float32 FULLY_CONNECTED.
+    Read back it is a `linear` with the run's float32 weights and bias (bit for bit) after the trained backbone; LiteRT
+    (reference kernels, and its default kernels) and TFLite Micro give float32 logits within a float tolerance of the
+    run's (the torch engine's float32 head) and the run's top-1 on every image."""
+    litert = pytest.importorskip("ai_edge_litert.interpreter")
+    tflm = pytest.importorskip("tflite_micro.python.tflite_micro.runtime")
+    from microtrain.commands.export import float_head, forward_graph
+    from microtrain.frontends.tflite_write import graph_to_tflite
+
+    g, tg, step, state, x = trained(name)
+    fg = forward_graph(tg, state)
+    float_head(fg, state["head.w"], state["head.b"])
+    buf = graph_to_tflite(fg)
+    path = tmp_path / "float_head.tflite"
+    back = load_model_bytes(buf, path)
+    head = back.ops[-1]
+    hw, hb = (back.tensors[n] for n in head.inputs[1:])
+    assert head.kind == "linear" and hw.dtype == hb.dtype == back.tensors[back.outputs[0]].dtype == "float32"
+    assert [o.kind for o in back.ops] == [o.kind for o in g.ops]  # the fixture's ops, the head now float
+    np.testing.assert_array_equal(hw.data, np.asarray(state["head.w"], np.float32))
+    np.testing.assert_array_equal(hb.data, np.asarray(state["head.b"], np.float32))
+    xt = torch.from_numpy(x)
+    with torch.no_grad():
+        run = step.logits(xt).numpy()
+    assert np.abs(run).max() > 0  # the head trained away from zero
+    np.testing.assert_allclose(Executor(back).logits(xt).numpy(), run, rtol=0, atol=1e-5)
+    outs = {}
+    for label, kw in (("reference", {"experimental_op_resolver_type": litert.OpResolverType.BUILTIN_REF}),
+                      ("default", {})):
+        it = litert.Interpreter(model_path=str(path), **kw)
+        it.allocate_tensors()
+        inp, out = it.get_input_details()[0], it.get_output_details()[0]
+        assert out["dtype"] == np.float32 and list(out["shape"]) == [1, 10]
+        rows = []
+        for img in x:
+            it.set_tensor(inp["index"], img.transpose(1, 2, 0)[None])
+            it.invoke()
+            rows.append(it.get_tensor(out["index"]).reshape(-1))
+        outs[label] = np.stack(rows)
+    tm = tflm.Interpreter.from_bytes(buf, arena_size=1 << 20)
+    rows = []
+    for img in x:
+        tm.set_input(img.transpose(1, 2, 0)[None], 0)
+        tm.invoke()
+        rows.append(tm.get_output(0).reshape(-1))
+    outs["tflm"] = np.stack(rows)
+    for label in ("reference", "tflm"):  # the backbone bit for bit, the float head up to summation order
+        np.testing.assert_allclose(outs[label], run, rtol=0, atol=1e-5, err_msg=label)
+        assert (outs[label].argmax(1) == run.argmax(1)).all(), label
+    # LiteRT's default (optimized int8) kernels may round a pooled feature one step apart: close, same top-1
+    scale = float(back.tensors[head.inputs[0]].scale)
+    assert np.abs(outs["default"] - run).max() <= 2 * scale * np.abs(hw.data).sum(1).max() + 1e-5
+    assert (outs["default"].argmax(1) == run.argmax(1)).mean() >= 0.9
 
 
 def load_model_bytes(buf: bytes, path: Path):

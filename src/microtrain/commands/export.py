@@ -1,11 +1,15 @@
-"""`microtrain export`: a trained run as an int8 `.tflite` model (the fine-tuned weights and the new head).
+"""`microtrain export`: a trained run as a `.tflite` model (the fine-tuned int8 backbone and the new head).
 
-The run's forward graph gets its trained state (trainable slices joined to their frozen rest, trained biases); the
-float32 head becomes an int8 FULLY_CONNECTED layer: per-class weight scales max|w| / 127, int32 biases in units of
-pooled.scale * w.scale, and an output scale calibrated on --calib test images (the largest |logit| / 127). Under the
-TFLite rule (a model imported from .tflite) the backbone computes exactly what the run computes; a zoo model's
-backbone changes rounding rule (ir/ops.py). The command reports how often the exported model's top-1 equals the
-run's (the float32 head) on the calibration images.
+The run's forward graph gets its trained state (trainable slices joined to their frozen rest, trained biases). By
+default the head is written as the device holds it: a DEQUANTIZE of the int8 pooled features, then a float32
+FULLY_CONNECTED with the run's float32 weights [K, C] and bias [K] (the `linear` op of ir/ops.py), so the file's
+output is float32 logits and its top-1 is the run's (`microtrain eval`'s) up to float summation order. With
+--int8-head the float32 head becomes an int8 FULLY_CONNECTED instead (for int8-only deployments): per-class weight
+scales max|w| / 127, int32 biases in units of pooled.scale * w.scale, and an output scale calibrated on --calib test
+images (the largest |logit| / 127); its rounding can change a few predictions. Under the TFLite rule (a model
+imported from .tflite) the backbone computes exactly what the run computes; a zoo model's backbone changes rounding
+rule (ir/ops.py). The command re-imports the written file, runs it with microtrain's executor on --calib test images
+and reports how often its top-1 equals the run's (the float32 head) and the largest logit difference.
 """
 
 from __future__ import annotations
@@ -31,12 +35,19 @@ from microtrain.runtime.trainstep import GraphTrainStep
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("export", help="write a trained run as an int8 .tflite model",
-                       description="The run's fine-tuned weights and new head as an int8 TensorFlow Lite model "
-                                   "(the head quantized per class, its output scale calibrated on test images).")
+    p = sub.add_parser("export", help="write a trained run as a .tflite model (int8 backbone, float32 head)",
+                       description="The run's fine-tuned int8 weights and new head as a TensorFlow Lite model. The "
+                                   "head is written as the device holds it: DEQUANTIZE of the int8 features, then a "
+                                   "float32 FULLY_CONNECTED (float32 logits out), so LiteRT / TFLite Micro predict "
+                                   "what `microtrain eval` does. --int8-head writes an int8 head instead.")
     p.add_argument("run_dir", metavar="RUN_DIR")
     p.add_argument("-o", "--out", required=True, help="the .tflite file to write")
-    p.add_argument("--calib", type=int, default=200, help="test images that calibrate the logits' scale")
+    p.add_argument("--int8-head", action="store_true",
+                   help="quantize the float32 head to an int8 FULLY_CONNECTED (per-class weight scales, int8 "
+                        "logits calibrated on --calib test images) for int8-only deployments; its rounding can "
+                        "change a few predictions against the run's")
+    p.add_argument("--calib", type=int, default=200,
+                   help="test images for the agreement check (and, with --int8-head, the logits' scale)")
     p.add_argument("--state", metavar="STATE_BIN",
                    help="export a device's saved state (the state.bin of `compile --run` or of a board running the "
                         "generated C) instead of the run's last checkpoint")
@@ -84,6 +95,24 @@ def forward_graph(tg: Graph, state: dict[str, np.ndarray]) -> Graph:
     return g
 
 
+def float_head(g: Graph, w: np.ndarray, b: np.ndarray) -> None:
+    """Append the float32 head (logits = w @ f + b on f = (pooled - z) * s) as it is: a `linear` with float32
+    weights [K, C] and bias [K] and float32 logits (graph_to_tflite: DEQUANTIZE + a float FULLY_CONNECTED)."""
+    p = g.tensors[g.outputs[0] if g.outputs else g.ops[-1].outputs[0]]
+    w32, b32 = np.asarray(w, np.float32), np.asarray(b, np.float32).reshape(-1)
+    if w32.ndim != 2 or w32.shape[1] != p.shape[0] or b32.shape != (w32.shape[0],):
+        raise MicrotrainError(f"head weight {list(w32.shape)} / bias {list(b32.shape)} do not fit {p.shape[0]} "
+                              "features")
+    if not (np.isfinite(w32).all() and np.isfinite(b32).all()):
+        raise MicrotrainError("the head holds NaN or infinite values")
+    k = w32.shape[0]
+    g.add_tensor(Tensor("head.weight", w32.shape, "float32", "weight", None, 0, np.ascontiguousarray(w32)))
+    g.add_tensor(Tensor("head.bias", (k,), "float32", "bias", None, 0, np.ascontiguousarray(b32)))
+    g.add_tensor(Tensor("logits", (k,), "float32", "act"))
+    g.add_op(Op("head", "linear", [p.name, "head.weight", "head.bias"], ["logits"], {}))
+    g.outputs = ["logits"]
+
+
 def quantize_head(g: Graph, w: np.ndarray, b: np.ndarray, feats: np.ndarray) -> None:
     """Append the float32 head (logits = w @ f + b on f = (pooled - z) * s) as an int8 FULLY_CONNECTED, its output
     scale the largest |logit| over `feats` (calibration features) / 127."""
@@ -126,26 +155,31 @@ def run(args: argparse.Namespace) -> int:
     ds = open_dataset(metrics.get("data", metrics["dataset"]), "test", subset=args.calib, progress=False)
     xs = torch.cat([x for x, _ in batches(ds, 100, resolution=metrics["resolution"],
                                           eval_crop=metrics["eval_crop"])])
-    pooled = g.ops[-1].outputs[0]
-    pt = g.tensors[pooled]
-    feats = ((Executor(g).run(xs)[pooled].to(torch.float64) - pt.zero) * float(pt.scale)).numpy()
     hw, hb = head_params(tg)
     w = np.asarray(state.get(hw, tg.tensors[hw].data), np.float64)
     b = np.asarray(state.get(hb, tg.tensors[hb].data), np.float64)
-    quantize_head(g, w, b, feats)
+    if args.int8_head:
+        pooled = g.ops[-1].outputs[0]
+        pt = g.tensors[pooled]
+        feats = ((Executor(g).run(xs)[pooled].to(torch.float64) - pt.zero) * float(pt.scale)).numpy()
+        quantize_head(g, w, b, feats)
+    else:
+        float_head(g, w, b)  # the run's float32 values (float64 here: exact)
     buf = graph_to_tflite(g)
-    out.write_bytes(buf)
     step = GraphTrainStep(tg)
     step.load_state_dict(state)
     with torch.no_grad():
-        run_top1 = step.logits(xs).argmax(1).numpy()
+        run_logits = step.logits(xs).to(torch.float32)
     from microtrain.frontends.tflite import tflite_to_graph
 
-    exported = Executor(tflite_to_graph(buf, out)).run(xs)
-    ex_top1 = next(iter(exported.values())).to(torch.int32).argmax(1).numpy()
-    agree = float((run_top1 == ex_top1).mean())
-    result = {"run": str(run_dir), "out": str(out), "bytes": len(buf), "calibration_images": len(xs),
-              "top1_agreement_with_run": agree, "requant": g.requant.value}
+    ex_logits = Executor(tflite_to_graph(buf, out)).logits(xs).to(torch.float32)  # the file as read back
+    out.write_bytes(buf)
+    agree = float((run_logits.argmax(1) == ex_logits.argmax(1)).double().mean())
+    diff = float((run_logits - ex_logits).abs().max())
+    result = {"run": str(run_dir), "out": str(out), "bytes": len(buf), "head": "int8" if args.int8_head else "float32",
+              "calibration_images": len(xs), "top1_agreement_with_run": agree, "max_logit_difference": diff,
+              "requant": g.requant.value}
     print(json.dumps(result) if args.json else
-          f"wrote {out} ({len(buf) / 1024:.1f} KB): top-1 equals the run's on {agree:.1%} of {len(xs)} test images")
+          f"wrote {out} ({len(buf) / 1024:.1f} KB, {result['head']} head): top-1 equals the run's on {agree:.1%} of "
+          f"{len(xs)} test images, logits within {diff:.3g}")
     return 0

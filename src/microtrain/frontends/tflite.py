@@ -7,9 +7,11 @@ CONV_2D, DEPTHWISE_CONV_2D (depth multiplier 1), ADD, AVERAGE_POOL_2D (global: a
 MAX_POOL_2D (maxpool2d), MEAN over the whole image, RESHAPE of a vector or a flatten feeding a FULLY_CONNECTED, PAD
 folded into the convolution that reads it, FULLY_CONNECTED as the classifier head (the last op) or anywhere else (a
 conv2d with `fc: true` on the (C,1,1) vector, on the odd square map it flattens, or on a `flatten` of any other
-map), SOFTMAX and DEQUANTIZE at the end, QUANTIZE at the start; fused NONE / RELU / RELU6 / RELU_N1_TO_1 become the
-int8 clamps act_min / act_max; SAME padding including TF's extra bottom/right row at stride 2. Anything else is a
-one-line error naming the op.
+map), SOFTMAX and DEQUANTIZE at the end, QUANTIZE at the start; a float32 classifier head: DEQUANTIZE of the int8
+features, then a FULLY_CONNECTED with float32 weights and bias as the last op (what `microtrain export` writes: a
+`linear` with float32 weights and float32 logits, the head training builds and the device runs); fused NONE / RELU /
+RELU6 / RELU_N1_TO_1 become the int8 clamps act_min / act_max; SAME padding including TF's extra bottom/right row at
+stride 2. Anything else (any other float tensor or op) is a one-line error naming the problem.
 
 Input encoding: images map RGB (or gray) 0..255 onto the whole int8 range, `pixel - 128`, which is the model's own
 input range under its input quantization (e.g. scale 1/255, zero -128 for [0, 1] inputs).
@@ -174,6 +176,7 @@ class _Builder:
         self.ops: list[dict] = []
         self.name_of: dict[int, str] = {}  # TFLite tensor index -> graph tensor
         self.pads: dict[int, tuple[str, tuple[int, int, int, int]]] = {}  # PAD outputs, folded into their conv
+        self.dequantized: dict[int, str] = {}  # the float head's DEQUANTIZE output -> its int8 input tensor
         self.convs = 0
         self.name = name
 
@@ -427,10 +430,18 @@ class _Builder:
         import tflite
 
         what = f"operator {k} (FULLY_CONNECTED)"
+        if ins[0] in self.dequantized:
+            if not last:
+                raise self.err(f"{what}: reads a DEQUANTIZE output; a float FULLY_CONNECTED is supported only as "
+                               "the classifier head (the last op)")
+            return self.float_head(k, ins, outs, opt)
         x = self.src(ins[0], what)
         xs = tuple(self.tensors[x]["shape"])
         c, hh, ww = (*xs, 1, 1) if len(xs) == 1 else xs
         wt = self.const(ins[1], what)
+        if wt.dtype == np.float32:
+            raise self.err(f"{what}: float32 weights (a float FULLY_CONNECTED is supported only as the last op, "
+                           "reading a DEQUANTIZE of int8 features)")
         if wt.dtype != np.int8 or wt.ndim != 2 or wt.shape[1] != c * hh * ww:
             raise self.err(f"{what}: weights {list(wt.shape)} do not fit {c * hh * ww} features")
         if hh * ww > 1 and (last or hh != ww or hh % 2 == 0):  # a `flatten` op, then a 1x1 conv (or the head)
@@ -468,6 +479,63 @@ class _Builder:
         bn = self.param(f"{name}.b", bias, "bias")
         y = self.activation(outs[0], (o,))
         self.add_op(name, "linear", [x, wn, bn], [y], _act_range(act, ys, yz, what))
+
+    def dequantize(self, k: int, ins: list[int], outs: list[int]) -> None:
+        """A DEQUANTIZE of int8 features whose only reader is the last op, a float32 FULLY_CONNECTED head (what
+        `microtrain export` writes): the float head's input, the int8 tensor itself (the head dequantizes)."""
+        what = f"operator {k} (DEQUANTIZE)"
+        x = self.src(ins[0], what)
+        self.act_quant(ins[0])
+        if self.r.dtype(outs[0]) != 0:
+            raise self.err(f"{what}: output tensor {outs[0]} is not float32 (type {self.r.dtype(outs[0])})")
+        if int(np.prod(self.r.shape(outs[0]), dtype=np.int64)) != int(np.prod(self.tensors[x]["shape"])):
+            raise self.err(f"{what}: output shape {list(self.r.shape(outs[0]))} does not hold its input's "
+                           f"{int(np.prod(self.tensors[x]['shape']))} values")
+        self.dequantized[outs[0]] = x
+
+    def float_head(self, k: int, ins: list[int], outs: list[int], opt: Any) -> None:
+        """DEQUANTIZE + FULLY_CONNECTED with float32 weights [K, C] and bias [K] as the last op: the float32 head
+        (`linear` with float32 weights, float32 logits), as training builds it and the device runs it."""
+        import tflite
+
+        what = f"operator {k} (FULLY_CONNECTED)"
+        x = self.dequantized[ins[0]]
+        xs = tuple(self.tensors[x]["shape"])
+        wt = self.const(ins[1], what)
+        c = int(np.prod(xs))
+        if wt.dtype != np.float32 or wt.ndim != 2 or wt.shape[1] != c:
+            raise self.err(f"{what}: a float head needs float32 weights [K, {c}], got {wt.dtype}{list(wt.shape)}")
+        if self.r.quant(ins[1])[0].size:
+            raise self.err(f"{what}: float32 weights carry quantization parameters (hybrid models are not supported)")
+        o = wt.shape[0]
+        if len(ins) >= 3 and ins[2] >= 0:
+            bias = self.const(ins[2], what)
+            if bias.dtype != np.float32 or bias.shape != (o,):
+                raise self.err(f"{what}: bias of a float head is not float32 [{o}]")
+        else:
+            bias = np.zeros(o, np.float32)
+        if not (np.isfinite(wt).all() and np.isfinite(bias).all()):
+            raise self.err(f"{what}: float weights or bias hold NaN or infinite values")
+        if opt is not None:
+            op = tflite.FullyConnectedOptions()
+            op.Init(opt.Bytes, opt.Pos)
+            if op.FusedActivationFunction() != 0:
+                raise self.err(f"{what}: a fused activation on the float head is not supported")
+            if op.WeightsFormat() != 0:
+                raise self.err(f"{what}: shuffled weights format {op.WeightsFormat()} is not supported")
+        if self.r.dtype(outs[0]) != 0 or int(np.prod(self.r.shape(outs[0]), dtype=np.int64)) != o:
+            raise self.err(f"{what}: output is not float32 [{o}]")
+        if len(xs) == 3 and xs[1] * xs[2] > 1:
+            x = self.flatten_op(x, k)
+        if len(self.tensors[x]["shape"]) == 3:
+            x = self.reshape_op(x, (c,), k)
+        name = f"fc{k}"
+        wn = self.param(f"{name}.w", np.ascontiguousarray(wt), "weight")
+        bn = self.param(f"{name}.b", np.ascontiguousarray(bias), "bias")
+        y = f"t{outs[0]}"
+        self.tensors[y] = {"shape": [o], "dtype": "float32", "role": "act", "zero": 0}
+        self.name_of[outs[0]] = y
+        self.add_op(name, "linear", [x, wn, bn], [y], {})
 
 
 def tflite_to_graph(buf: bytes, path: Path) -> Graph:
@@ -518,6 +586,9 @@ def tflite_to_graph(buf: bytes, path: Path) -> Graph:
             bld.name_of[outs[0]] = x
         elif kind == "FULLY_CONNECTED":
             bld.fc(k, ins, outs, opt, last=k == len(ops) - 1)
+        elif kind == "DEQUANTIZE" and k == len(ops) - 2 and ops[-1][0] == "FULLY_CONNECTED" and ops[-1][1][:1] == \
+                outs[:1] and outs[0] not in ops[-1][1][1:]:  # the float head's input (export's default head)
+            bld.dequantize(k, ins, outs)
         else:
             raise bld.err(f"operator {k}: unsupported op {kind}")
     if not bld.ops or bld.ops[-1]["kind"] != "linear":

@@ -1,6 +1,7 @@
 """A minimal writer of TensorFlow Lite flatbuffers with the `tflite` package's generated builder functions: tensors
 (int8 / int32 / float32, optional per-tensor or per-channel quantization and constant data) and builtin operators
-with their options. It makes the test fixtures (tests/test_tflite.py) without TensorFlow."""
+with their options. It makes the test fixtures (tests/test_tflite.py) without TensorFlow, and `microtrain export`'s
+files (graph_to_tflite)."""
 
 from __future__ import annotations
 
@@ -201,8 +202,10 @@ def fused_activation(g, op) -> str:
 
 def graph_to_tflite(g) -> bytes:
     """A forward int8 graph (conv2d, add, global avgpool, windowed max / average pools, imported FULLY_CONNECTED
-    layers (conv2d with `fc`), an int8 linear head) as a TFLite flatbuffer: the same
-    weights and quantization parameters, NHWC. A padding TF's SAME does not reproduce becomes PAD + VALID. The file
+    layers (conv2d with `fc`), a linear head) as a TFLite flatbuffer: the same weights and quantization parameters,
+    NHWC. An int8 head is an int8 FULLY_CONNECTED; a float32 head (float32 weights [K, C] and bias [K], as training
+    and the device hold it) is a DEQUANTIZE of the int8 features followed by a float32 FULLY_CONNECTED, and the
+    model's output is then float32 logits [1, K]. A padding TF's SAME does not reproduce becomes PAD + VALID. The file
     computes under TFLite's fixed-point rule whatever rule `g` has (a zoo model's float32-multiplier rounding differs
     from it by at most one step per requantization)."""
     from microtrain.frontends.tflite import _same_pads
@@ -293,6 +296,18 @@ def graph_to_tflite(g) -> bytes:
             bi = w.tensor(bt.shape, np.int32, scale=(np.float64(xt.scale) * wt.scale).astype(np.float32), zero=0,
                           data=bt.data)
             w.op("FULLY_CONNECTED", [idx[op.inputs[0]], wi, bi], [act(op.outputs[0])], act=fused)
+        elif op.kind == "linear" and g.tensors[op.inputs[1]].dtype == "float32":
+            # the float32 head as the device holds it: DEQUANTIZE of the int8 features, a float FULLY_CONNECTED
+            xt, wt, bt = (g.tensors[n] for n in op.inputs)
+            if bt.dtype != "float32" or fused != "NONE":
+                raise ValueError(f"{op.name}: a float32 head needs a float32 bias and no fused activation")
+            k, c = wt.shape
+            feats = w.tensor((1, c), np.float32)
+            w.op("DEQUANTIZE", [idx[op.inputs[0]]], [feats])
+            wi = w.tensor((k, c), np.float32, data=wt.data)
+            bi = w.tensor((k,), np.float32, data=bt.data)
+            idx[op.outputs[0]] = w.tensor((1, k), np.float32)
+            w.op("FULLY_CONNECTED", [feats, wi, bi], [idx[op.outputs[0]]], act="NONE")
         else:
             raise ValueError(f"{op.name}: op {op.kind} has no TFLite export")
     return w.finish([idx[g.inputs[0]]], [idx[g.outputs[0]]])
