@@ -48,7 +48,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("predict", help="top-5 ImageNet classes of images (int8-exact inference)",
                        description="Classify images with a zoo model or a model file. Each image is centre-cropped "
                                    "to a square and resized to the model's input; scores are softmax probabilities "
-                                   "of the dequantized int8 logits.")
+                                   "of the model's logits (int8 logits dequantized; a float head's as they are).")
     p.add_argument("--model", required=True, help="zoo name (see `microtrain models`), a tiny-training .pkl, or a "
                                                    "microtrain .json/.npz model")
     p.add_argument("images", nargs="+", metavar="IMAGE")
