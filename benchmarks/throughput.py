@@ -26,7 +26,7 @@ to round, and the reported number is the median over rounds of images per second
 the machine is shared, so rounds vary.
 
     python benchmarks/throughput.py [--model mcunet-5fps] [--scheme paper-99kb last:6] [--batch 64 1]
-        [--threads 1 2] [--rounds 5] [--images 192] [--max-steps 24]
+        [--threads 1 2] [--rounds 5] [--images 192] [--max-steps 24] [--settings uncached cached] [--out FILE]
 """
 
 from __future__ import annotations
@@ -160,7 +160,8 @@ class SchemeFloatStep(nn.Module):
         return loss.item()
 
 
-def measure(model: str, scheme: str, batch: int, threads: int, rounds: int, steps: int) -> dict:
+def measure(model: str, scheme: str, batch: int, threads: int, rounds: int, steps: int,
+            settings: tuple[str, ...] = ("uncached", "cached")) -> dict:
     """Median img/s over `rounds` of each (side, setting) for one configuration, sides alternating order."""
     torch.set_num_threads(threads)
     load = os.getloadavg()[0]
@@ -175,17 +176,19 @@ def measure(model: str, scheme: str, batch: int, threads: int, rounds: int, step
                "fp32": sum(p.numel() for p in fp32.parameters() if p.requires_grad)}
     if trained["int8"] != trained["fp32"]:  # SGD keeps no slot: the state is exactly the trained tensors
         raise SystemExit(f"the fp32 baseline trains other tensors than the scheme: {trained}")
-    steps_of: dict[str, Callable] = {
-        "int8/uncached": int8.step, "fp32/uncached": fp32.step, "fp32_prefix_chunked/uncached": chunked.step,
-        "int8/cached": PrefixCache(build_train_step(g, resolve_scheme(scheme, g), 10)).step,
-        "fp32/cached": PrefixCache(SchemeFloatStep(g, int8, 10)).step,
-    }
+    steps_of: dict[str, Callable] = {}
+    if "uncached" in settings:
+        steps_of.update({"int8/uncached": int8.step, "fp32/uncached": fp32.step,
+                         "fp32_prefix_chunked/uncached": chunked.step})
+    if "cached" in settings:
+        steps_of.update({"int8/cached": PrefixCache(build_train_step(g, resolve_scheme(scheme, g), 10)).step,
+                         "fp32/cached": PrefixCache(SchemeFloatStep(g, int8, 10)).step})
     for fn in steps_of.values():  # warm-up; fills the caches (a run's first epoch)
         for x, y in data:
             fn(x, y, 0.01)
     ips: dict[str, list[float]] = {k: [] for k in steps_of}
     for r in range(rounds):
-        for setting in ("uncached", "cached"):
+        for setting in settings:
             sides = [k.split("/")[0] for k in steps_of if k.endswith("/" + setting)]
             for side in (sides if r % 2 == 0 else sides[::-1]):
                 fn = steps_of[f"{side}/{setting}"]
@@ -200,8 +203,9 @@ def measure(model: str, scheme: str, batch: int, threads: int, rounds: int, step
             "images_per_second_median": med,
             "images_per_second_rounds": {k: [round(v, 1) for v in vs] for k, vs in ips.items()},
             "int8_prefix_chunk": int8.prefix_chunk, "trained_elements": trained,
-            "ratio_int8_over_fp32": {s: med[f"int8/{s}"] / med[f"fp32/{s}"] for s in ("uncached", "cached")},
-            "ratio_int8_over_fp32_prefix_chunked": med["int8/uncached"] / med["fp32_prefix_chunked/uncached"]}
+            "ratio_int8_over_fp32": {s: med[f"int8/{s}"] / med[f"fp32/{s}"] for s in settings},
+            **({"ratio_int8_over_fp32_prefix_chunked": med["int8/uncached"] / med["fp32_prefix_chunked/uncached"]}
+               if "uncached" in settings else {})}
 
 
 def main() -> int:
@@ -213,6 +217,8 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--images", type=int, default=192, help="images per round and setting (steps = images / batch)")
     ap.add_argument("--max-steps", type=int, default=24, help="at most this many steps per round (small batches)")
+    ap.add_argument("--settings", nargs="+", choices=["uncached", "cached"], default=["uncached", "cached"],
+                    help="a subset, for a quick look (with --out elsewhere)")
     ap.add_argument("--out", type=Path, default=RESULTS / "throughput.json")
     args = ap.parse_args()
     load_before = os.getloadavg()
@@ -221,7 +227,7 @@ def main() -> int:
         for batch in args.batch:
             for threads in args.threads:
                 steps = max(1, min(args.max_steps, args.images // batch))
-                runs.append(measure(args.model, scheme, batch, threads, args.rounds, steps))
+                runs.append(measure(args.model, scheme, batch, threads, args.rounds, steps, tuple(args.settings)))
                 print(json.dumps({k: runs[-1][k] for k in ("scheme", "batch_size", "torch_threads",
                                                             "images_per_second_median", "ratio_int8_over_fp32")}),
                       flush=True)
