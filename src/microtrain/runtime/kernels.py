@@ -9,6 +9,8 @@ round half to even, add zero point, clamp), which is what the C kernels do too.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -79,7 +81,7 @@ class FloatConv:
 
     def __init__(self, w: torch.Tensor, b: torch.Tensor, x_zero: int):
         self.w = w.to(torch.float32)  # int8 values (a float32 w holding them is kept as is, not copied)
-        fan = int(np.prod(w.shape[1:]))
+        fan = math.prod(w.shape[1:])
         static = 128 * fan * max_centered(x_zero)  # |w| <= 128: a bound for any int8 weight
         if static < EXACT_F32:  # exact whatever the weight: no pass over it (a looser room classes more biases
             self.exact, self.room = True, float(EXACT_F32 - static)  # as big, which gives the same values)
@@ -92,8 +94,8 @@ class FloatConv:
 
     def set_bias(self, b: torch.Tensor) -> None:
         """(Re)place the int32 bias (the weight, hence the bound, unchanged)."""
-        if isinstance(self.room, float):  # one scalar room: the bias's extremes decide (int64: |INT32_MIN| fits)
-            lo, hi = torch.aminmax(b.to(torch.int64)) if b.numel() else (torch.tensor(0), torch.tensor(0))
+        if isinstance(self.room, float):  # one scalar room: the bias's extremes decide (no abs: INT32_MIN)
+            lo, hi = torch.aminmax(b) if b.numel() else (torch.tensor(0), torch.tensor(0))
             if -self.room < float(lo) and float(hi) < self.room:
                 self.b, self.big, self.big_b, self.big_mask = b.to(torch.float32), None, None, None
                 return
