@@ -408,7 +408,7 @@ class GraphTrainStep:
 
     def _conv2d_update(self, op: Op, env: dict, train: bool) -> list[torch.Tensor]:
         for p, grad in self._conv_grads(op, env).items():
-            self._apply(p, grad, op.attrs["conv"], env)
+            self._apply(p, grad, op.attrs["conv"], env, fresh=True)
         return []
 
     def _conv2d_weight_grad(self, op: Op, env: dict, train: bool) -> list[torch.Tensor]:
@@ -433,7 +433,9 @@ class GraphTrainStep:
         return []
 
     # ---- the update: QAS, optimizer, storage ----------------------------------------------------------------
-    def _apply(self, name: str, grad: torch.Tensor, conv: str | None, env: dict) -> None:
+    def _apply(self, name: str, grad: torch.Tensor, conv: str | None, env: dict, fresh: bool = False) -> None:
+        """`fresh`: `grad` is this call's own temporary (the QAS division and the learning rate then reuse its
+        memory: the same float32 operations, without two more tensors of the parameter's size)."""
         cfg = self.cfg
         lr = float(env["lr"])
         if conv is not None and cfg.qas:  # QAS: divide by the squared per-channel scale of the parameter
@@ -443,10 +445,12 @@ class GraphTrainStep:
                 x_scale = self.g.tensors[cop.inputs[0]].scale if self.roles[name].kind == "bias" else None
                 div = torch.from_numpy(qas_divisor(self.g.tensors[cop.inputs[1]].scale, grad.shape[0], x_scale))
                 self._qas[(name, grad.shape[0])] = div
-            grad = grad / div.view((-1,) + (1,) * (grad.dim() - 1))
+            dv = div.view((-1,) + (1,) * (grad.dim() - 1))
+            grad = grad.div_(dv) if fresh and grad.dtype == torch.float32 else grad / dv
+            fresh = fresh or grad.dtype == torch.float32  # (a new tensor now)
         step = self.step_count + 1
         if cfg.optimizer == "sgd":
-            delta = lr * grad
+            delta = grad.mul_(lr) if fresh and grad.dtype == torch.float32 else lr * grad
         elif cfg.optimizer == "sgd-m":
             m = self.params[self.slots[name]["m"]]
             m.mul_(cfg.momentum).add_(grad)
