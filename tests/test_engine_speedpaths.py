@@ -84,3 +84,14 @@ def test_update_float_weights_equal_the_int8_weights(scheme):
         assert torch.equal(step._float_weight(op), step._full_weight(op).to(torch.float32))
     fresh.load_state_dict(step.state_dict())
     assert torch.equal(step.logits(x), fresh.logits(x))
+
+
+def test_prefix_cache_keys_are_the_blake2b_of_each_image():
+    """The in-place keys equal blake2b-128 of each image's bytes (shared entries and tests compute them so)."""
+    import hashlib
+
+    from microtrain.runtime.prefix_cache import image_keys
+
+    x = torch.randint(-128, 128, (5, 3, 8, 8), generator=torch.Generator().manual_seed(0)).to(torch.int8)
+    for batch in (x, x.flip(3), x[:1]):
+        assert image_keys(batch) == [hashlib.blake2b(im.numpy().tobytes(), digest_size=16).digest() for im in batch]

@@ -16,6 +16,12 @@ import torch
 from microtrain.runtime.trainstep import GraphTrainStep
 
 
+def image_keys(x: torch.Tensor) -> list[bytes]:
+    """The cache key of each image: blake2b-128 of its bytes (C order), each image read in place (no copy per image,
+    ~20% of the keys' time; hashing on a second thread measured slower beside torch's own threads)."""
+    return [hashlib.blake2b(img, digest_size=16).digest() for img in np.ascontiguousarray(x.numpy())]
+
+
 class PrefixStep:
     """A TrainStep that feeds `inner` its frozen prefix's boundary tensors from somewhere cheaper than recomputing
     them (subclasses implement `_prefix`; `useful` False passes the images through)."""
@@ -53,7 +59,7 @@ class PrefixCache(PrefixStep):
         self.useful = step.boundary != step.g.inputs[:1]
 
     def _prefix(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        keys = [hashlib.blake2b(img.numpy().tobytes(), digest_size=16).digest() for img in x]
+        keys = image_keys(x)
         miss = [i for i, k in enumerate(keys) if k not in self.entries]
         self.hits += len(keys) - len(miss)
         self.misses += len(miss)
