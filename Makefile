@@ -1,7 +1,7 @@
 # microtrain: `make demo` installs everything and runs the main job; `make test` installs and runs the tests.
 PYTHON ?= python3
 PIP := $(PYTHON) -m pip
-APT_PACKAGES := gcc make gcc-arm-none-eabi libnewlib-arm-none-eabi qemu-system-arm dataset-fashion-mnist
+APT_PACKAGES := gcc make ccache gcc-arm-none-eabi libnewlib-arm-none-eabi qemu-system-arm dataset-fashion-mnist
 
 .PHONY: install system-deps python-deps demo test lint
 

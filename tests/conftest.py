@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +13,14 @@ if os.environ.get("PYTEST_XDIST_WORKER"):  # one intra-op thread per worker: 2 w
     torch.set_num_threads(1)
 
 REPO = Path(__file__).resolve().parents[1]
+
+# Host C builds through ccache when it is installed (the Makefile installs it): the runtime's objects are the same
+# in every generated project, so the suite compiles them once per flavour instead of once per test. The cache lives
+# in the checkout (a fresh clone starts empty) and ignores the project directory (CCACHE_NOHASHDIR: -g objects).
+if shutil.which("ccache") and "MICROTRAIN_HOST_CC" not in os.environ:
+    os.environ["MICROTRAIN_HOST_CC"] = "ccache gcc"
+    os.environ.setdefault("CCACHE_DIR", str(REPO / ".ccache"))
+    os.environ["CCACHE_NOHASHDIR"] = "true"
 SHARED = REPO.parent / "shared"
 PKL_DIR = SHARED / "models" / "tiny-training"
 MODELS = ("mbv2-w0.35", "proxyless-w0.3", "mcunet-5fps")
