@@ -91,6 +91,17 @@ def reference_logits(buf: bytes, path: Path, x: np.ndarray, logits_index: int) -
     return np.stack(lr), np.stack(tr)
 
 
+def tflm_logits(tflm, buf: bytes, x: np.ndarray) -> np.ndarray:
+    """TFLite Micro's output for each image of x (NCHW int8), stacked."""
+    tm = tflm.Interpreter.from_bytes(buf, arena_size=1 << 20)
+    rows = []
+    for img in x:
+        tm.set_input(img.transpose(1, 2, 0)[None], 0)
+        tm.invoke()
+        rows.append(tm.get_output(0).reshape(-1))
+    return np.stack(rows)
+
+
 @pytest.mark.parametrize("name", NAMES)
 def test_fixture_agrees_with_litert_and_tflite_micro(name):
     """On 40 real images: logits equal TFLM's bit for bit (the file without its SOFTMAX: the same integers), within
@@ -237,13 +248,7 @@ def test_fixture_export_round_trip(name, tmp_path):
     env = Executor(back).run(torch.from_numpy(x), keep_all=True)
     run_env = step.run(step.forward_ops, step._env(torch.from_numpy(x)), train=False)
     assert torch.equal(env[back.ops[-1].inputs[0]], run_env[pooled])  # the trained backbone, bit for bit
-    tm = tflm.Interpreter.from_bytes(buf, arena_size=1 << 20)
-    ref = []
-    for img in x:
-        tm.set_input(img.transpose(1, 2, 0)[None], 0)
-        tm.invoke()
-        ref.append(tm.get_output(0).reshape(-1))
-    np.testing.assert_array_equal(env[back.outputs[0]].numpy(), np.stack(ref))
+    np.testing.assert_array_equal(env[back.outputs[0]].numpy(), tflm_logits(tflm, buf, x))
 
 
 @functools.cache
@@ -304,13 +309,7 @@ def test_fixture_export_float_head_in_litert(name, tmp_path):
             it.invoke()
             rows.append(it.get_tensor(out["index"]).reshape(-1))
         outs[label] = np.stack(rows)
-    tm = tflm.Interpreter.from_bytes(buf, arena_size=1 << 20)
-    rows = []
-    for img in x:
-        tm.set_input(img.transpose(1, 2, 0)[None], 0)
-        tm.invoke()
-        rows.append(tm.get_output(0).reshape(-1))
-    outs["tflm"] = np.stack(rows)
+    outs["tflm"] = tflm_logits(tflm, buf, x)
     for label in ("reference", "tflm"):  # the backbone bit for bit, the float head up to summation order
         np.testing.assert_allclose(outs[label], run, rtol=0, atol=1e-5, err_msg=label)
         assert (outs[label].argmax(1) == run.argmax(1)).all(), label

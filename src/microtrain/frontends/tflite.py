@@ -422,12 +422,23 @@ class _Builder:
         self.add_op(f"flatten{k}", "flatten", [x], [y], {})
         return y
 
+    def fc_activation(self, opt: Any, what: str) -> int:
+        """A FULLY_CONNECTED's fused activation (NONE without options); its weights must be in the default format."""
+        import tflite
+
+        if opt is None:
+            return 0
+        o = tflite.FullyConnectedOptions()
+        o.Init(opt.Bytes, opt.Pos)
+        if o.WeightsFormat() != 0:
+            raise self.err(f"{what}: shuffled weights format {o.WeightsFormat()} is not supported")
+        return int(o.FusedActivationFunction())
+
     def fc(self, k: int, ins: list[int], outs: list[int], opt: Any, last: bool) -> None:
         """The last FULLY_CONNECTED is the classifier head (`linear`, replaced by training's new head); any other
         is a `conv2d` on (C,1,1) (1x1), or on the H x W map it flattens when H = W is odd (an H x H kernel: TFLite's
         NHWC flatten order becomes the weight's (c, i, j) order), so it trains, plans and compiles like any conv.
         Other maps (and a head on a map) are flattened by a `flatten` op first."""
-        import tflite
 
         what = f"operator {k} (FULLY_CONNECTED)"
         if ins[0] in self.dequantized:
@@ -448,13 +459,7 @@ class _Builder:
             x = self.flatten_op(x, k)
             c, hh, ww = c * hh * ww, 1, 1
         o = wt.shape[0]
-        act = 0
-        if opt is not None:
-            op = tflite.FullyConnectedOptions()
-            op.Init(opt.Bytes, opt.Pos)
-            act = op.FusedActivationFunction()
-            if op.WeightsFormat() != 0:
-                raise self.err(f"{what}: shuffled weights format {op.WeightsFormat()} is not supported")
+        act = self.fc_activation(opt, what)
         ys, yz = self.act_quant(outs[0])
         if int(np.prod(self.r.shape(outs[0]))) != o:
             raise self.err(f"{what}: output shape {list(self.r.shape(outs[0]))} is not [{o}]")
@@ -496,7 +501,6 @@ class _Builder:
     def float_head(self, k: int, ins: list[int], outs: list[int], opt: Any) -> None:
         """DEQUANTIZE + FULLY_CONNECTED with float32 weights [K, C] and bias [K] as the last op: the float32 head
         (`linear` with float32 weights, float32 logits), as training builds it and the device runs it."""
-        import tflite
 
         what = f"operator {k} (FULLY_CONNECTED)"
         x = self.dequantized[ins[0]]
@@ -516,13 +520,8 @@ class _Builder:
             bias = np.zeros(o, np.float32)
         if not (np.isfinite(wt).all() and np.isfinite(bias).all()):
             raise self.err(f"{what}: float weights or bias hold NaN or infinite values")
-        if opt is not None:
-            op = tflite.FullyConnectedOptions()
-            op.Init(opt.Bytes, opt.Pos)
-            if op.FusedActivationFunction() != 0:
-                raise self.err(f"{what}: a fused activation on the float head is not supported")
-            if op.WeightsFormat() != 0:
-                raise self.err(f"{what}: shuffled weights format {op.WeightsFormat()} is not supported")
+        if self.fc_activation(opt, what) != 0:
+            raise self.err(f"{what}: a fused activation on the float head is not supported")
         if self.r.dtype(outs[0]) != 0 or int(np.prod(self.r.shape(outs[0]), dtype=np.int64)) != o:
             raise self.err(f"{what}: output is not float32 [{o}]")
         if len(xs) == 3 and xs[1] * xs[2] > 1:

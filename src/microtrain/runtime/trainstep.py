@@ -447,7 +447,7 @@ class GraphTrainStep:
                 self._qas[(name, grad.shape[0])] = div
             dv = div.view((-1,) + (1,) * (grad.dim() - 1))
             grad = grad.div_(dv) if fresh and grad.dtype == torch.float32 else grad / dv
-            fresh = fresh or grad.dtype == torch.float32  # (a new tensor now)
+            fresh = True  # this call's own tensor now, either way
         step = self.step_count + 1
         if cfg.optimizer == "sgd":
             delta = grad.mul_(lr) if fresh and grad.dtype == torch.float32 else lr * grad
