@@ -196,3 +196,29 @@ def test_refine_tries_the_midpoint_towards_the_better_completed_neighbour():
     results = {0.01: rec(0.01, 0.4), 0.03: rec(0.03, 0.55), 0.1: rec(0.1)}  # never towards a diverged rate
     assert L.refine(results, run, 500) == [0.0173] == tried
     assert L.refine({0.1: rec(0.1)}, run, 500) == []
+
+
+def test_confirm_averages_two_orders_and_drops_a_rate_that_diverges_on_the_second():
+    def rec(lr, acc, loss):
+        return {"lr": lr, "status": "completed", "val_accuracy": acc, "val_loss": loss, "final_train_loss": loss,
+                "seconds": 1.0}
+
+    results = {0.01: rec(0.01, 0.50, 1.5), 0.03: rec(0.03, 0.56, 1.3), 0.1: rec(0.1, 0.54, 1.4)}
+    second = {0.03: rec(0.03, 0.48, 1.5), 0.1: {"lr": 0.1, "status": "diverged", "why": "loss blew up",
+                                               "seconds": 0.5}}
+    assert L.confirm(results, lambda lr: second[lr], 500) == [0.03, 0.1]
+    assert results[0.03]["val_accuracy"] == pytest.approx(0.52) and len(results[0.03]["orders"]) == 2
+    assert results[0.1]["status"] == "diverged" and "second batch order" in results[0.1]["why"]
+    assert results[0.01]["val_accuracy"] == 0.50 and "orders" not in results[0.01]
+    alone = {0.03: rec(0.03, 0.5, 1.0)}
+    assert L.confirm(alone, lambda lr: pytest.fail("one candidate: nothing to confirm"), 500) == []
+
+
+def test_ties_within_one_standard_error_go_to_the_lower_validation_loss():
+    def rec(lr, acc, loss):
+        return {"lr": lr, "status": "completed", "val_accuracy": acc, "val_loss": loss}
+
+    tied = [rec(0.0173, 0.55, 1.33), rec(0.03, 0.54, 1.28)]  # 1 point apart on 500 images: a tie
+    assert L._best(tied, 500)["lr"] == 0.03
+    apart = [rec(0.0173, 0.60, 1.33), rec(0.03, 0.54, 1.28)]  # 6 points apart: accuracy decides
+    assert L._best(apart, 500)["lr"] == 0.0173
