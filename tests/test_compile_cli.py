@@ -21,6 +21,7 @@ from microtrain.codegen.project import (
 from microtrain.codegen.twin import DeviceTwin
 from microtrain.commands.parity import StepTolerance, compare_states, teacher_forced
 from microtrain.compiler.memory import plan_training_graph
+from microtrain.data.datasets import open_dataset
 from microtrain.data.samples import real_images
 from microtrain.ir.graph import Graph
 from microtrain.runtime.trainer import load_checkpoint
@@ -101,6 +102,15 @@ def test_from_run_dir_starts_from_the_checkpoint(int8_grads, tmp_path, capsys):
         assert "--int8-grads does not match the run" in capsys.readouterr().err
     ckpt = load_checkpoint(run / "checkpoint.npz")
     assert int(ckpt["__step__"]) == 3
+    if not int8_grads:  # --run continues on the run's own data (its classes, its labels), not on CIFAR-10's ten
+        assert main(["compile", "--from", str(run), "-o", str(tmp_path / "r"), "--run", "--steps", "6"]) == 0
+        assert f"trained 6 {open_dataset(str(data), 'train', progress=False).name} images" in capsys.readouterr().out
+        other = tmp_path / "other"
+        for c in ("dog", "frog", "ship"):
+            (other / "train" / c).mkdir(parents=True)
+            shutil.copy(next((CIFAR / "train" / c).glob("*.jpg")), other / "train" / c / "0.jpg")
+        assert main(["compile", "--from", str(run), "-o", str(tmp_path / "o"), "--run", "--data", str(other)]) == 2
+        assert "are not the run's airplane, cat, ship" in capsys.readouterr().err
     prog = load_program(out)
     names = [t["name"] for t in prog["state"]]
     x, y, _ = real_images(6, 128, seed=5, num_classes=3)

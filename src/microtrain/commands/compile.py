@@ -27,12 +27,13 @@ from microtrain.commands.plan import add_planner_levers, planner_levers
 from microtrain.compiler.boards import BOARDS, DEFAULT_BOARD, default_board, get_board
 from microtrain.compiler.levers import choose_levers, lever_table
 from microtrain.compiler.memory import plan_training_graph
-from microtrain.data.datasets import model_resolution
+from microtrain.data.datasets import batches, model_resolution, open_dataset
 from microtrain.data.samples import real_images
 from microtrain.errors import MicrotrainError
 from microtrain.frontends.zoo import load_model
 from microtrain.ir.graph import Graph
 from microtrain.outputs import check_output_dir
+from microtrain.runtime.rundir import read_metrics
 from microtrain.sparse.scheme import resolve_scheme
 
 
@@ -72,8 +73,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="compile, train on --steps images, write memory.json")
     p.add_argument("--steps", type=int, default=20, help="images to train on with --run (default 20)")
     p.add_argument("--lr", type=float, default=0.005, help="learning rate of the --run stream (default 0.005)")
-    p.add_argument("--data", choices=("cifar10", "skimage"), default=None,
-                   help="images of the --run stream (default: CIFAR-10 when on disk, else scikit-image photos)")
+    p.add_argument("--data", default=None,
+                   help="images of the --run stream: a dataset name or ImageFolder directory (its train split, "
+                        "labelled by the run's classes), or cifar10 / skimage for sample photos. Default: with "
+                        "--from, the run's own training data (training the run's head on other labels would undo "
+                        "it); else CIFAR-10 when on disk, else scikit-image photos")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(run=run)
 
@@ -103,6 +107,33 @@ def training_graph(args: argparse.Namespace) -> tuple[Graph, dict[str, np.ndarra
     model = load_model(args.model)
     cfg = TrainConfig(optimizer=args.optimizer, reorder=not args.no_reorder, int8_grads=args.int8_grads, seed=args.seed)
     return build_training_graph(model, resolve_scheme(args.scheme, model), args.classes, cfg), None
+
+
+def run_stream(args: argparse.Namespace, res: Any, num_classes: int) -> tuple[np.ndarray, np.ndarray, str]:
+    """The --run stream: --steps images of the run's own training data (with --from, unless --data names the sample
+    photos), checked to carry the run's classes in the run's order, or the sample photos (labels = photo modulo the
+    head's classes: a stream for measuring, not for learning anything)."""
+    if args.data in ("skimage", "cifar10") or not (args.run_dir or args.data):
+        return real_images(args.steps, res, seed=args.seed, num_classes=num_classes, source=args.data or "auto")
+    data, trained = args.data, None
+    if args.run_dir:
+        metrics = read_metrics(Path(args.run_dir))
+        data, trained = data or metrics.get("data", metrics.get("dataset")), metrics.get("classes")
+    try:
+        ds = open_dataset(data, "train", subset=args.steps, seed=args.seed, progress=False)
+    except MicrotrainError as e:
+        if args.data:
+            raise
+        raise MicrotrainError(f"{e} (the run's training data; --data names another dataset with the run's classes, "
+                              f"--data skimage a stream of sample photos for measuring only)") from None
+    if trained is not None and list(ds.classes) != list(trained):
+        raise MicrotrainError(f"--data {data}: classes {', '.join(map(str, ds.classes[:5]))}... are not the run's "
+                              f"{', '.join(map(str, trained[:5]))}...: its labels would not match the head's outputs")
+    if len(ds.classes) != num_classes:
+        raise MicrotrainError(f"--data {data} has {len(ds.classes)} classes, the head {num_classes}")
+    xs, ys = zip(*((x.numpy(), y.numpy()) for x, y in batches(ds, 256, augment=None, resolution=res)), strict=True)
+    order = np.random.default_rng(args.seed).permutation(len(ds))
+    return np.concatenate(xs)[order], np.concatenate(ys)[order], ds.name
 
 
 def _kb(n: int | None) -> str:
@@ -156,8 +187,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"built {out / ('prog.elf' if is_device(args.target) else 'prog')}")
         return 0
     res = model_resolution(tg)  # the model's own input shape (an imported gray / non-square model too)
-    x, y, source = real_images(args.steps, res, seed=args.seed, num_classes=prog.num_classes,
-                               source=args.data or "auto")
+    x, y, source = run_stream(args, res, prog.num_classes)
     write_records(out / "stream.bin", x, y, args.lr)
     hargs = harness_args("stream.bin", state_out="state.bin")
     device = is_device(args.target)
@@ -172,7 +202,8 @@ def run(args: argparse.Namespace) -> int:
         speed["profile_per_step"] = run_profile(out, harness_args("stream.bin"), len(x))
     mem = measure_memory(out, result, best.plan, {"command": "microtrain compile " + " ".join(
         f"{k} {v}" for k, v in (("--model", args.model), ("--scheme", args.scheme), ("--from", args.run_dir),
-                                ("--target", args.target), ("--board", args.board), ("-o", args.out)) if v)
+                                ("--target", args.target), ("--board", args.board), ("--data", args.data),
+                                ("-o", args.out)) if v)
         + (" --stream-input" if args.stream_input else "") + (" --int8-grads" if args.int8_grads else "")
         + (f" --max-recompute {args.max_recompute:g}" if args.max_recompute != 1.5 else "")
         + (" --no-block-backward" if args.no_block_backward else "")
