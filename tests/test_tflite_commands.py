@@ -149,7 +149,8 @@ def test_demo(folder, tmp_path, capsys, monkeypatch):
     from microtrain.data.datasets import open_dataset
 
     monkeypatch.setattr(demo, "_datasets", lambda subset: (open_dataset(str(folder), "train", progress=False),
-                                                            open_dataset(str(folder), "test", progress=False)))
+                                                            open_dataset(str(folder), "test", progress=False),
+                                                            str(folder)))
     monkeypatch.setattr(demo, "toolchain", lambda target: "qemu-system-arm (left out of this test)")
     rc = main(["demo", "--model", MODEL, "--epochs", "1", "--lr", "0.05", "--steps", "2", "--out", str(tmp_path)])
     out = capsys.readouterr().out

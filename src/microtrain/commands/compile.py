@@ -119,6 +119,9 @@ def run_stream(args: argparse.Namespace, res: Any, num_classes: int) -> tuple[np
     if args.run_dir:
         metrics = read_metrics(Path(args.run_dir))
         data, trained = data or metrics.get("data", metrics.get("dataset")), metrics.get("classes")
+        if data is None:
+            raise MicrotrainError(f"{args.run_dir}: the run does not record its training data; --data names it (or "
+                                  f"--data skimage: a stream for measuring only)")
     try:
         ds = open_dataset(data, "train", subset=args.steps, seed=args.seed, progress=False)
     except MicrotrainError as e:

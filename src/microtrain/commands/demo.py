@@ -52,11 +52,13 @@ def _kb(n: int) -> str:
 
 
 def _datasets(subset: int):
+    """(train, test, the name that opens them): the run records the name, so that `compile --from` trains the C
+    program on the same images."""
     try:
         return open_dataset("cifar10", "train", subset=subset, progress=False), \
-            open_dataset("cifar10", "test", subset=500, progress=False)
+            open_dataset("cifar10", "test", subset=500, progress=False), "cifar10"
     except MicrotrainError:  # no ../shared: a real task that ships with scikit-image
-        return open_dataset("lfw", "train", progress=False), open_dataset("lfw", "test", progress=False)
+        return open_dataset("lfw", "train", progress=False), open_dataset("lfw", "test", progress=False), "lfw"
 
 
 def default_scheme(model) -> str:
@@ -74,7 +76,7 @@ def run(args: argparse.Namespace) -> int:
     lr = parse_lr(str(args.lr))
     model = load_model(args.model)
     scheme = resolve_scheme(args.scheme or default_scheme(model), model)
-    train_ds, test_ds = _datasets(args.subset)
+    train_ds, test_ds, data = _datasets(args.subset)
     print(f"== 1. plan: {model.name}, scheme {scheme.name}, {train_ds.num_classes} classes")
     cfg = TrainConfig(int8_grads=args.int8_grads)
     stream = {"stream_input": True, "max_recompute": 3.0} if args.stream_input else {}
@@ -98,7 +100,8 @@ def run(args: argparse.Namespace) -> int:
     before = evaluate(step, test_ds, resolution=res, eval_crop=1.0)
     print(f"== 2. fine-tune on {len(train_ds)} {train_ds.name} images ({args.epochs} epochs, int8 graph, QAS)")
     batch, warmup = 32, 0.5
-    extra = {"model": model.name, "scheme": scheme.to_dict(), "precision": "int8", "int8_grads": args.int8_grads}
+    extra = {"model": model.name, "scheme": scheme.to_dict(), "precision": "int8", "int8_grads": args.int8_grads,
+             "data": data, "classes": list(train_ds.classes)}
     if lr == AUTO:
         grid, ratio = base_grid("int8", True, "sgd", batch)
         sel = select_lr(lambda: PrefixCache(GraphTrainStep(graph), entries=entries), train_ds, grid=grid,
