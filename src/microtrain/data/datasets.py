@@ -9,6 +9,7 @@ is the models' int8 input encoding `pixel - 128` (see `images.to_int8`).
 
 from __future__ import annotations
 
+import functools
 import gzip
 import hashlib
 import math
@@ -551,12 +552,62 @@ def model_resolution(graph) -> Resolution:
 
 
 def _channels(x: torch.Tensor, c: int) -> torch.Tensor:
-    """Float pixels [N, C, H, W] in 0..255 as c channels: RGB (gray expanded), or gray (torchvision's weights)."""
+    """Float pixels [N, C, H, W] in 0..255 as c channels: RGB (gray expanded), or gray (torchvision's weights,
+    summed red + green + blue in that order: one rounding per operation, the same on every machine)."""
     if c == 3:
         return _rgb(x)
     if x.shape[1] == 1:
         return x
-    return (x * torch.tensor(GRAY).view(1, 3, 1, 1)).sum(dim=1, keepdim=True)
+    return (x[:, 0:1] * GRAY[0] + x[:, 1:2] * GRAY[1]) + x[:, 2:3] * GRAY[2]
+
+
+RESAMPLE_BITS = 14  # fixed-point weights of the evaluation resize (the sums stay exact integers in float64)
+
+
+@functools.lru_cache(maxsize=256)
+def _resample_taps(n_in: int, n_out: int, start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Antialiased bilinear resampling from n_in to n_out samples (a triangle filter widened by the downscale
+    factor, as PIL and torch's antialias=True), output samples start..stop-1: (input index [n, T] int64, weight
+    [n, T] float64), each row's weights integers summing to 2**RESAMPLE_BITS (unused taps: weight 0)."""
+    scale = n_in / n_out
+    support = max(scale, 1.0)
+    rows = []
+    for i in range(start, stop):
+        centre = (i + 0.5) * scale
+        lo, hi = max(int(centre - support + 0.5), 0), min(int(centre + support + 0.5), n_in)
+        w = [max(0.0, 1.0 - abs((j - centre + 0.5) / support)) for j in range(lo, hi)]
+        total = math.fsum(w)
+        q = [round(v / total * (1 << RESAMPLE_BITS)) for v in w]
+        q[q.index(max(q))] += (1 << RESAMPLE_BITS) - sum(q)
+        rows.append((list(range(lo, hi)), q))
+    taps = max(len(j) for j, _ in rows)
+    idx = torch.tensor([j + [j[-1]] * (taps - len(j)) for j, _ in rows], dtype=torch.int64)
+    wgt = torch.tensor([q + [0] * (taps - len(q)) for _, q in rows], dtype=torch.float64)
+    return idx, wgt
+
+
+@functools.lru_cache(maxsize=256)
+def _resample_matrix(n_in: int, n_out: int, start: int, stop: int) -> torch.Tensor:
+    """The taps as a dense [stop - start, n_in] float64 matrix of integers."""
+    idx, wgt = _resample_taps(n_in, n_out, start, stop)
+    return torch.zeros(stop - start, n_in, dtype=torch.float64).scatter_add_(1, idx, wgt)
+
+
+def _resample_axis(x: torch.Tensor, dim: int, n_out: int, start: int, stop: int) -> torch.Tensor:
+    """Resample float64 `x` (integers) along `dim` (2 or 3; output samples start..stop-1 of n_out) by a matrix
+    product: integer pixels times integer weights, every partial sum an integer below 2**53, so the product is exact
+    whatever order the BLAS on this machine sums in."""
+    m = _resample_matrix(x.shape[dim], n_out, start, stop)
+    return x @ m.T if dim == 3 else m @ x
+
+
+def _resize_crop(x: torch.Tensor, size: tuple[int, int], top: int, left: int, rh: int, rw: int) -> torch.Tensor:
+    """uint8 [N, C, h, w] resized to `size` (antialiased bilinear, fixed-point weights) and the rh x rw window at
+    (top, left) taken: float64 pixels, exactly k / 2**(2 * RESAMPLE_BITS) for integers k, so the same bits on every
+    machine (float32 interpolation kernels differ by CPU in the last bit, and a pixel at .5 then rounds either way)."""
+    y = _resample_axis(x.to(torch.float64), 3, size[1], left, left + rw)
+    y = _resample_axis(y, 2, size[0], top, top + rh)
+    return y.mul_(2.0 ** (-2 * RESAMPLE_BITS))
 
 
 def _resize_to(x: torch.Tensor, resolution: Resolution, crop: float) -> torch.Tensor:
@@ -570,10 +621,12 @@ def _resize_to(x: torch.Tensor, resolution: Resolution, crop: float) -> torch.Te
         sh, sw = math.ceil(rh / crop), math.ceil(rw / crop)
         f = max(sh / h, sw / w)
         size = (max(sh, round(h * f)), max(sw, round(w * f)))
-    y = x.float() if (h, w) == size else F.interpolate(x.float(), size=size, mode="bilinear", antialias=True,
-                                                        align_corners=False)
     top, left = (size[0] - rh) // 2, (size[1] - rw) // 2
-    return _to_int8(_channels(y[:, :, top: top + rh, left: left + rw], c).contiguous())
+    if (h, w) == size:
+        y = x[:, :, top: top + rh, left: left + rw].to(torch.float64)
+    else:
+        y = _resize_crop(x, size, top, left, rh, rw)
+    return _to_int8(_channels(y, c).contiguous())
 
 
 def augment_batch(images: torch.Tensor | np.ndarray, mode: str, resolution: int, g: torch.Generator
@@ -606,7 +659,8 @@ def augment_batch(images: torch.Tensor | np.ndarray, mode: str, resolution: int,
 
 def resize_batch(images: torch.Tensor | np.ndarray, resolution: int, crop: float = 0.875) -> torch.Tensor:
     """Evaluation transform: resize the shorter side to ceil(R / crop) (antialiased bilinear) and take the central
-    R x R, as torchvision Resize + CenterCrop; crop=1 resizes straight to R x R (the paper's VWW eval).
+    R x R, as torchvision Resize + CenterCrop; crop=1 resizes straight to R x R (the paper's VWW eval). Fixed-point
+    weights and exact sums (`_resize_crop`): the same int8 image on every machine.
     uint8 [N, C, h, w] -> int8 [N, 3, R, R]."""
     x = torch.as_tensor(images)
     if not isinstance(resolution, int):
@@ -619,9 +673,8 @@ def resize_batch(images: torch.Tensor | np.ndarray, resolution: int, crop: float
         size = (s, max(s, round(w * s / h))) if h <= w else (max(s, round(h * s / w)), s)
     if (h, w) == size and size == (resolution, resolution):
         return _rgb(x).to(torch.int16).sub(128).to(torch.int8)
-    y = F.interpolate(x.float(), size=size, mode="bilinear", antialias=True, align_corners=False)
     top, left = (size[0] - resolution) // 2, (size[1] - resolution) // 2
-    return _to_int8(_rgb(y[:, :, top: top + resolution, left: left + resolution]).contiguous())
+    return _to_int8(_rgb(_resize_crop(x, size, top, left, resolution, resolution)).contiguous())
 
 
 def batches(dataset: ImageDataset, batch_size: int, *, shuffle: bool = False, seed: int = 0, epoch: int = 0,
