@@ -206,12 +206,12 @@ def test_confirm_averages_two_orders_and_drops_a_rate_that_diverges_on_the_secon
     results = {0.01: rec(0.01, 0.50, 1.5), 0.03: rec(0.03, 0.56, 1.3), 0.1: rec(0.1, 0.54, 1.4)}
     second = {0.03: rec(0.03, 0.48, 1.5), 0.1: {"lr": 0.1, "status": "diverged", "why": "loss blew up",
                                                "seconds": 0.5}}
-    assert L.confirm(results, lambda lr: second[lr], 500) == [0.03, 0.1]
+    assert L.confirm(results, lambda lr: second[lr]) == [0.03, 0.1]
     assert results[0.03]["val_accuracy"] == pytest.approx(0.52) and len(results[0.03]["orders"]) == 2
     assert results[0.1]["status"] == "diverged" and "second batch order" in results[0.1]["why"]
     assert results[0.01]["val_accuracy"] == 0.50 and "orders" not in results[0.01]
     alone = {0.03: rec(0.03, 0.5, 1.0)}
-    assert L.confirm(alone, lambda lr: pytest.fail("one candidate: nothing to confirm"), 500) == []
+    assert L.confirm(alone, lambda lr: pytest.fail("one candidate: nothing to confirm")) == []
 
 
 def test_ties_within_one_standard_error_go_to_the_lower_validation_loss():

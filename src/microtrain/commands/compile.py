@@ -27,13 +27,13 @@ from microtrain.commands.plan import add_planner_levers, planner_levers
 from microtrain.compiler.boards import BOARDS, DEFAULT_BOARD, default_board, get_board
 from microtrain.compiler.levers import choose_levers, lever_table
 from microtrain.compiler.memory import plan_training_graph
-from microtrain.data.datasets import batches, model_resolution, open_dataset
-from microtrain.data.samples import real_images
+from microtrain.data.datasets import model_resolution, open_dataset
+from microtrain.data.samples import dataset_stream, real_images
 from microtrain.errors import MicrotrainError
 from microtrain.frontends.zoo import load_model
 from microtrain.ir.graph import Graph
 from microtrain.outputs import check_output_dir
-from microtrain.runtime.rundir import read_metrics
+from microtrain.runtime.rundir import check_run_classes, read_metrics
 from microtrain.sparse.scheme import resolve_scheme
 
 
@@ -115,10 +115,10 @@ def run_stream(args: argparse.Namespace, res: Any, num_classes: int) -> tuple[np
     head's classes: a stream for measuring, not for learning anything)."""
     if args.data in ("skimage", "cifar10") or not (args.run_dir or args.data):
         return real_images(args.steps, res, seed=args.seed, num_classes=num_classes, source=args.data or "auto")
-    data, trained = args.data, None
+    data, metrics = args.data, {}
     if args.run_dir:
         metrics = read_metrics(Path(args.run_dir))
-        data, trained = data or metrics.get("data", metrics.get("dataset")), metrics.get("classes")
+        data = data or metrics.get("data", metrics.get("dataset"))
         if data is None:
             raise MicrotrainError(f"{args.run_dir}: the run does not record its training data; --data names it (or "
                                   f"--data skimage: a stream for measuring only)")
@@ -129,14 +129,11 @@ def run_stream(args: argparse.Namespace, res: Any, num_classes: int) -> tuple[np
             raise
         raise MicrotrainError(f"{e} (the run's training data; --data names another dataset with the run's classes, "
                               f"--data skimage a stream of sample photos for measuring only)") from None
-    if trained is not None and list(ds.classes) != list(trained):
-        raise MicrotrainError(f"--data {data}: classes {', '.join(map(str, ds.classes[:5]))}... are not the run's "
-                              f"{', '.join(map(str, trained[:5]))}...: its labels would not match the head's outputs")
+    check_run_classes(metrics, ds.classes, f"--data {data}")
     if len(ds.classes) != num_classes:
         raise MicrotrainError(f"--data {data} has {len(ds.classes)} classes, the head {num_classes}")
-    xs, ys = zip(*((x.numpy(), y.numpy()) for x, y in batches(ds, 256, augment=None, resolution=res)), strict=True)
-    order = np.random.default_rng(args.seed).permutation(len(ds))
-    return np.concatenate(xs)[order], np.concatenate(ys)[order], ds.name
+    x, y = dataset_stream(ds, res, args.seed)
+    return x, y, ds.name
 
 
 def _kb(n: int | None) -> str:

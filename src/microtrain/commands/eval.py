@@ -11,7 +11,7 @@ from microtrain.commands.train import GRAPH, device_twin
 from microtrain.data.datasets import open_dataset
 from microtrain.errors import MicrotrainError
 from microtrain.ir.graph import Graph
-from microtrain.runtime.rundir import load_run_checkpoint, read_metrics
+from microtrain.runtime.rundir import check_run_classes, load_run_checkpoint, read_metrics
 from microtrain.runtime.trainer import evaluate
 from microtrain.runtime.trainstep import GraphTrainStep
 
@@ -47,10 +47,7 @@ def run(args: argparse.Namespace) -> int:
     step.load_state_dict(state)
     data = args.data or metrics.get("data", metrics["dataset"])
     ds = open_dataset(data, args.split, subset=args.subset, progress=not args.json)
-    trained = metrics.get("classes")
-    if trained is not None and list(ds.classes) != list(trained):
-        raise MicrotrainError(f"{data}: classes {', '.join(map(str, ds.classes[:5]))}... are not the run's "
-                              f"{', '.join(map(str, trained[:5]))}...: its labels would not match the head's outputs")
+    check_run_classes(metrics, ds.classes, data)
     acc = evaluate(step, ds, resolution=metrics["resolution"], eval_crop=metrics["eval_crop"])
     result = {"run": str(run_dir), "dataset": ds.name, "split": args.split, "images": len(ds), "accuracy": acc,
               "engine": args.engine, "state": args.state or str(run_dir / "checkpoint.npz"),

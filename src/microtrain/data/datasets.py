@@ -565,32 +565,22 @@ RESAMPLE_BITS = 14  # fixed-point weights of the evaluation resize (the sums sta
 
 
 @functools.lru_cache(maxsize=256)
-def _resample_taps(n_in: int, n_out: int, start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _resample_matrix(n_in: int, n_out: int, start: int, stop: int) -> torch.Tensor:
     """Antialiased bilinear resampling from n_in to n_out samples (a triangle filter widened by the downscale
-    factor, as PIL and torch's antialias=True), output samples start..stop-1: (input index [n, T] int64, weight
-    [n, T] float64), each row's weights integers summing to 2**RESAMPLE_BITS (unused taps: weight 0)."""
+    factor, as PIL and torch's antialias=True), output samples start..stop-1, as a [stop - start, n_in] float64
+    matrix of integers: each row's weights rounded to sum to 2**RESAMPLE_BITS."""
     scale = n_in / n_out
     support = max(scale, 1.0)
-    rows = []
-    for i in range(start, stop):
+    m = torch.zeros(stop - start, n_in, dtype=torch.float64)
+    for row, i in enumerate(range(start, stop)):
         centre = (i + 0.5) * scale
         lo, hi = max(int(centre - support + 0.5), 0), min(int(centre + support + 0.5), n_in)
         w = [max(0.0, 1.0 - abs((j - centre + 0.5) / support)) for j in range(lo, hi)]
         total = math.fsum(w)
         q = [round(v / total * (1 << RESAMPLE_BITS)) for v in w]
         q[q.index(max(q))] += (1 << RESAMPLE_BITS) - sum(q)
-        rows.append((list(range(lo, hi)), q))
-    taps = max(len(j) for j, _ in rows)
-    idx = torch.tensor([j + [j[-1]] * (taps - len(j)) for j, _ in rows], dtype=torch.int64)
-    wgt = torch.tensor([q + [0] * (taps - len(q)) for _, q in rows], dtype=torch.float64)
-    return idx, wgt
-
-
-@functools.lru_cache(maxsize=256)
-def _resample_matrix(n_in: int, n_out: int, start: int, stop: int) -> torch.Tensor:
-    """The taps as a dense [stop - start, n_in] float64 matrix of integers."""
-    idx, wgt = _resample_taps(n_in, n_out, start, stop)
-    return torch.zeros(stop - start, n_in, dtype=torch.float64).scatter_add_(1, idx, wgt)
+        m[row, lo:hi] = torch.tensor(q, dtype=torch.float64)
+    return m
 
 
 def _resample_axis(x: torch.Tensor, dim: int, n_out: int, start: int, stop: int) -> torch.Tensor:

@@ -12,6 +12,15 @@ from microtrain.errors import MicrotrainError
 SKIMAGE_PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "hubble_deep_field", "immunohistochemistry")
 
 
+def dataset_stream(ds, resolution: Resolution, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Every image of `ds` as the model's int8 input (the evaluation transform) with its label, in a seeded shuffled
+    order."""
+    xs, ys = zip(*((x.numpy(), y.numpy()) for x, y in batches(ds, 256, augment=None, resolution=resolution)),
+                 strict=True)
+    order = np.random.default_rng(seed).permutation(len(ds))
+    return np.concatenate(xs)[order], np.concatenate(ys)[order]
+
+
 def real_images(n: int, resolution: Resolution, seed: int = 0, num_classes: int = 10, source: str = "auto"
                 ) -> tuple[np.ndarray, np.ndarray, str]:
     """n real images as the model's int8 input [n, 3, R, R] (or [n, C, H, W] for a resolution (C, H, W)) with
@@ -22,10 +31,9 @@ def real_images(n: int, resolution: Resolution, seed: int = 0, num_classes: int 
     try:
         if source == "skimage":
             raise MicrotrainError("scikit-image photos requested")
-        ds = open_dataset("cifar10", "train", subset=n, seed=seed, progress=False)
-        xs, ys = zip(*((x.numpy(), y.numpy()) for x, y in batches(ds, 256, augment=None, resolution=resolution)),
-                     strict=True)
-        return np.concatenate(xs)[order], (np.concatenate(ys) % num_classes)[order], "cifar10"
+        x, y = dataset_stream(open_dataset("cifar10", "train", subset=n, seed=seed, progress=False), resolution,
+                              seed)
+        return x, y % num_classes, "cifar10"
     except MicrotrainError:
         if source == "cifar10":
             raise

@@ -206,8 +206,7 @@ def refine(results: dict[float, dict[str, Any]], run: Callable[[float], None], n
     return [mid]
 
 
-def confirm(results: dict[float, dict[str, Any]], again: Callable[[float], dict[str, Any]], n_val: int
-            ) -> list[float]:
+def confirm(results: dict[float, dict[str, Any]], again: Callable[[float], dict[str, Any]]) -> list[float]:
     """The two best completed candidates (by validation accuracy) train again on a second batch order (`again`);
     each keeps both scores (`orders`) and is scored by their mean; one that diverges on the second order is
     diverged. Halves the trial-to-trial variance where it decides the choice, for two more trials. Returns the
@@ -288,7 +287,7 @@ def select_lr(make_step: Callable[[], TrainStep], train_ds: ImageDataset, *, gri
         log(f"lr auto: lr {lr:g}, second batch order: {score} ({r['seconds']:.1f}s)")
         return r
 
-    confirmed = confirm(results, again, len(sl.val))
+    confirmed = confirm(results, again)
     candidates = [results[k] for k in sorted(results)]
     best = _best(candidates, len(sl.val))
     seconds = time.perf_counter() - t0

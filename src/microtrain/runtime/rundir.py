@@ -19,6 +19,7 @@ import hashlib
 import json
 import os
 import shutil
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -160,6 +161,15 @@ def read_metrics(run_dir: Path) -> dict[str, Any]:
     if not (isinstance(res, int) or (isinstance(res, list) and len(res) == 3 and all(isinstance(v, int) for v in res))):
         raise MicrotrainError(f"{path}: not the metrics of a training run")
     return m
+
+
+def check_run_classes(metrics: dict[str, Any], classes: Sequence[Any], data: str) -> None:
+    """A dataset used with a run (`eval --data`, the `compile --from --run` stream) must carry the run's classes in
+    the run's order (when the run records them), or its labels would not match the head's outputs."""
+    trained = metrics.get("classes")
+    if trained is not None and list(classes) != list(trained):
+        raise MicrotrainError(f"{data}: classes {', '.join(map(str, classes[:5]))}... are not the run's "
+                              f"{', '.join(map(str, trained[:5]))}...: its labels would not match the head's outputs")
 
 
 def load_run_checkpoint(run_dir: Path) -> dict[str, Any]:
