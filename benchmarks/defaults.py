@@ -90,7 +90,8 @@ def main() -> int:
                 "images_per_second", "analytic_extra_bytes", "lr_selection")
         latest = json.loads(out_json.read_text()) if out_json.exists() else {"settings": {}}
         latest["protocol"] = {"command_prefix": shlex.join(["microtrain", "train", *PROTOCOL]),
-                              "note": "defaults only: --lr auto, the dataset's augmentation / warm-up and the default batch size",
+                              "note": "defaults only: --lr auto, the dataset's augmentation / warm-up, the default "
+                                      "batch size",
                               "threads": args.threads}
         latest["settings"][name] = {"command": shlex.join(cmd), "commit": git_commit(),
                                     "finished": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),

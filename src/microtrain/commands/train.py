@@ -67,7 +67,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="torch: the fast batched engine (default); device: the device twin, i.e. the generated C "
                         "training step built for this machine and run one image at a time: bit-identical to what "
                         "the chip computes (the final run before flashing; int8 precision and storage, batch 1)")
-    p.add_argument("--batch-size", type=int, help=f"images per step (default {DEFAULT_BATCH}; the device engine trains 1)")
+    p.add_argument("--batch-size", type=int,
+                   help=f"images per step (default {DEFAULT_BATCH}; the device engine trains 1)")
     p.add_argument("--subset", type=int, help="class-balanced subset of N training images")
     p.add_argument("--test-subset", type=int, help="class-balanced subset of N test images")
     p.add_argument("--augment", choices=AUGMENTS, help="default: the paper's for the dataset (flip for a gray or "
