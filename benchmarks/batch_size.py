@@ -2,9 +2,9 @@
 CIFAR-10 training images, 3 epochs, the full test set, `--lr auto`) at batch 64 / 32 / 16 / 8, int8 + QAS and int8
 without QAS. A 3-epoch fine-tune is short of steps; more, noisier steps help where the backbone learns (QAS), while
 no-QAS, whose int8 backbone barely moves, is mostly its head and gains less. Every command is recorded with its
-metrics; the figure is accuracy against batch size.
+metrics; `python benchmarks/report.py` draws accuracy against batch size.
 
-    python benchmarks/batch_size.py [--batch 64 32 16 8] [--jobs 2]   # -> benchmarks/results/batch_size.json + .png
+    python benchmarks/batch_size.py [--batch 64 32 16 8] [--jobs 2]   # -> benchmarks/results/batch_size.json
 """
 
 from __future__ import annotations
@@ -44,28 +44,6 @@ def run_one(mode: str, batch: int, runs: Path, env: dict[str, str]) -> dict:
             "lr": m["lr"], "train_seconds": m.get("train_seconds"), "selection_seconds": sel.get("seconds")}
 
 
-def plot(rows: list[dict], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(5.5, 3.5))
-    for mode in MODES:
-        pts = sorted((r["batch_size"], 100 * r["test_accuracy"]) for r in rows if r["mode"] == mode)
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=mode)
-    ax.set_xscale("log", base=2)
-    ax.set_xlabel("batch size (images per step)")
-    ax.set_ylabel("CIFAR-10 test accuracy %")
-    ax.set_title("mcunet-5fps last:6, 5,000 images, 3 epochs, --lr auto", fontsize=9)
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.text(0.01, 0.01, f"python benchmarks/batch_size.py @ {git_commit()}", fontsize=6, color="gray")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--batch", type=int, nargs="+", default=[64, 32, 16, 8])
@@ -82,8 +60,9 @@ def main() -> int:
         margins[str(b)] = round(100 * (acc["int8-qas"] - acc["int8-noqas"]), 2)
     RESULTS.mkdir(exist_ok=True)
     OUT_JSON.write_text(json.dumps({"protocol": shlex.join(["microtrain", "train", *PROTOCOL]), "threads": 1,
+                                    "command": "python benchmarks/batch_size.py " + shlex.join(sys.argv[1:]),
+                                    "commit": git_commit(),
                                     "rows": rows, "qas_minus_noqas_points": margins}, indent=1) + "\n")
-    plot(rows, OUT_JSON.with_suffix(".png"))
     print(json.dumps(margins))
     return 0
 

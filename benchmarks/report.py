@@ -33,6 +33,7 @@ ROOT = HERE.parent
 BENCHMARKS: dict[str, tuple[str, str, str]] = {
     "defaults": ("defaults.json", "python benchmarks/defaults.py", "~30 min"),
     "qas_datasets": ("qas_datasets.json", "python benchmarks/qas_datasets.py", "~10 min"),
+    "batch_size": ("batch_size.json", "python benchmarks/batch_size.py", "~15 min"),
     "pytorch_memory": ("pytorch_memory.json", "python benchmarks/pytorch_memory.py", "~1 min"),
     "search_curves": ("search_curves.json", "python benchmarks/search_curves.py", "~1 min"),
     "memory": ("memory.json", "python benchmarks/memory.py", "~10 min"),
@@ -172,6 +173,32 @@ def section_defaults(r: Report) -> None:
                   f"{sum(margins.values()) / len(margins):+.2f} points (one standard error of one run's test "
                   f"accuracy on 10,000 images is ~0.5 points).")
     r.add("")
+    section_batch_size(r)
+
+
+def section_batch_size(r: Report) -> None:
+    """Why the default batch is what it is: the defaults protocol at several batch sizes, QAS and no-QAS."""
+    b = load(r.results, "batch_size")
+    if b is None:
+        return r.missing("batch_size")
+    rows = b["rows"]
+    sizes = " / ".join(str(x) for x in sorted({row["batch_size"] for row in rows}, reverse=True))
+    r.add("### Batch size", "", f"The same protocol at batch {sizes}, `--lr auto` each; data: "
+          f"{r.source('batch_size', b)}. "
+        "QAS − no-QAS by batch: " + ", ".join(f"{k}: {v:+.2f}" for k, v in b["qas_minus_noqas_points"].items())
+        + " points.", "")
+    fig, ax = plt.subplots(figsize=(6, 3.6))
+    for mode in ("int8-qas", "int8-noqas"):
+        pts = sorted((row["batch_size"], 100 * row["test_accuracy"]) for row in rows if row["mode"] == mode)
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=mode)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("batch size (images per step)")
+    ax.set_ylabel("test accuracy %")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.subplots_adjust(bottom=0.22)
+    r.figure(fig, "batch_size", "CIFAR-10 test accuracy against batch size (mcunet-5fps last:6, 5,000 images, "
+             "3 epochs, --lr auto)", [f"benchmarks/results/{BENCHMARKS['batch_size'][0]}"])
 
 
 def section_qas(r: Report) -> None:

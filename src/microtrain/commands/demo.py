@@ -8,7 +8,7 @@ import json
 from microtrain.autodiff.build import TrainConfig, build_training_graph
 from microtrain.cli import main as cli_main
 from microtrain.codegen.project import toolchain
-from microtrain.commands.train import GRAPH
+from microtrain.commands.train import DEFAULT_BATCH, GRAPH
 from microtrain.compiler.memory import FLASH_BUDGET, SRAM_BUDGET, compile_memory
 from microtrain.data.datasets import model_resolution, open_dataset
 from microtrain.errors import MicrotrainError
@@ -99,7 +99,7 @@ def run(args: argparse.Namespace) -> int:
     res = model_resolution(model)
     before = evaluate(step, test_ds, resolution=res, eval_crop=1.0)
     print(f"== 2. fine-tune on {len(train_ds)} {train_ds.name} images ({args.epochs} epochs, int8 graph, QAS)")
-    batch, warmup = 32, 0.5
+    batch, warmup = DEFAULT_BATCH, 0.5
     extra = {"model": model.name, "scheme": scheme.to_dict(), "precision": "int8", "int8_grads": args.int8_grads,
              "data": data, "classes": list(train_ds.classes)}
     if lr == AUTO:
