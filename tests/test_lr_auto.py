@@ -222,3 +222,36 @@ def test_ties_within_one_standard_error_go_to_the_lower_validation_loss():
     assert L._best(tied, 500)["lr"] == 0.03
     apart = [rec(0.0173, 0.60, 1.33), rec(0.03, 0.54, 1.28)]  # 6 points apart: accuracy decides
     assert L._best(apart, 500)["lr"] == 0.0173
+
+
+def test_a_chosen_rate_that_diverges_in_the_run_restarts_at_the_next_lower_candidate(inputs, tmp_path, capsys,
+                                                                                      monkeypatch):
+    # the selection's record as select_lr writes it, with a winner far past the edge of stability: the real run
+    # diverges at it, restarts from the initial state at the largest completed candidate below, and says so
+    def fake_select(*a, **k):
+        return {"lr": 1e4, "batch_size": k["batch_size"], "seconds": 0.0, "cpu_seconds": 0.0, "candidates": [
+            {"lr": 0.001, "status": "completed", "val_accuracy": 0.5},
+            {"lr": 0.02, "status": "completed", "val_accuracy": 0.5},
+            {"lr": 0.5e4, "status": "diverged"},
+            {"lr": 1e4, "status": "completed", "val_accuracy": 0.6}]}
+
+    monkeypatch.setattr(train_cmd, "select_lr", fake_select)
+    assert main(argv(inputs, tmp_path / "f")) == 0
+    cap = capsys.readouterr()
+    m = json.loads(cap.out)
+    assert m["status"] == "completed" and m["lr"] == 0.02 and np.isfinite(m["train_loss"]).all()
+    assert [f["lr"] for f in m["lr_selection"]["fallbacks"]] == [1e4]
+    assert "restarting from the initial state at 0.02" in cap.err
+    assert json.loads((tmp_path / "f" / "lr_selection.json").read_text())["lr"] == 0.02
+
+
+def test_fallback_rate_is_bounded_and_needs_a_selection():
+    sel = {"batch_size": 64, "candidates": [{"lr": 0.01, "status": "completed"}, {"lr": 0.03, "status": "diverged"},
+                                            {"lr": 0.1, "status": "completed"}]}
+    assert train_cmd.fallback_rate(None, 0.1, 64) is None  # an explicit --lr is never changed
+    assert train_cmd.fallback_rate(sel, 0.1, 64) == 0.01  # the diverged 0.03 is skipped
+    # the device engine runs at batch 1: the candidates are compared and returned in its units
+    assert train_cmd.fallback_rate(sel, L.scale_rate(0.1, 64, 1), 1) == L.scale_rate(0.01, 64, 1)
+    assert train_cmd.fallback_rate(sel, 0.01, 64) is None
+    sel["fallbacks"] = [{}] * train_cmd.MAX_FALLBACKS
+    assert train_cmd.fallback_rate(sel, 0.1, 64) is None

@@ -17,7 +17,7 @@ from microtrain.frontends.zoo import ZOO_MODELS, load_model
 from microtrain.runtime.lr_select import AUTO, base_grid, parse_lr, scale_rate, select_lr
 from microtrain.runtime.prefix_cache import PrefixCache
 from microtrain.runtime.rundir import open_run_dir
-from microtrain.runtime.trainer import METRICS, _write_json, fit, sweep
+from microtrain.runtime.trainer import METRICS, DivergedError, _write_json, fit, sweep
 from microtrain.runtime.trainstep import GraphTrainStep
 from microtrain.sparse.cost import analytic_extra_bytes
 from microtrain.sparse.scheme import resolve_scheme
@@ -26,8 +26,9 @@ GRAPH = "train_graph"  # RUN_DIR/train_graph.json + .npz: the exact training gra
 LR_SELECTION = "lr_selection.json"  # RUN_DIR/lr_selection.json: what --lr auto chose (--resume reuses it)
 # Images per step of the torch engine. Small, because a short fine-tune gains from more (noisier) steps, and most where
 # the backbone learns: CIFAR-10, mcunet-5fps `last:6`, 5,000 images, 3 epochs, `--lr auto`, seed 0: int8 + QAS
-# 65.5 / 66.4 / 68.4 / 68.7% at batch 64 / 32 / 16 / 8, int8 without QAS (which moves mostly its head) 62.7 / 63.2 /
-# 64.1 / 63.9%, at about the same train time. 16 is also nearer the device's one image per step.
+# 64.0 / 66.4 / 68.4 / 68.7% at batch 64 / 32 / 16 / 8, int8 without QAS (which moves mostly its head) 62.7 / 64.2 /
+# 64.1 / 63.9%, at about the same train time (benchmarks/batch_size.py). 16 is also nearer the device's one image
+# per step.
 DEFAULT_BATCH = 16
 
 
@@ -173,6 +174,26 @@ def auto_lr(args: argparse.Namespace, graph: Any, out: Path, train_ds: Any, batc
     return rec
 
 
+MAX_FALLBACKS = 2  # restarts at a lower candidate after the chosen rate diverged in the full run
+
+
+def fallback_rate(selection: dict[str, Any] | None, failed: float, batch_size: int) -> float | None:
+    """The rate to restart a run at whose `--lr auto` rate diverged: the largest completed candidate below it (in the
+    run's batch size), at most `MAX_FALLBACKS` times; None when there is none (or the rate was given explicitly).
+
+    Why: a trial is short and decays its rate over a few dozen steps, the run holds the peak for much longer. Where
+    validation accuracy saturates the candidates tie and the lowest validation loss, i.e. the largest stable rate,
+    wins; that can sit at the edge of stability (scikit-image faces, 150 images, batch 16: 0.05 won on loss, all at
+    100%, and the 50-epoch run blew up in epoch 5)."""
+    if selection is None or len(selection.get("fallbacks", [])) >= MAX_FALLBACKS:
+        return None
+    sel_batch = selection.get("batch_size", batch_size)
+    rates = [c["lr"] if sel_batch == batch_size else scale_rate(c["lr"], sel_batch, batch_size)
+             for c in selection.get("candidates", []) if c.get("status") == "completed"]
+    below = [r for r in rates if r < failed]
+    return max(below) if below else None
+
+
 def record_cost(out: Path, metrics: dict[str, Any], selection: dict[str, Any], fit_seconds: float,
                 fit_cpu_seconds: float) -> None:
     """The selection's cost next to the run's: wall and CPU seconds of each and the selection's share of the whole
@@ -197,7 +218,8 @@ def describe(selection: dict[str, Any]) -> str:
         cost += f" = {selection['fraction_of_total']:.0%} of the run"
     if "cpu_fraction_of_total" in selection:
         cost += f" ({selection['cpu_fraction_of_total']:.0%} of its CPU time)"
-    return f"lr auto {selection['lr']:g} (validation accuracy {cands}{cost})"
+    fell = "".join(f"; diverged in the run at {f['lr']:g}" for f in selection.get("fallbacks", []))
+    return f"lr auto {selection['lr']:g} (validation accuracy {cands}{cost}{fell})"
 
 
 def report_skipped(*datasets: Any) -> None:
@@ -293,7 +315,20 @@ def run(args: argparse.Namespace) -> int:
             lr = selection["lr"]
             extra["lr_selection"] = selection
         t0, c0 = time.perf_counter(), time.process_time()
-        result = fit(make_step(), train_ds, test_ds, lr=lr, out_dir=out, **common)
+        while True:
+            try:
+                result = fit(make_step(), train_ds, test_ds, lr=lr, out_dir=out, **common)
+                break
+            except DivergedError as e:
+                lower = fallback_rate(selection, lr, batch_size)
+                if lower is None:
+                    raise
+                selection.setdefault("fallbacks", []).append({"lr": lr, "why": str(e)})
+                selection["lr"] = lr = lower
+                _write_json(out / LR_SELECTION, selection)  # a --resume continues at the rate now running
+                common["resume"] = False  # the restart begins at the initial state, not the diverged checkpoint
+                print(f"lr auto: the run diverged at lr {selection['fallbacks'][-1]['lr']:g} ({e}); restarting "
+                      f"from the initial state at {lr:g}, the next lower candidate that completed", file=sys.stderr)
         summary = (f"test accuracy {result['test_accuracy']:.2%} after {epochs} epochs "
                    f"({result['images_per_second']:.0f} images/s)")
         if selection is not None:
