@@ -52,7 +52,7 @@ def main() -> int:
                    "finished": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
                    "test_accuracy": m["test_accuracy"], "lr": m["lr"], "train_images": m["train_images"],
                    "test_images": m["test_images"], "epochs": m["epochs"], "augment": m["augment"],
-                   "batch_size": m.get("batch_size"),
+                   "batch_size": m.get("batch_size"), "fallbacks": sel.get("fallbacks"),
                    "selection_seconds": sel.get("seconds"), "run_seconds": sel.get("run_seconds"),
                    "candidates": [{k: c.get(k) for k in ("lr", "status", "val_accuracy", "val_loss")}
                                   for c in sel.get("candidates", [])]}
