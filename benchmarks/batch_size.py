@@ -60,7 +60,7 @@ def main() -> int:
         margins[str(b)] = round(100 * (acc["int8-qas"] - acc["int8-noqas"]), 2)
     RESULTS.mkdir(exist_ok=True)
     OUT_JSON.write_text(json.dumps({"protocol": shlex.join(["microtrain", "train", *PROTOCOL]), "threads": 1,
-                                    "command": "python benchmarks/batch_size.py " + shlex.join(sys.argv[1:]),
+                                    "command": shlex.join(["python", "benchmarks/batch_size.py", *sys.argv[1:]]),
                                     "commit": git_commit(),
                                     "rows": rows, "qas_minus_noqas_points": margins}, indent=1) + "\n")
     print(json.dumps(margins))
