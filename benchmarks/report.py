@@ -192,6 +192,8 @@ def section_batch_size(r: Report) -> None:
         pts = sorted((row["batch_size"], 100 * row["test_accuracy"]) for row in rows if row["mode"] == mode)
         ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=mode)
     ax.set_xscale("log", base=2)
+    sizes_int = sorted({row["batch_size"] for row in rows})
+    ax.set_xticks(sizes_int, [str(x) for x in sizes_int])
     ax.set_xlabel("batch size (images per step)")
     ax.set_ylabel("test accuracy %")
     ax.grid(alpha=0.3)
