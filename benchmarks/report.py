@@ -182,18 +182,16 @@ def section_batch_size(r: Report) -> None:
     if b is None:
         return r.missing("batch_size")
     rows = b["rows"]
-    sizes = " / ".join(str(x) for x in sorted({row["batch_size"] for row in rows}, reverse=True))
-    r.add("### Batch size", "", f"The same protocol at batch {sizes}, `--lr auto` each; data: "
-          f"{r.source('batch_size', b)}. "
-        "QAS − no-QAS by batch: " + ", ".join(f"{k}: {v:+.2f}" for k, v in b["qas_minus_noqas_points"].items())
-        + " points.", "")
+    sizes = sorted({row["batch_size"] for row in rows})
+    margins = ", ".join(f"{k}: {v:+.2f}" for k, v in b["qas_minus_noqas_points"].items())
+    r.add("### Batch size", "", f"The same protocol at batch {' / '.join(map(str, reversed(sizes)))}, `--lr auto` "
+          f"each; data: {r.source('batch_size', b)}. QAS − no-QAS by batch: {margins} points.", "")
     fig, ax = plt.subplots(figsize=(6, 3.6))
     for mode in ("int8-qas", "int8-noqas"):
         pts = sorted((row["batch_size"], 100 * row["test_accuracy"]) for row in rows if row["mode"] == mode)
         ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=mode)
     ax.set_xscale("log", base=2)
-    sizes_int = sorted({row["batch_size"] for row in rows})
-    ax.set_xticks(sizes_int, [str(x) for x in sizes_int])
+    ax.set_xticks(sizes, [str(x) for x in sizes])
     ax.set_xlabel("batch size (images per step)")
     ax.set_ylabel("test accuracy %")
     ax.grid(alpha=0.3)

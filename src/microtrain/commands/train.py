@@ -323,12 +323,12 @@ def run(args: argparse.Namespace) -> int:
                 lower = fallback_rate(selection, lr, batch_size)
                 if lower is None:
                     raise
+                print(f"lr auto: the run diverged at lr {lr:g} ({e}); restarting from the initial state at "
+                      f"{lower:g}, the next lower candidate that completed", file=sys.stderr)
                 selection.setdefault("fallbacks", []).append({"lr": lr, "why": str(e)})
                 selection["lr"] = lr = lower
                 _write_json(out / LR_SELECTION, selection)  # a --resume continues at the rate now running
                 common["resume"] = False  # the restart begins at the initial state, not the diverged checkpoint
-                print(f"lr auto: the run diverged at lr {selection['fallbacks'][-1]['lr']:g} ({e}); restarting "
-                      f"from the initial state at {lr:g}, the next lower candidate that completed", file=sys.stderr)
         summary = (f"test accuracy {result['test_accuracy']:.2%} after {epochs} epochs "
                    f"({result['images_per_second']:.0f} images/s)")
         if selection is not None:
